@@ -130,6 +130,15 @@ class CCALlama(nnx.Module):
     ) -> Float[Array, "B T V"]:
         return self.logits(self.hidden_states(input_ids, positions))
 
+    def generate(self, input_ids: Int[Array, "B T"], max_new_tokens: int = 64,
+                 **kwargs) -> Int[Array, "B T+N"]:
+        """Greedy or sampled continuation, (B, T + max_new_tokens) int32. Keyword arguments
+        (temperature, top_k, top_p, seed, stop_tokens, pad_id, progress): see
+        :func:`jax_cca.generation.generate`."""
+        from jax_cca.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_config(cls, config: CCAConfig, seed: int = 0) -> "CCALlama":

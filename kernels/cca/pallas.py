@@ -1,0 +1,180 @@
+"""CCA attention as Pallas GPU kernels (Triton lowering), FlashAttention style.
+
+Each program owns ``block_q`` queries of one query head and runs one online softmax over the
+fused key set of those queries: first the visible core tokens, then the raw keys of the
+group-aligned local window. Scores never leave registers/shared memory. Key blocks that every
+query of the tile sees fully skip the mask; only edge blocks pay for it.
+
+Pooling (core keys/values from the last-token queries of each group) is a bandwidth-bound
+O(T * g * D) pass: a Pallas kernel (``pallas_pool.py``) for power-of-two g <= 64, XLA otherwise.
+Its gradient is JAX autodiff of the reference pooling, fed by the dK/dV of the core tokens that
+the backward kernels return.
+
+The backward kernels live in ``pallas_vjp.py``. On CPU the same kernels run through the Pallas
+interpreter (``interpret=True``, the default off-GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from kernels.cca import pallas_pool, pallas_vjp, reference
+from kernels.cca.pallas_common import (
+    LOG2E, NEG, Config, call, cdiv, default_config, dot, heavy_first, pad_to, poison_outputs,
+    resolve_interpret, window_start)
+
+
+def _online_softmax_step(carry, q, keys, values, scale2, mask):
+    """One key tile of the online softmax in base 2. ``mask`` None means every key is visible."""
+    acc, m, l = carry
+    s = dot(q, keys, trans_b=True) * scale2  # (BQ, BK), log2 units
+    if mask is not None:
+        s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp2(s - m_new[:, None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp2(m - m_new)
+    acc = acc * alpha[:, None] + dot(p.astype(values.dtype), values)
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, *,
+                    g: int, w: int, bq: int, bk: int, scale: float):
+    t0 = heavy_first(pl.program_id(0)) * bq
+    rows = t0 + jnp.arange(bq)
+    starts = window_start(rows, g, w)  # (BQ,) first raw key of each query
+    first_start = window_start(t0, g, w)
+    last_start = window_start(t0 + bq - 1, g, w)
+    q = q_ref[...]
+    scale2 = scale * LOG2E
+    d = q.shape[-1]
+    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), NEG, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+
+    def tile(keys_ref, values_ref, masked, visible):
+        def body(kb, carry):
+            sl = pl.ds(kb * bk, bk)
+            cols = kb * bk + jnp.arange(bk)
+            mask = visible(cols) if masked else None
+            return _online_softmax_step(carry, q, keys_ref[sl, :], values_ref[sl, :], scale2, mask)
+        return body
+
+    # Core tokens: query t sees core j iff (j + 1) * g <= start(t), i.e. j < start(t) // g.
+    core_visible = lambda j: j[None, :] < lax.div(starts, g)[:, None]
+    n_first, n_last = lax.div(first_start, g), lax.div(last_start, g)
+    c_full = lax.div(n_first, bk)
+    carry = lax.fori_loop(0, c_full, tile(kc_ref, vc_ref, False, core_visible), carry)
+    carry = lax.fori_loop(c_full, cdiv(n_last, bk), tile(kc_ref, vc_ref, True, core_visible), carry)
+
+    # Raw keys: query t sees key s iff start(t) <= s <= t.
+    local_visible = lambda s: (s[None, :] >= starts[:, None]) & (s[None, :] <= rows[:, None])
+    a0 = lax.div(first_start, bk)
+    a1 = cdiv(last_start, bk)  # blocks below a1 may hold keys left of some query's window
+    d0 = jnp.maximum(a1, lax.div(t0 + 1, bk))  # blocks from d0 may hold keys right of a query
+    end = cdiv(t0 + bq, bk)
+    carry = lax.fori_loop(a0, a1, tile(k_ref, v_ref, True, local_visible), carry)
+    carry = lax.fori_loop(a1, d0, tile(k_ref, v_ref, False, local_visible), carry)
+    acc, m, l = lax.fori_loop(d0, end, tile(k_ref, v_ref, True, local_visible), carry)
+
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log2(l)  # base-2 log-sum-exp of the scaled scores
+
+
+def _forward(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
+    """Padded inputs (T_pad multiple of both blocks, N_pad multiple of block_k) -> (o, lse2)."""
+    b, t_pad, hq, d = q.shape
+    hkv = k.shape[2]
+    grp = hq // hkv
+    n_pad = kc.shape[1]
+    bq, bk = config.block_q, config.block_k
+    kv_map = lambda i, bi, h: (bi, 0, lax.div(h, grp), 0)
+    kernel = functools.partial(_forward_kernel, g=g, w=w, bq=bq, bk=bk, scale=scale)
+    return call(
+        kernel,
+        grid=(t_pad // bq, b, hq),
+        in_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, heavy_first(i), h, 0)),
+            pl.BlockSpec((None, t_pad, None, d), kv_map),
+            pl.BlockSpec((None, t_pad, None, d), kv_map),
+            pl.BlockSpec((None, n_pad, None, d), kv_map),
+            pl.BlockSpec((None, n_pad, None, d), kv_map),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, heavy_first(i), h, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, heavy_first(i))),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, hq, t_pad), jnp.float32)],
+        inputs=[q, k, v, kc, vc],
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        interpret=interpret,
+        name="cca_forward",
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def fused_attention(q, k, v, kc, vc, g, w, scale, config, interpret):
+    """Attention over [core ; local] for padded inputs; differentiable in all five arrays."""
+    return _forward(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config,
+                    interpret=interpret)[0]
+
+
+def _fused_fwd(q, k, v, kc, vc, g, w, scale, config, interpret):
+    o, lse = _forward(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config, interpret=interpret)
+    return o, (q, k, v, kc, vc, o, lse)
+
+
+def _fused_bwd(g, w, scale, config, interpret, residuals, do):
+    return pallas_vjp.backward(*residuals, do, g=g, w=w, scale=scale, config=config,
+                               interpret=interpret)
+
+
+fused_attention.defvjp(_fused_fwd, _fused_bwd)
+
+
+def cca_attention(
+    q: Float[Array, "B T Hq D"],
+    k: Float[Array, "B T Hkv D"],
+    v: Float[Array, "B T Hkv D"],
+    *,
+    group_size: int = 16,
+    local_window: int = 1024,
+    pooling: str = "cca",
+    softmax_scale: float | None = None,
+    config: Config | None = None,
+    interpret: bool | None = None,
+) -> Float[Array, "B T Hq D"]:
+    """CCA attention (same function as ``reference.cca_attention``) with Pallas kernels.
+
+    Forward and gradient in q, k, v (including through the pooling weights). ``interpret=None``
+    runs the Triton-lowered kernel on GPU and the Pallas interpreter elsewhere.
+    """
+    reference.check_cca_args(q, k, v, group_size, local_window, pooling)
+    b, t, hq, d = q.shape
+    if d % 16 or d & (d - 1):
+        raise ValueError(f"the Pallas CCA kernels need a power-of-two head dim >= 16; got {d}")
+    config = config or default_config(d, q.dtype)
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    interpret = resolve_interpret(interpret)
+    if pallas_pool.kernel_supports(group_size, pooling):
+        kc, vc = pallas_pool.pool_core_tokens(q, k, v, group_size, scale, config.num_warps,
+                                              interpret)
+    else:
+        kc, vc = reference.pool_core_tokens(q, k, v, group_size=group_size, pooling=pooling,
+                                            softmax_scale=softmax_scale)
+        kc, vc = kc.astype(q.dtype), vc.astype(q.dtype)
+    tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
+    q_p, k_p, v_p = (pad_to(x, 1, tile) for x in (q, k, v))
+    kc_p, vc_p = (pad_to(x, 1, max(config.block_k, config.bwd_block_k)) for x in (kc, vc))
+    o = fused_attention(q_p, k_p, v_p, kc_p, vc_p, group_size, local_window, scale, config,
+                        interpret)
+    return o[:, :t]

@@ -1,0 +1,129 @@
+"""Pieces shared by the CCA Pallas forward (pallas.py) and backward (pallas_vjp.py) kernels:
+the tuning Config, exact in-kernel window arithmetic, padding and the pallas_call wrapper."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+LOG2E = math.log2(math.e)
+NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite "minus infinity" for masked scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch parameters. Blocks are powers of two, at least 16 (pl.dot)."""
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    # Backward: key blocks own the programs of the dK/dV kernels, query blocks of the dQ kernel.
+    bwd_block_q: int = 64
+    bwd_block_k: int = 64
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+            b = getattr(self, name)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
+
+
+def default_config(head_dim: int, dtype) -> Config:
+    if jnp.dtype(dtype).itemsize >= 4:  # float32 tiles take twice the shared memory
+        return Config(block_q=32, block_k=32, num_warps=4, num_stages=2, bwd_block_q=32,
+                      bwd_block_k=32, bwd_num_warps=4, bwd_num_stages=1)
+    if head_dim <= 64:
+        return Config(block_q=128, block_k=64, num_warps=4)
+    return Config()  # tuned on the H100 at T = 32K, d = 128 (bench/tune_cca.py)
+
+
+def window_start(t, g: int, w: int):
+    """max(0, floor((t - w + 1) / g) * g) using only non-negative integer division, which is
+    exact whether the lowering truncates or floors (Triton's // truncates toward zero)."""
+    return lax.div(jnp.maximum(t - (w - 1), 0), g) * g
+
+
+def heavy_first(i):
+    """Query tiles run last-first: later queries see more core tokens, so the longest programs
+    start first and the grid's tail is short. Use in the kernel and in its BlockSpec maps."""
+    return pl.num_programs(0) - 1 - i
+
+
+def cdiv(a, b: int):
+    return lax.div(a + (b - 1), b)
+
+
+def dot(a, b, *, trans_a=False, trans_b=False):
+    """Matmul in float32 accumulation; float32 operands stay IEEE (no TF32)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def pad_to(x, axis: int, multiple: int):
+    size = x.shape[axis]
+    padded = -(-max(size, 1) // multiple) * multiple
+    if padded == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, padded - size)
+    return jnp.pad(x, widths)
+
+
+_POISON = [False]
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Within this context every kernel output buffer starts filled with NaN, so a tile the
+    kernel forgot to write fails any comparison. For tests."""
+    _POISON.append(True)
+    try:
+        yield
+    finally:
+        _POISON.pop()
+
+
+def call(kernel, *, grid, in_specs, out_specs, out_shape, inputs, num_warps, num_stages,
+         interpret: bool, name: str):
+    """pallas_call with the Triton compiler params (SPEC.md 5) and optional NaN-poisoned outputs."""
+    out_shape = list(out_shape)
+    out_specs = list(out_specs)
+    aliases = {}
+    inputs = list(inputs)
+    in_specs = list(in_specs)
+    if _POISON[-1]:
+        for i, (shape, spec) in enumerate(zip(out_shape, out_specs)):
+            aliases[len(inputs)] = i
+            inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+            in_specs.append(spec)
+        inner = kernel
+
+        def kernel(*refs):  # drop the aliased poison inputs from the kernel's view
+            n_in = len(inputs) - len(out_shape)
+            return inner(*refs[:n_in], *refs[len(inputs):])
+
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() != "gpu" if interpret is None else interpret

@@ -1,0 +1,199 @@
+"""Backward of the fused CCA attention (pallas.py) as three Pallas kernels (Triton lowering).
+
+Given dO, the forward's base-2 log-sum-exp and delta = rowsum(dO * O):
+
+* ``_dq_kernel``: one program per (query tile, query head); walks the same key tiles as the
+  forward (core, then local) and accumulates dQ.
+* ``_dkdv_local_kernel``: one program per (raw key tile, kv head); loops over the G query heads
+  sharing the kv head and over the query tiles that see the keys: t in
+  [s, (s // g + 1) * g + w - 2]. Writes dK, dV once per kv head (no atomics).
+* ``_dkdv_core_kernel``: the same for core-token tiles: core j is seen by every t with
+  t >= (j + 1) * g + w - 1.
+
+Only edge tiles are masked. The gradient through the pooling weights is JAX autodiff of
+``reference.pool_core_tokens`` applied to the dK_core, dV_core returned here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.cca.pallas_common import LOG2E, Config, call, cdiv, dot, heavy_first, window_start
+
+
+def _probabilities(q, keys, lse, scale2, mask):
+    p = jnp.exp2(dot(q, keys, trans_b=True) * scale2 - lse[:, None])
+    return p if mask is None else jnp.where(mask, p, 0.0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               g: int, w: int, bq: int, bk: int, scale: float):
+    t0 = heavy_first(pl.program_id(0)) * bq
+    rows = t0 + jnp.arange(bq)
+    starts = window_start(rows, g, w)
+    first_start = window_start(t0, g, w)
+    last_start = window_start(t0 + bq - 1, g, w)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    scale2 = scale * LOG2E
+
+    def tile(keys_ref, values_ref, masked, visible):
+        def body(kb, dq):
+            sl = pl.ds(kb * bk, bk)
+            keys, values = keys_ref[sl, :], values_ref[sl, :]
+            mask = visible(kb * bk + jnp.arange(bk)) if masked else None
+            p = _probabilities(q, keys, lse, scale2, mask)
+            ds = p * (dot(do, values, trans_b=True) - delta[:, None])
+            return dq + dot(ds.astype(keys.dtype), keys)
+        return body
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    core_visible = lambda j: j[None, :] < lax.div(starts, g)[:, None]
+    c_full = lax.div(lax.div(first_start, g), bk)
+    dq = lax.fori_loop(0, c_full, tile(kc_ref, vc_ref, False, core_visible), dq)
+    dq = lax.fori_loop(c_full, cdiv(lax.div(last_start, g), bk),
+                       tile(kc_ref, vc_ref, True, core_visible), dq)
+    local_visible = lambda s: (s[None, :] >= starts[:, None]) & (s[None, :] <= rows[:, None])
+    a1 = cdiv(last_start, bk)
+    d0 = jnp.maximum(a1, lax.div(t0 + 1, bk))
+    dq = lax.fori_loop(lax.div(first_start, bk), a1, tile(k_ref, v_ref, True, local_visible), dq)
+    dq = lax.fori_loop(a1, d0, tile(k_ref, v_ref, False, local_visible), dq)
+    dq = lax.fori_loop(d0, cdiv(t0 + bq, bk), tile(k_ref, v_ref, True, local_visible), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, keys, values, *, grp, bq, scale, ranges,
+                visible):
+    """Accumulate dK, dV of one key tile over G heads and the given query-tile ranges.
+
+    ``ranges``: list of (first, end, masked) query-tile ranges; ``visible(rows)`` -> mask.
+    """
+    scale2 = scale * LOG2E
+
+    def tile(gi, masked):
+        def body(qb, carry):
+            dk, dv = carry
+            sl = pl.ds(qb * bq, bq)
+            q, do = q_ref[sl, gi, :], do_ref[sl, gi, :]
+            lse, delta = lse_ref[gi, sl], delta_ref[gi, sl]
+            mask = visible(qb * bq + jnp.arange(bq)) if masked else None
+            p = _probabilities(q, keys, lse, scale2, mask)  # (BQ, BK)
+            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+            ds = p * (dot(do, values, trans_b=True) - delta[:, None])
+            return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
+        return body
+
+    def head(gi, carry):
+        for first, end, masked in ranges:
+            carry = lax.fori_loop(first, end, tile(gi, masked), carry)
+        return carry
+
+    zeros = jnp.zeros(keys.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, grp, head, (zeros, zeros))
+    return dk * scale, dv
+
+
+def _dkdv_local_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *,
+                       g: int, w: int, bq: int, bk: int, scale: float, grp: int, nq: int):
+    k0 = pl.program_id(0) * bk
+    cols = k0 + jnp.arange(bk)
+    q_lo = lax.div(k0, bq)
+    t_hi = (lax.div(k0 + bk - 1, g) + 1) * g + w - 2  # last query that sees the tile's last key
+    q_hi = jnp.minimum(nq, lax.div(t_hi, bq) + 1)
+    # Tiles whose every query sees every key: t0 >= k0 + bk - 1 and start(t0 + bq - 1) <= k0.
+    m0 = jnp.clip(cdiv(k0 + bk - 1, bq), q_lo, q_hi)
+    m1 = jnp.clip(lax.div((lax.div(k0, g) + 1) * g + w - 1, bq), m0, q_hi)
+
+    def visible(rows):
+        starts = window_start(rows, g, w)
+        return (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
+
+    dk, dv = _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, k_ref[...], v_ref[...], grp=grp,
+                         bq=bq, scale=scale, visible=visible,
+                         ranges=[(q_lo, m0, True), (m0, m1, False), (m1, q_hi, True)])
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dkdv_core_kernel(q_ref, do_ref, lse_ref, delta_ref, kc_ref, vc_ref, dkc_ref, dvc_ref, *,
+                      g: int, w: int, bq: int, bk: int, scale: float, grp: int, nq: int):
+    j0 = pl.program_id(0) * bk
+    js = j0 + jnp.arange(bk)
+    q_lo = jnp.minimum(nq, lax.div((j0 + 1) * g + w - 1, bq))
+    m0 = jnp.clip(cdiv((j0 + bk) * g + w - 1, bq), q_lo, nq)  # from here all cores visible
+
+    def visible(rows):
+        return js[None, :] < lax.div(window_start(rows, g, w), g)[:, None]
+
+    dk, dv = _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, kc_ref[...], vc_ref[...], grp=grp,
+                         bq=bq, scale=scale, visible=visible,
+                         ranges=[(q_lo, m0, True), (m0, nq, False)])
+    dkc_ref[...] = dk.astype(dkc_ref.dtype)
+    dvc_ref[...] = dv.astype(dvc_ref.dtype)
+
+
+def _prepare(q, k, o, do, config: Config):
+    b, t_pad, hq, d = q.shape
+    hkv = k.shape[2]
+    do = do.astype(q.dtype)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    params = dict(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
+    return b, t_pad, hq, hkv, d, hq // hkv, do, delta, params
+
+
+def backward_dq(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, config: Config,
+                interpret: bool):
+    b, t_pad, hq, hkv, d, grp, do, delta, params = _prepare(q, k, o, do, config)
+    bq, bk = config.bwd_block_q, config.bwd_block_k
+    kv_full = lambda length: pl.BlockSpec((None, length, None, d),
+                                          lambda i, bi, h: (bi, 0, lax.div(h, grp), 0))
+    q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, heavy_first(i), h, 0))
+    row_tile = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, heavy_first(i)))
+    return call(
+        functools.partial(_dq_kernel, g=g, w=w, bq=bq, bk=bk, scale=scale),
+        grid=(t_pad // bq, b, hq),
+        in_specs=[q_tile, kv_full(t_pad), kv_full(t_pad), kv_full(kc.shape[1]),
+                  kv_full(kc.shape[1]), q_tile, row_tile, row_tile],
+        out_specs=[q_tile],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        inputs=[q, k, v, kc, vc, do, lse, delta],
+        interpret=interpret, name="cca_backward_dq", **params)[0]
+
+
+def backward_dkdv(q, keys, values, o, lse, do, *, core: bool, g: int, w: int, scale: float,
+                  config: Config, interpret: bool):
+    """dK, dV of the raw keys (core=False) or of the core tokens (core=True)."""
+    b, t_pad, hq, hkv, d, grp, do, delta, params = _prepare(q, keys, o, do, config)
+    bq, bk = config.bwd_block_q, config.bwd_block_k
+    # Query-side inputs grouped by kv head: (B, T, Hkv, G, D) and (B, Hkv, G, T).
+    q_all = pl.BlockSpec((None, t_pad, None, grp, d), lambda i, bi, h: (bi, 0, h, 0, 0))
+    row_all = pl.BlockSpec((None, None, grp, t_pad), lambda i, bi, h: (bi, h, 0, 0))
+    k_tile = pl.BlockSpec((None, bk, None, d), lambda i, bi, h: (bi, i, h, 0))
+    kernel = _dkdv_core_kernel if core else _dkdv_local_kernel
+    return call(
+        functools.partial(kernel, g=g, w=w, bq=bq, bk=bk, scale=scale, grp=grp,
+                          nq=t_pad // bq),
+        grid=(keys.shape[1] // bk, b, hkv),
+        in_specs=[q_all, q_all, row_all, row_all, k_tile, k_tile],
+        out_specs=[k_tile, k_tile],
+        out_shape=[jax.ShapeDtypeStruct(keys.shape, keys.dtype)] * 2,
+        inputs=[q.reshape(b, t_pad, hkv, grp, d), do.reshape(b, t_pad, hkv, grp, d),
+                lse.reshape(b, hkv, grp, t_pad), delta.reshape(b, hkv, grp, t_pad),
+                keys, values],
+        interpret=interpret, name="cca_backward_dkdv_core" if core else "cca_backward_dkdv",
+        **params)
+
+
+def backward(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, config: Config,
+             interpret: bool):
+    """(dq, dk, dv, dkc, dvc) for padded inputs of the fused attention."""
+    kw = dict(g=g, w=w, scale=scale, config=config, interpret=interpret)
+    dq = backward_dq(q, k, v, kc, vc, o, lse, do, **kw)
+    dk, dv = backward_dkdv(q, k, v, o, lse, do, core=False, **kw)
+    dkc, dvc = backward_dkdv(q, kc, vc, o, lse, do, core=True, **kw)
+    return dq, dk, dv, dkc, dvc
