@@ -6,7 +6,7 @@ A checkpoint is a directory::
     state/         the orbax (tensorstore) parameter tree
 
 Saving writes everything into a temporary sibling directory and renames it into place only once
-it is complete, so a crash never leaves a half-written checkpoint under the final name and never
+it is complete (``jax_cca.fileio.atomic_directory``), so a crash never leaves a half-written checkpoint under the final name and never
 destroys the one it replaces. Restoring checks the manifest, the tree and every checksum, and
 turns any failure into a CheckpointError that names the path and the problem. Nothing here
 imports torch.
@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
+
+from jax_cca.fileio import atomic_directory
 
 MANIFEST = "jax_cca.json"
 FORMAT = "jax-cca-model"
@@ -56,45 +56,28 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def _config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def save_model(model, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``model`` (config + parameters) to the directory ``path``. Returns the path."""
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.saving-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         ckptr = _checkpointer()
         ckptr.save(tmp / "state", params)
         ckptr.wait_until_finished()
+        config = json.loads(model.config.to_json())
         manifest = {
             "format": FORMAT,
             "version": VERSION,
-            "config": json.loads(model.config.to_json()),
+            "config": config,
+            "config_sha256": _config_digest(config),
             "sha256": {k: _digest(v) for k, v in _flat_params(model).items()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _swap_into_place(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def _swap_into_place(new: Path, final: Path) -> None:
-    """Rename ``new`` to ``final``; an existing ``final`` is removed only after the rename."""
-    if not final.exists():
-        os.rename(new, final)
-        return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(final, old)
-    try:
-        os.rename(new, final)
-    except BaseException:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -108,8 +91,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads(manifest_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{manifest_file} is corrupt: {e}") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("sha256"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+            manifest.get("sha256"), dict):
         raise CheckpointError(f"{manifest_file} is not a {FORMAT} manifest")
+    if not isinstance(manifest.get("config"), dict) or (
+            _config_digest(manifest["config"]) != manifest.get("config_sha256")):
+        raise CheckpointError(f"{manifest_file}: the stored config fails its checksum (corrupt)")
     if manifest.get("version", 0) > VERSION:
         raise CheckpointError(
             f"{path} was written by a newer jax-cca (format version {manifest['version']})"
@@ -146,11 +133,4 @@ def restore_model(path: str | os.PathLike, **overrides):
             f"checkpoint {path} is corrupt: {len(bad)} parameter(s) fail their checksum, "
             f"e.g. {bad[:3]}"
         )
-    if not overrides:
-        return model
-    new_config = config.replace(**overrides)
-    if new_config.dtype != config.dtype:
-        state = nnx.state(model)
-        state = jax.tree_util.tree_map(lambda x: x.astype(new_config.jnp_dtype), state)
-        model = nnx.merge(graphdef, state)
-    return model.with_attention(**{**overrides, "dtype": new_config.dtype})
+    return model.with_attention(**overrides) if overrides else model

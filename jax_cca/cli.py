@@ -18,15 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from jax_cca.fileio import check_writable
+
 COMMANDS = ("demo", "convert", "export", "generate")
 # Tokenizer files copied along by convert and export, so that `generate --prompt` finds them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json")
-
-# What `export --overwrite` removes from HF_OUT_DIR before writing.
-WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                "pytorch_model.bin.index.json")
-
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
@@ -230,8 +227,7 @@ def cmd_convert(args) -> int:
 
     src = _existing_dir(args.hf_dir, "Hugging Face model directory")
     out = Path(args.out_dir)
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"{out} already exists; pass --overwrite to replace it")
+    check_writable(out, args.overwrite)  # fail before the (possibly long) load
     model = CCALlama.from_pretrained(src, **_overrides(args))
     save_model(model, out, overwrite=args.overwrite)
     copied = _copy_tokenizer_files(src, out)
@@ -247,26 +243,14 @@ def cmd_export(args) -> int:
 
     src = _existing_dir(args.ckpt_dir, "checkpoint directory")
     out = Path(args.hf_out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CLIError(f"{out} exists and is not empty; pass --overwrite to write into it")
+    check_writable(out, args.overwrite)
     model = CCALlama.from_pretrained(src, **_overrides(args))
-    if args.overwrite and out.is_dir():
-        _remove_old_weights(out)
     model.save_pretrained(out, overwrite=args.overwrite)
     copied = _copy_tokenizer_files(src, out)
     print(f"exported {src} -> {out}: {model.num_params():,} parameters, {model.config.dtype}")
     if copied:
         print(f"copied {', '.join(copied)}")
     return 0
-
-
-def _remove_old_weights(directory: Path) -> None:
-    """Delete the weight files and shard indexes of an earlier export: a stale index left next
-    to new weights would be read first by loaders, silently bringing back the old tensors."""
-    for pattern in WEIGHT_FILES:
-        for f in directory.glob(pattern):
-            if f.is_file():
-                f.unlink()
 
 
 def _load_tokenizer(directory: Path, required: bool):

@@ -172,10 +172,13 @@ class CCALlama(nnx.Module):
         export_hf_llama(self, path, **kwargs)
 
     def with_attention(self, **changes) -> "CCALlama":
-        """The same weights under another attention config (e.g. ``attention="cca"``)."""
-        graphdef, state = nnx.split(self)
-        new = CCALlama.abstract(self.config.replace(**changes))
-        new_graphdef, _ = nnx.split(new)
+        """The same weights under a changed config (e.g. ``attention="cca", group_size=16``);
+        a changed ``dtype`` casts the weights."""
+        config = self.config.replace(**changes)
+        _, state = nnx.split(self)
+        if config.dtype != self.config.dtype:
+            state = jax.tree_util.tree_map(lambda x: x.astype(config.jnp_dtype), state)
+        new_graphdef, _ = nnx.split(CCALlama.abstract(config))
         return nnx.merge(new_graphdef, state)
 
     def num_params(self) -> int:

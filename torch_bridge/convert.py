@@ -207,6 +207,9 @@ def convert_hf_llama(source: Any, **overrides):
         )
     hf_config = source.config.to_dict()
     tensors = {k: _torch_to_numpy(v) for k, v in source.state_dict().items()}
+    if "dtype" not in overrides and tensors:
+        first = next(iter(tensors.values())).dtype.name
+        overrides["dtype"] = first if first in ("float32", "bfloat16", "float16") else "float32"
     return build_model(hf_config, tensors, **overrides)
 
 
@@ -225,25 +228,28 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
 
 def export_hf_llama(model, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
                     overwrite: bool = False) -> None:
-    """Write config.json and safetensors (sharded with an index above ``max_shard_bytes``)."""
-    directory = Path(path)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True")
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write config.json and safetensors (sharded with an index above ``max_shard_bytes``).
+
+    The directory is written whole and renamed into place: an existing one (``overwrite=True``)
+    is replaced entirely, never mixed with new files."""
+    from jax_cca.fileio import atomic_directory
+
     tensors = hf_state_dict(model)
     shards = list(_shard(tensors, max_shard_bytes))
-    if len(shards) == 1:
-        write_safetensors(directory / "model.safetensors", shards[0])
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(directory / fname, shard)
-            weight_map.update({name: fname for name in shard})
-        total = sum(a.nbytes for a in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (directory / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+    with atomic_directory(path, overwrite=overwrite) as directory:
+        if len(shards) == 1:
+            write_safetensors(directory / "model.safetensors", shards[0])
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(directory / fname, shard)
+                weight_map.update({name: fname for name in shard})
+            total = sum(a.nbytes for a in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = json.dumps(model.config.to_hf_config(), indent=2)
+        (directory / "config.json").write_text(config)
 
 
 def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> Iterable[dict[str, np.ndarray]]:

@@ -46,19 +46,40 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
+    spans = []
     for name, entry in header.items():
-        if entry.get("dtype") not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-        begin, end = entry["data_offsets"]
-        nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
-        if end - begin != nbytes or end > data_size or begin < 0:
-            raise SafetensorsError(
-                f"{path}: tensor {name!r} (shape {entry['shape']}) lies outside the file's "
-                f"{data_size} data bytes or has the wrong size (truncated or corrupt file)"
-            )
+        spans.append((*_check_entry(path, name, entry, data_size), name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise SafetensorsError(f"{path}: tensors {a!r} and {b!r} overlap (corrupt header)")
     return header, 8 + n
+
+
+def _check_entry(path, name, entry, data_size: int) -> tuple[int, int]:
+    """(begin, end) of a header entry, after checking it describes bytes inside the file."""
+    bad = lambda why: SafetensorsError(f"{path}: tensor {name!r}: {why} (corrupt header)")
+    if not isinstance(entry, dict):
+        raise bad("entry is not an object")
+    if entry.get("dtype") not in DTYPES:
+        raise bad(f"unsupported dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
+        raise bad(f"invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(x, int) for x in offsets)):
+        raise bad(f"invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
+    if begin < 0 or end - begin != nbytes or end > data_size:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} (shape {shape}) lies outside the file's {data_size} data "
+            "bytes or has the wrong size (truncated or corrupt file)")
+    return begin, end
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -84,7 +105,7 @@ def write_safetensors(
     offset = 0
     arrays = []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # not ascontiguousarray: it turns 0-d into (1,)
         if arr.dtype not in CODES:
             raise SafetensorsError(f"cannot write tensor {name!r} of dtype {arr.dtype}")
         header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape),
