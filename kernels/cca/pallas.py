@@ -6,7 +6,7 @@ group-aligned local window. Scores never leave registers/shared memory. Key bloc
 query of the tile sees fully skip the mask; only edge blocks pay for it.
 
 Pooling (core keys/values from the last-token queries of each group) is a bandwidth-bound
-O(T * g * D) pass: a Pallas kernel (``pallas_pool.py``) for power-of-two g <= 64, XLA otherwise.
+O(T * g * D) pass: Pallas kernels (``pallas_pool.py``) for power-of-two g <= 16, XLA otherwise.
 Its gradient is JAX autodiff of the reference pooling, fed by the dK/dV of the core tokens that
 the backward kernels return.
 
@@ -121,24 +121,48 @@ def _forward(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def fused_attention(q, k, v, kc, vc, g, w, scale, config, interpret):
-    """Attention over [core ; local] for padded inputs; differentiable in all five arrays."""
-    return _forward(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config,
-                    interpret=interpret)[0]
+def _pool(q, k, v, *, g, pooling, scale, config: Config, interpret: bool):
+    """Core tokens of every group of the padded input, padded to the key tile; input dtype."""
+    if pallas_pool.kernel_supports(g, pooling):
+        kc, vc = pallas_pool.pool_forward(q, k, v, g=g, scale=scale,
+                                          num_warps=config.num_warps, interpret=interpret)
+    else:
+        kc, vc = reference.pool_core_tokens(q, k, v, group_size=g, pooling=pooling,
+                                            softmax_scale=scale)
+    tile = max(config.block_k, config.bwd_block_k)
+    return pad_to(kc.astype(q.dtype), 1, tile), pad_to(vc.astype(q.dtype), 1, tile)
 
 
-def _fused_fwd(q, k, v, kc, vc, g, w, scale, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _cca_padded(q, k, v, g, w, pooling, scale, config, interpret):
+    """CCA on inputs padded to the tiles (and to 16 g tokens when the pooling kernel runs)."""
+    return _cca_fwd(q, k, v, g, w, pooling, scale, config, interpret)[0]
+
+
+def _cca_fwd(q, k, v, g, w, pooling, scale, config, interpret):
+    kc, vc = _pool(q, k, v, g=g, pooling=pooling, scale=scale, config=config,
+                   interpret=interpret)
     o, lse = _forward(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config, interpret=interpret)
     return o, (q, k, v, kc, vc, o, lse)
 
 
-def _fused_bwd(g, w, scale, config, interpret, residuals, do):
-    return pallas_vjp.backward(*residuals, do, g=g, w=w, scale=scale, config=config,
-                               interpret=interpret)
+def _cca_bwd(g, w, pooling, scale, config, interpret, residuals, do):
+    q, k, v, kc, vc, o, lse = residuals
+    dq, dk, dv, dkc, dvc = pallas_vjp.backward(q, k, v, kc, vc, o, lse, do, g=g, w=w,
+                                               scale=scale, config=config, interpret=interpret)
+    n = q.shape[1] // g
+    dkc, dvc = dkc[:, :n], dvc[:, :n]
+    if pallas_pool.kernel_supports(g, pooling):
+        return pallas_pool.pool_backward(q, k, v, dkc, dvc, dq, dk, dv, g=g, scale=scale,
+                                         num_warps=config.num_warps, interpret=interpret)
+    pool = lambda *a: reference.pool_core_tokens(*a, group_size=g, pooling=pooling,
+                                                 softmax_scale=scale)
+    _, vjp = jax.vjp(pool, q, k, v)
+    dq_p, dk_p, dv_p = vjp((dkc.astype(jnp.float32), dvc.astype(jnp.float32)))
+    return dq + dq_p.astype(dq.dtype), dk + dk_p.astype(dk.dtype), dv + dv_p.astype(dv.dtype)
 
 
-fused_attention.defvjp(_fused_fwd, _fused_bwd)
+_cca_padded.defvjp(_cca_fwd, _cca_bwd)
 
 
 def cca_attention(
@@ -157,24 +181,22 @@ def cca_attention(
 
     Forward and gradient in q, k, v (including through the pooling weights). ``interpret=None``
     runs the Triton-lowered kernel on GPU and the Pallas interpreter elsewhere.
+
+    Padding: T is padded with zeros to a multiple of the tiles (and of 16 g for the pooling
+    kernel). Padded keys and the core tokens of groups past T are visible only to padded query
+    rows (every query's keys lie at or before it), which are cut off, and their zero cotangents
+    give the real inputs no gradient.
     """
     reference.check_cca_args(q, k, v, group_size, local_window, pooling)
-    b, t, hq, d = q.shape
+    t, d = q.shape[1], q.shape[3]
     if d % 16 or d & (d - 1):
         raise ValueError(f"the Pallas CCA kernels need a power-of-two head dim >= 16; got {d}")
     config = config or default_config(d, q.dtype)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    interpret = resolve_interpret(interpret)
-    if pallas_pool.kernel_supports(group_size, pooling):
-        kc, vc = pallas_pool.pool_core_tokens(q, k, v, group_size, scale, config.num_warps,
-                                              interpret)
-    else:
-        kc, vc = reference.pool_core_tokens(q, k, v, group_size=group_size, pooling=pooling,
-                                            softmax_scale=softmax_scale)
-        kc, vc = kc.astype(q.dtype), vc.astype(q.dtype)
     tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
+    if pallas_pool.kernel_supports(group_size, pooling):
+        tile = max(tile, pallas_pool.POOL_GROUPS * group_size)  # both powers of two
     q_p, k_p, v_p = (pad_to(x, 1, tile) for x in (q, k, v))
-    kc_p, vc_p = (pad_to(x, 1, max(config.block_k, config.bwd_block_k)) for x in (kc, vc))
-    o = fused_attention(q_p, k_p, v_p, kc_p, vc_p, group_size, local_window, scale, config,
-                        interpret)
+    o = _cca_padded(q_p, k_p, v_p, group_size, local_window, pooling, scale, config,
+                    resolve_interpret(interpret))
     return o[:, :t]

@@ -94,23 +94,27 @@ def poison_outputs():
 
 
 def call(kernel, *, grid, in_specs, out_specs, out_shape, inputs, num_warps, num_stages,
-         interpret: bool, name: str):
-    """pallas_call with the Triton compiler params (SPEC.md 5) and optional NaN-poisoned outputs."""
-    out_shape = list(out_shape)
-    out_specs = list(out_specs)
-    aliases = {}
-    inputs = list(inputs)
-    in_specs = list(in_specs)
+         interpret: bool, name: str, aliases: dict[int, int] | None = None):
+    """pallas_call with the Triton compiler params (SPEC.md 5) and optional NaN-poisoned outputs.
+
+    ``aliases`` maps input index -> output index for outputs updated in place (read-modify-write);
+    those are never poisoned. Every other output starts as NaN inside ``poison_outputs()``.
+    """
+    out_shape, out_specs = list(out_shape), list(out_specs)
+    inputs, in_specs = list(inputs), list(in_specs)
+    aliases = dict(aliases or {})
+    n_in = len(inputs)
     if _POISON[-1]:
         for i, (shape, spec) in enumerate(zip(out_shape, out_specs)):
+            if i in aliases.values():
+                continue
             aliases[len(inputs)] = i
             inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
             in_specs.append(spec)
-        inner = kernel
+        inner, n_all = kernel, len(inputs)
 
         def kernel(*refs):  # drop the aliased poison inputs from the kernel's view
-            n_in = len(inputs) - len(out_shape)
-            return inner(*refs[:n_in], *refs[len(inputs):])
+            return inner(*refs[:n_in], *refs[n_all:])
 
     return pl.pallas_call(
         kernel,
