@@ -2,8 +2,9 @@
 random LLaMA, on the CPU, with no downloads.
 
 It checks that CCA with a local window covering the whole prompt is exactly full attention, times
-a long prefill and a short greedy generation under both attentions, and prints the attention FLOPs
-and KV-cache sizes for the tiny model and for LLaMA-2-7B at 128K tokens (the paper's setting).
+a long prefill and a short greedy generation (prefill, then cached decode steps) under both
+attentions, and prints the attention FLOPs and the exact decode-cache sizes (``jax_cca.cache``) for
+the tiny model and for LLaMA-2-7B at 128K tokens (the paper's setting).
 Every number printed is also returned by :func:`run_demo` as a dict.
 """
 
@@ -20,13 +21,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jax_cca.cache import cache_bytes
 from jax_cca.config import CCAConfig
-from jax_cca.generation import generate
+from jax_cca.generation import run_generation
 from jax_cca.model import CCALlama
 from kernels.cca.reference import visible_key_counts
 
-# LLaMA-2-7B: 32 layers, 32 query and 32 kv heads of dim 128; the paper's 128K setting.
-LLAMA2_7B = dict(num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
+# LLaMA-2-7B (CCAConfig.llama2_7b: 32 layers, 32 query and 32 kv heads of dim 128) at the
+# paper's 128K setting.
 LONG_CONTEXT = 128 * 1024
 PAPER_GROUP, PAPER_WINDOW = 16, 1024
 
@@ -55,42 +57,19 @@ def attention_flops(length: int, attention: str, *, head_dim: int, num_heads: in
     return 4 * head_dim * keys * num_heads * num_layers * batch
 
 
-def kv_cache_tokens(length: int, attention: str, group_size: int = 16,
-                    local_window: int = 1024) -> int:
-    """Tokens a decode cache holds per kv head after ``length`` tokens.
-
-    Full attention keeps them all. CCA keeps one core token per complete group (T // g, pooled when
-    the group completes, while its last query is at hand) and the raw tokens of the next query's
-    local region [start(T), T): at most w + g - 1 of them (the region starts on a group
-    boundary)."""
-    if attention == "full":
-        return length
-    start = max(0, ((length - local_window + 1) // group_size) * group_size)
-    return length // group_size + (length - start)
-
-
-def kv_cache_bytes(length: int, attention: str, *, num_layers: int, num_kv_heads: int,
-                   head_dim: int, bytes_per_value: int, group_size: int = 16,
-                   local_window: int = 1024) -> int:
-    """2 (K and V) * layers * Hkv * D * cached tokens * bytes per value, for one sequence."""
-    tokens = kv_cache_tokens(length, attention, group_size, local_window)
-    return 2 * num_layers * num_kv_heads * head_dim * tokens * bytes_per_value
-
-
 def llama2_7b_costs(length: int = LONG_CONTEXT, group_size: int = PAPER_GROUP,
-                    local_window: int = PAPER_WINDOW, bytes_per_value: int = 2) -> dict:
-    """Attention FLOPs (one sequence) and bf16 KV cache of LLaMA-2-7B, full vs CCA."""
+                    local_window: int = PAPER_WINDOW, dtype: str = "bfloat16") -> dict:
+    """Attention FLOPs and decode-cache bytes (``jax_cca.cache.cache_bytes``: the exact size of
+    the arrays ``init_cache`` allocates) of LLaMA-2-7B for one sequence, full vs CCA."""
     out = {"length": length, "group_size": group_size, "local_window": local_window}
     for att in ("full", "cca"):
         hp = dict(group_size=group_size, local_window=local_window)
+        config = CCAConfig.llama2_7b(attention=att, dtype=dtype, **hp)
         out[att] = {
-            "attention_flops": attention_flops(length, att, head_dim=LLAMA2_7B["head_dim"],
-                                               num_heads=LLAMA2_7B["num_heads"],
-                                               num_layers=LLAMA2_7B["num_layers"], **hp),
-            "kv_cache_bytes": kv_cache_bytes(length, att, num_layers=LLAMA2_7B["num_layers"],
-                                             num_kv_heads=LLAMA2_7B["num_kv_heads"],
-                                             head_dim=LLAMA2_7B["head_dim"],
-                                             bytes_per_value=bytes_per_value, **hp),
+            "attention_flops": attention_flops(length, att, head_dim=config.head_dim,
+                                               num_heads=config.num_heads,
+                                               num_layers=config.num_layers, **hp),
+            "kv_cache_bytes": cache_bytes(config, length),
         }
     return out
 
@@ -127,18 +106,19 @@ def time_prefill(model: CCALlama, ids: jax.Array, repeats: int, bar=None) -> tup
 
 def time_generation(model: CCALlama, prompt: jax.Array, new_tokens: int,
                     progress: bool | str) -> tuple[np.ndarray, float]:
-    """(new tokens (B, N), seconds per generated token), greedy.
+    """(new tokens (B, N), seconds per cached decode step), greedy.
 
-    Warm-up: one step on a prompt one token shorter than the final length compiles the decode
-    step for the same buffer shape, so the timed run measures decoding only.
+    A first, untimed generation compiles the prefill and the decode step for this cache size;
+    the second one is timed, and only its decode steps count (the prefill is timed above). With
+    one new token there is no decode step: its time is the prefill's.
     """
-    total = prompt.shape[1] + new_tokens
-    reps = -(-(total - 1) // prompt.shape[1])
-    generate(model, jnp.tile(prompt, (1, reps))[:, : total - 1], 1)
-    start = time.perf_counter()
-    out = generate(model, prompt, new_tokens, progress=progress).block_until_ready()
-    seconds = time.perf_counter() - start
-    return np.asarray(out[:, prompt.shape[1]:]), seconds / new_tokens
+    ids = np.asarray(prompt, np.int32)
+    lengths = np.full(ids.shape[:1], ids.shape[1])
+    run_generation(model, ids, lengths, new_tokens)
+    tokens, stats = run_generation(model, ids, lengths, new_tokens, progress=progress)
+    if stats.decode_steps == 0:
+        return tokens, stats.prefill_seconds
+    return tokens, stats.decode_seconds / stats.decode_steps
 
 
 # ------------------------------------------------------------------------------ the demo
@@ -194,7 +174,6 @@ def run_demo(length: int = 2048, new_tokens: int = 16, *, group_size: int = 16,
          f"group of {group_size}")
     emit(f"  prompt  {batch} x {length} random token ids")
 
-    bytes_per_value = jnp.dtype(c.jnp_dtype).itemsize
     steps = 1 + 2 * (1 + repeats)
     with tqdm(total=steps, desc="prefill: compile + timed runs", leave=False,
               disable=not progress) as bar:
@@ -217,10 +196,7 @@ def run_demo(length: int = 2048, new_tokens: int = 16, *, group_size: int = 16,
             "attention_flops": attention_flops(length, att, head_dim=c.head_dim,
                                                num_heads=c.num_heads, num_layers=c.num_layers,
                                                batch=batch, **hp),
-            "kv_cache_bytes": batch * kv_cache_bytes(length, att, num_layers=c.num_layers,
-                                                     num_kv_heads=c.num_kv_heads,
-                                                     head_dim=c.head_dim,
-                                                     bytes_per_value=bytes_per_value, **hp),
+            "kv_cache_bytes": cache_bytes(config.replace(attention=att, **hp), length, batch),
         }
     res["llama2_7b"] = llama2_7b_costs()
 
@@ -279,7 +255,8 @@ def run_demo(length: int = 2048, new_tokens: int = 16, *, group_size: int = 16,
         shown = min(new_tokens, 8)
         emit("")
         emit(f"4. Greedy generation of {new_tokens} tokens after the prompt")
-        emit("   (no KV cache yet: every new token re-runs the model over the whole sequence)")
+        emit("   (the prompt is prefilled once, then each token is one decode step over the cache:")
+        emit("   full attention reads every cached key, CCA its core tokens and its raw ring)")
         emit(_table([
             ("", "full attention", "CCA"),
             ("time per token", f"{res['full']['generate_ms_per_token']:.1f} ms",

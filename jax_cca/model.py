@@ -4,15 +4,18 @@ ReAttention. Parameter names mirror Hugging Face's so the weight map stays a sho
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jax_cca import ops
+from jax_cca import decode, ops
+from jax_cca.cache import LayerCache, init_cache, reset_lengths
 from jax_cca.config import CCAConfig
 from jax_cca.rope import apply_rope, default_positions, inverse_frequencies, rope_cos_sin
 
@@ -61,19 +64,43 @@ class Attention(nnx.Module):
         self.v_proj = _linear(e, config.num_kv_heads * d, b, config, rngs)
         self.o_proj = _linear(config.num_heads * d, e, b, config, rngs)
 
-    def __call__(self, x: Float[Array, "B T E"], cos, sin) -> Float[Array, "B T E"]:
+    def _project(self, x: Float[Array, "B T E"], cos, sin):
+        """Rotated q (B, T, Hq, D), rotated k and v (B, T, Hkv, D)."""
         c = self.config
         bsz, t, _ = x.shape
         q = self.q_proj(x).reshape(bsz, t, c.num_heads, c.head_dim)
         k = self.k_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attention(self, q, k, v) -> Float[Array, "B T Hq D"]:
+        c = self.config
         if c.attention == "cca":
-            o = ops.cca_attention(q, k, v, group_size=c.group_size, local_window=c.local_window,
-                                  pooling=c.pooling, implementation=c.implementation)
+            return ops.cca_attention(q, k, v, group_size=c.group_size,
+                                     local_window=c.local_window, pooling=c.pooling,
+                                     implementation=c.implementation)
+        return ops.full_attention(q, k, v, implementation=c.implementation)
+
+    def _output(self, o: Float[Array, "B T Hq D"]) -> Float[Array, "B T E"]:
+        bsz, t = o.shape[:2]
+        return self.o_proj(o.reshape(bsz, t, self.config.num_heads * self.config.head_dim))
+
+    def __call__(self, x: Float[Array, "B T E"], cos, sin) -> Float[Array, "B T E"]:
+        return self._output(self._attention(*self._project(x, cos, sin)))
+
+    def with_cache(self, x: Float[Array, "B C E"], cos, sin, cache: LayerCache,
+                   n_valid: Int[Array, "B"], *, prefill: bool) -> tuple[Array, LayerCache]:
+        """``prefill``: x is a whole prompt at positions 0..C-1; the ordinary attention op gives
+        the output and the cache is filled from it. Otherwise x holds C new tokens per sequence
+        that attend to the cache and to each other (``jax_cca.decode.extend_attention``).
+        Only the first ``n_valid[b]`` rows of x are written to the cache."""
+        q, k, v = self._project(x, cos, sin)
+        if prefill:
+            o = self._attention(q, k, v)
+            cache = decode.prefill_cache(cache, q, k, v, n_valid, self.config)
         else:
-            o = ops.full_attention(q, k, v, implementation=c.implementation)
-        return self.o_proj(o.reshape(bsz, t, c.num_heads * c.head_dim))
+            o, cache = decode.extend_attention(cache, q, k, v, n_valid, self.config)
+        return self._output(o), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -87,6 +114,17 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def with_cache(self, x, cos, sin, cache: LayerCache, n_valid, *, prefill: bool):
+        h, cache = self.self_attn.with_cache(self.input_layernorm(x), cos, sin, cache, n_valid,
+                                             prefill=prefill)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill"), donate_argnames=("cache",))
+def _cached_forward(graphdef, state, input_ids, n_valid, cache, *, prefill):
+    return nnx.merge(graphdef, state).cached_forward(input_ids, n_valid, cache, prefill=prefill)
 
 
 class CCALlama(nnx.Module):
@@ -138,6 +176,91 @@ class CCALlama(nnx.Module):
         from jax_cca.generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ decoding with a cache
+    def init_cache(self, batch: int, max_len: int) -> tuple[LayerCache, ...]:
+        """An empty decode cache, one per layer (``jax_cca/cache.py``), for ``batch`` sequences of
+        up to ``max_len`` tokens each (prompt and generated tokens)."""
+        return init_cache(self.config, batch, max_len)
+
+    def prefill(self, input_ids: Int[Array, "B T"], lengths: Int[Array, "B"] | None,
+                cache: tuple[LayerCache, ...], *, chunk_size: int | None = None
+                ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
+        """Runs right-padded prompts (row b: its first ``lengths[b]`` tokens; None: all T) and
+        fills ``cache`` with them; returns (logits of each row's last prompt token, cache).
+
+        One pass (default): the ordinary forward (``ops.cca_attention`` / full attention) over
+        (B, T), then the cache is filled from each layer's q, k, v. ``chunk_size=C``: the prompt
+        goes through in chunks of C tokens, each attending to the cache and to itself, so
+        activations are O(C) instead of O(T); the result is the same. Padding never reaches the
+        cache or the logits. ``cache`` (from :meth:`init_cache`, any previous contents dropped)
+        is donated: use the returned one. Compiled once per shape.
+        """
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length); got shape {ids.shape}")
+        b, t = ids.shape
+        lengths = np.full((b,), t) if lengths is None else np.asarray(lengths)
+        if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
+            raise ValueError(f"lengths must be {b} ints in [1, {t}]; got {lengths.tolist()}")
+        if cache[0].lengths.shape != (b,) or t > cache[0].max_len:
+            raise ValueError(f"a batch of {b} prompts of {t} tokens does not fit a cache of "
+                             f"batch {cache[0].lengths.shape[0]} and max_len {cache[0].max_len}")
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+        lengths = jnp.asarray(lengths, jnp.int32)
+        graphdef, state = nnx.split(self)
+        if chunk_size is None:
+            return _cached_forward(graphdef, state, ids, lengths, cache, prefill=True)
+        num = -(-t // chunk_size)
+        ids = jnp.pad(ids, ((0, 0), (0, num * chunk_size - t)))
+        cache, logits = reset_lengths(cache), None
+        for i in range(num):
+            n_valid = jnp.clip(lengths - i * chunk_size, 0, chunk_size)
+            chunk = ids[:, i * chunk_size : (i + 1) * chunk_size]
+            chunk_logits, cache = _cached_forward(graphdef, state, chunk, n_valid, cache,
+                                                  prefill=False)
+            # A row's last prompt token is in the last chunk where it still has tokens.
+            logits = chunk_logits if logits is None else \
+                jnp.where(n_valid[:, None] > 0, chunk_logits, logits)
+        return logits, cache
+
+    def extend(self, input_ids: Int[Array, "B C"], n_valid: Int[Array, "B"],
+               cache: tuple[LayerCache, ...]) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
+        """Appends C tokens per sequence (the first ``n_valid[b]`` of row b count) at positions
+        ``lengths[b] + i``; returns (logits of each row's last valid token, cache). Donates
+        ``cache``. Tokens at positions at or past the cache's ``max_len`` are not stored (their
+        outputs are meaningless): size the cache for prompt + new tokens."""
+        graphdef, state = nnx.split(self)
+        return _cached_forward(graphdef, state, jnp.asarray(input_ids, jnp.int32),
+                               jnp.asarray(n_valid, jnp.int32), cache, prefill=False)
+
+    def decode_step(self, token_ids: Int[Array, "B"], cache: tuple[LayerCache, ...]
+                    ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
+        """One new token per sequence: (logits (B, V) of the next token, cache). Donates
+        ``cache``."""
+        token_ids = jnp.asarray(token_ids, jnp.int32)
+        return self.extend(token_ids[:, None], jnp.ones(token_ids.shape, jnp.int32), cache)
+
+    def cached_forward(self, input_ids: Int[Array, "B C"], n_valid: Int[Array, "B"],
+                       cache: tuple[LayerCache, ...], *, prefill: bool
+                       ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
+        """The traceable body of :meth:`prefill` (``prefill=True``: a prompt at positions 0..C-1,
+        ``n_valid`` = lengths) and :meth:`extend` (``prefill=False``); for use under jit."""
+        chunk = input_ids.shape[1]
+        first = 0 if prefill else cache[0].lengths[:, None]
+        positions = jnp.broadcast_to(first + jnp.arange(chunk, dtype=jnp.int32),
+                                     input_ids.shape)
+        cos, sin = rope_cos_sin(positions, inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x, layer_cache = layer.with_cache(x, cos, sin, layer_cache, n_valid, prefill=prefill)
+            new_cache.append(layer_cache)
+        last = jnp.clip(n_valid - 1, 0, chunk - 1)
+        h = jnp.take_along_axis(x, last[:, None, None], axis=1)  # (B, 1, E): only needed rows
+        return self.logits(self.norm(h))[:, 0], tuple(new_cache)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

@@ -103,7 +103,7 @@ def test_demo_at_small_length(monkeypatch, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     for text in ("Exactness check", "-> OK", "Prefill of the 40-token prompt", "64.00 GiB",
-                 "4.50 GiB (93% less)", "Greedy generation of 2 tokens", "time per token"):
+                 "4.51 GiB (93% less)", "Greedy generation of 2 tokens", "time per token"):
         assert text in out, text
     res = captured["res"]
     assert res["window_check"]["relative_error"] < 1e-5
@@ -116,9 +116,13 @@ def test_demo_at_small_length(monkeypatch, capsys):
         assert res[att]["logits_shape"] == (1, 40, 512)
         assert res[att]["prefill_ms_per_token"] > 0 and res[att]["generate_ms_per_token"] > 0
         assert res[att]["generated"].shape == (1, 2)
+    # jax_cca.cache.cache_bytes for a cache sized for the prompt (max_len 40), batch 1: per layer,
+    # K and V rows of 2 kv heads x 32 float32 dims, plus one int32 length; 4 layers.
     per_token = 2 * 4 * 2 * 32 * 4  # K and V, layers, kv heads, head dim, float32 bytes
-    assert res["full"]["kv_cache_bytes"] == per_token * 40
-    assert res["cca"]["kv_cache_bytes"] == per_token * (40 // 4 + (40 - 32))  # start(40) = 32
+    lengths = 4 * 4  # a (B,) int32 per layer
+    assert res["full"]["kv_cache_bytes"] == per_token * 40 + lengths
+    # CCA: 40 // g = 10 core slots and a ring of w + g = 12 raw slots.
+    assert res["cca"]["kv_cache_bytes"] == per_token * (40 // 4 + 8 + 4) + lengths
     assert res["full"]["attention_flops"] == 4 * 32 * (40 * 41 // 2) * 8 * 4
     assert res["cca"]["attention_flops"] < res["full"]["attention_flops"]
 
@@ -144,10 +148,12 @@ def test_visible_key_count_matches_the_masks():
 
 def test_llama2_7b_costs_match_the_paper():
     big = demo.llama2_7b_costs()
-    assert big["full"]["kv_cache_bytes"] == 64 * 2**30  # 2 * 32 * 32 * 128 * 131072 * 2 bytes
-    start = (131072 - 1024 + 1) // 16 * 16  # window start of the next query
-    cca_tokens = 131072 // 16 + (131072 - start)
-    assert big["cca"]["kv_cache_bytes"] == 2 * 32 * 32 * 128 * cca_tokens * 2
+    # jax_cca.cache layout, bf16, one sequence: per layer K and V of 32 kv heads x 128 dims per
+    # cached token, plus a (1,) int32 length; 32 layers.
+    lengths = 32 * 4
+    assert big["full"]["kv_cache_bytes"] == 64 * 2**30 + lengths  # 2*32*32*128*131072*2 bytes
+    cca_tokens = 131072 // 16 + (1024 + 16)  # a core slot per group + a ring of w + g raw slots
+    assert big["cca"]["kv_cache_bytes"] == 2 * 32 * 32 * 128 * cca_tokens * 2 + lengths
     assert 0.92 < 1 - big["cca"]["kv_cache_bytes"] / big["full"]["kv_cache_bytes"] < 0.94
     ratio = big["full"]["attention_flops"] / big["cca"]["attention_flops"]
     assert 11 < ratio < 14  # the paper: about 12x fewer attention FLOPs at 128K

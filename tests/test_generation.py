@@ -1,4 +1,4 @@
-"""jax_cca.generation: greedy and sampled decoding over a fixed-size buffer (no KV cache yet)."""
+"""jax_cca.generation: greedy and sampled decoding (prefill, then cached decode steps)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,204 @@
+"""Decode caches of CCALlama, one per layer: preallocated, static shapes, per-sequence lengths.
+
+Shape letters: B batch, S max_len (the most tokens a sequence may hold), Hkv kv heads, D head dim,
+g group size, w local window, N = S // g core slots, R ring slots.
+
+* :class:`FullCache` (``attention="full"``): the rotated keys and the values of every position,
+  ``k, v (B, S, Hkv, D)``; position p of sequence b lives at ``[b, p]``.
+* :class:`CCACache` (``attention="cca"``): what CCA decoding can still read.
+
+  - ``core_k, core_v (B, N, Hkv, D)``: the core token of group j at ``[b, j]``, written when the
+    group's last token arrives (its query is the pooling query, so it is pooled then and there).
+  - ``ring_k, ring_v (B, R, Hkv, D)``: the raw rotated keys / values of the last R positions,
+    position p in slot ``p % R``. ``R = w + g``, a multiple of g, so every group occupies g
+    aligned, contiguous slots; a query's local region ``[start(t), t]`` holds at most w + g - 1
+    tokens, so the ring always holds it. When ``max_len`` is below w + g, ``R`` shrinks to
+    ``max_len`` rounded up to a multiple of g (every position then has its own slot).
+    Slots store no positions: slot s of a sequence of length L holds position
+    ``L - 1 - ((L - 1 - s) mod R)`` when that is >= 0 (:func:`ring_positions`), and is empty
+    otherwise.
+  - ``max_len`` (static): the capacity it was made for (N and R alone do not determine it).
+
+Both keep ``lengths (B,) int32``: tokens written so far per sequence, so a batch of prompts of
+different lengths decodes in lockstep. Writes go through :func:`_scatter_rows`, whose rows with an
+out-of-range index are dropped: nothing past a sequence's valid tokens is ever written, so in a
+fresh cache every slot beyond what a sequence holds stays zero.
+
+A model's cache is a tuple with one of these per layer (:func:`init_cache`); the layers' lengths
+agree. The attention that reads and writes them is ``jax_cca/decode.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Float, Int
+
+from jax_cca.config import CCAConfig
+
+LENGTHS_DTYPE = jnp.int32
+
+
+def _scatter_rows(buffer: Float[Array, "B S H D"], index: Int[Array, "B C"],
+                  rows: Float[Array, "B C H D"]) -> Float[Array, "B S H D"]:
+    """``buffer[b, index[b, i]] = rows[b, i]``; an index outside [0, S) skips that row."""
+    batch = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[batch, index].set(rows.astype(buffer.dtype), mode="drop")
+
+
+def _valid_rows(n_valid: Int[Array, "B"], chunk: int) -> jax.Array:
+    """(B, C) mask of the first ``n_valid[b]`` rows of a chunk of C rows."""
+    return jnp.arange(chunk)[None, :] < n_valid[:, None]
+
+
+@struct.dataclass
+class FullCache:
+    """Keys (rotated) and values of every position: full attention's decode cache."""
+
+    k: Float[Array, "B S Hkv D"]
+    v: Float[Array, "B S Hkv D"]
+    lengths: Int[Array, "B"]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def append(self, k: Float[Array, "B C Hkv D"], v: Float[Array, "B C Hkv D"],
+               n_valid: Int[Array, "B"]) -> "FullCache":
+        """Writes the first ``n_valid[b]`` rows of the chunk at positions ``lengths[b] + i``.
+
+        Positions at or past ``max_len`` are dropped (size the cache for prompt + new tokens).
+        """
+        chunk = k.shape[1]
+        pos = self.lengths[:, None] + jnp.arange(chunk)
+        index = jnp.where(_valid_rows(n_valid, chunk), pos, self.max_len)
+        return FullCache(_scatter_rows(self.k, index, k), _scatter_rows(self.v, index, v),
+                         self.lengths + n_valid)
+
+
+@struct.dataclass
+class CCACache:
+    """CCA's decode cache: the core token of every completed group and a ring of raw tokens."""
+
+    core_k: Float[Array, "B N Hkv D"]
+    core_v: Float[Array, "B N Hkv D"]
+    ring_k: Float[Array, "B R Hkv D"]
+    ring_v: Float[Array, "B R Hkv D"]
+    lengths: Int[Array, "B"]
+    max_len: int = struct.field(pytree_node=False)  # tokens a sequence may hold
+
+    @property
+    def num_core(self) -> int:
+        return self.core_k.shape[1]
+
+    @property
+    def ring(self) -> int:
+        return self.ring_k.shape[1]
+
+    def ring_positions(self) -> Int[Array, "B R"]:
+        return ring_positions(self.lengths, self.ring)
+
+    def append(self, k: Float[Array, "B C Hkv D"], v: Float[Array, "B C Hkv D"],
+               n_valid: Int[Array, "B"]) -> "CCACache":
+        """Puts the first ``n_valid[b]`` rows of the chunk (positions ``lengths[b] + i``) in the
+        ring. A chunk longer than the ring keeps only its last R valid rows (the earlier ones
+        would be overwritten anyway), so no two rows target the same slot. As in
+        :meth:`FullCache.append`, positions at or past ``max_len`` are dropped."""
+        chunk = k.shape[1]
+        i = jnp.arange(chunk)[None, :]
+        pos = self.lengths[:, None] + i
+        keep = _valid_rows(n_valid, chunk) & (i >= n_valid[:, None] - self.ring)
+        index = jnp.where(keep & (pos < self.max_len), pos % self.ring, self.ring)
+        return self.replace(ring_k=_scatter_rows(self.ring_k, index, k),
+                            ring_v=_scatter_rows(self.ring_v, index, v),
+                            lengths=self.lengths + n_valid)
+
+    def set_cores(self, k_core: Float[Array, "B P Hkv D"], v_core: Float[Array, "B P Hkv D"],
+                  group: Int[Array, "B P"], valid: jax.Array) -> "CCACache":
+        """Stores core token ``p`` of sequence b as the core of group ``group[b, p]`` where
+        ``valid[b, p]``."""
+        index = jnp.where(valid, group, self.num_core)
+        return self.replace(core_k=_scatter_rows(self.core_k, index, k_core),
+                            core_v=_scatter_rows(self.core_v, index, v_core))
+
+
+LayerCache = FullCache | CCACache
+
+
+def ring_positions(lengths: Int[Array, "B"], ring: int) -> Int[Array, "B R"]:
+    """Position held by each ring slot of sequences of ``lengths`` tokens (negative: empty).
+
+    Slot s holds the latest position p < L with p = s (mod R): ``L - 1 - ((L - 1 - s) mod R)``.
+    """
+    last = lengths[:, None] - 1
+    return last - jnp.mod(last - jnp.arange(ring)[None, :], ring)
+
+
+def ring_size(config: CCAConfig, max_len: int) -> int:
+    """R = w + g ring slots, or ``max_len`` rounded up to a multiple of g when that is fewer."""
+    g = config.group_size
+    return min(config.local_window + g, -(-max_len // g) * g)
+
+
+def _check(config: CCAConfig, batch: int, max_len: int) -> None:
+    for name, value in (("batch", batch), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    if config.attention not in ("full", "cca"):
+        raise NotImplementedError(
+            f"no decode cache for attention={config.attention!r}; use 'full' or 'cca'"
+        )
+
+
+def _layer_shapes(config: CCAConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every array of one layer's cache (the single source of the layout)."""
+    kv = (config.num_kv_heads, config.head_dim)
+    lengths = (batch,)
+    if config.attention == "full":
+        return {"k": (batch, max_len, *kv), "v": (batch, max_len, *kv), "lengths": lengths}
+    n, r = max_len // config.group_size, ring_size(config, max_len)
+    return {"core_k": (batch, n, *kv), "core_v": (batch, n, *kv), "ring_k": (batch, r, *kv),
+            "ring_v": (batch, r, *kv), "lengths": lengths}
+
+
+def init_layer_cache(config: CCAConfig, batch: int, max_len: int) -> LayerCache:
+    """An empty (zero) cache of one layer for ``batch`` sequences of up to ``max_len`` tokens."""
+    _check(config, batch, max_len)
+    arrays = {name: jnp.zeros(shape, LENGTHS_DTYPE if name == "lengths" else config.jnp_dtype)
+              for name, shape in _layer_shapes(config, batch, max_len).items()}
+    if config.attention == "full":
+        return FullCache(**arrays)
+    return CCACache(**arrays, max_len=max_len)
+
+
+def init_cache(config: CCAConfig, batch: int, max_len: int) -> tuple[LayerCache, ...]:
+    """One empty layer cache per decoder layer."""
+    return tuple(init_layer_cache(config, batch, max_len) for _ in range(config.num_layers))
+
+
+def cache_bytes(config: CCAConfig, max_len: int, batch: int = 1) -> int:
+    """Exact bytes of :func:`init_cache` ``(config, batch, max_len)``: every array, lengths too.
+
+    Full: ``layers * (2 * B * S * Hkv * D * itemsize + 4 B)``. CCA: ``layers * (2 * B * (S // g
+    + R) * Hkv * D * itemsize + 4 B)`` with R from :func:`ring_size`.
+    """
+    _check(config, batch, max_len)
+    itemsize = jnp.dtype(config.jnp_dtype).itemsize
+    per_layer = sum(
+        math.prod(shape) * (jnp.dtype(LENGTHS_DTYPE).itemsize if name == "lengths" else itemsize)
+        for name, shape in _layer_shapes(config, batch, max_len).items()
+    )
+    return config.num_layers * per_layer
+
+
+def cache_lengths(cache: tuple[LayerCache, ...]) -> Int[Array, "B"]:
+    """Tokens held per sequence (every layer holds the same)."""
+    return cache[0].lengths
+
+
+def reset_lengths(cache: tuple[LayerCache, ...]) -> tuple[LayerCache, ...]:
+    """The same buffers with every sequence emptied (old contents become unreachable)."""
+    return tuple(layer.replace(lengths=jnp.zeros_like(layer.lengths)) for layer in cache)

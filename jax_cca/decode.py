@@ -1,0 +1,155 @@
+"""Attention with a decode cache (XLA): fill a cache from a prompt, and extend it by a chunk.
+
+Shape letters as in ``jax_cca/cache.py``; C is the chunk of new tokens (1 when decoding), P the
+groups a chunk can complete, G = Hq // Hkv query heads per kv head (GQA is a reshape).
+
+* :func:`prefill_cache`: after the model's ordinary forward over a right-padded prompt
+  ``(B, T)``, store what decoding needs: full attention every key and value; CCA the core token of
+  every group the prompt completes (``reference.pool_core_tokens`` over the prompt, as the
+  attention op pools it) and the prompt's last R tokens in the ring. Rows past ``lengths[b]`` are
+  padding and are never written.
+* :func:`extend_attention`: C new tokens per sequence at positions ``t = lengths[b] + i`` attend
+  to the cache and to each other, exactly as the whole-sequence op would let them:
+
+  - full: one softmax over the cached positions ``p <= t`` (the chunk is written first);
+  - CCA: first every group whose last token is in the chunk is pooled with that token's query
+    (its earlier tokens may sit in the ring) and written to the core slots; then one softmax over
+    [core tokens j with ``(j + 1) g <= start(t)`` ; ring slots and chunk tokens at positions
+    ``start(t) <= p <= t``], ``start(t) = max(0, floor((t - w + 1) / g) g)`` computed with
+    ``kernels.cca.reference``'s exact predicates. Only then do the chunk's tokens enter the ring,
+    so a chunk longer than the ring is fine: the ring needs only the w + g - 2 positions before
+    the chunk.
+
+  Rows past ``n_valid[b]`` (padding) get outputs but are not written to the cache.
+
+Decoding is ``extend_attention`` with C = 1; chunked prefill is a loop of it over the prompt.
+Scores and softmax are float32 at the highest matmul precision, like the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jax_cca.cache import CCACache, FullCache, LayerCache
+from jax_cca.config import CCAConfig
+from kernels.cca.reference import (
+    _einsum,
+    _masked_softmax_weights,
+    _scale,
+    core_visible,
+    local_visible,
+    pool_core_tokens,
+)
+
+
+def prefill_cache(
+    cache: LayerCache,
+    q: Float[Array, "B T Hq D"],
+    k: Float[Array, "B T Hkv D"],
+    v: Float[Array, "B T Hkv D"],
+    lengths: Int[Array, "B"],
+    config: CCAConfig,
+) -> LayerCache:
+    """The cache of a prompt at positions 0..T-1 (``lengths[b]`` valid tokens of row b).
+
+    Whatever the cache held before is dropped (its lengths restart at 0).
+    """
+    cache = cache.replace(lengths=jnp.zeros_like(cache.lengths))
+    if isinstance(cache, CCACache) and cache.num_core:
+        g = config.group_size
+        k_core, v_core = pool_core_tokens(q, k, v, group_size=g, pooling=config.pooling)
+        group = jnp.arange(k_core.shape[1])[None, :]
+        cache = cache.set_cores(k_core, v_core, group, (group + 1) * g <= lengths[:, None])
+    return cache.append(k, v, lengths)
+
+
+def extend_attention(
+    cache: LayerCache,
+    q: Float[Array, "B C Hq D"],
+    k: Float[Array, "B C Hkv D"],
+    v: Float[Array, "B C Hkv D"],
+    n_valid: Int[Array, "B"],
+    config: CCAConfig,
+) -> tuple[Float[Array, "B C Hq D"], LayerCache]:
+    """Attention of a chunk of new tokens over cache + chunk; returns (output, updated cache)."""
+    positions = cache.lengths[:, None] + jnp.arange(q.shape[1])  # (B, C)
+    if isinstance(cache, FullCache):
+        cache = cache.append(k, v, n_valid)
+        mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
+        return _attend(q, [(cache.k, cache.v, mask)]), cache
+
+    g, w = config.group_size, config.local_window
+    if cache.num_core:
+        cache = _pool_completed_groups(cache, q, k, v, n_valid, config)
+    rows = positions[:, :, None]  # (B, C, 1): the query positions
+    core_mask = core_visible(rows, jnp.arange(cache.num_core)[None, None, :], g, w)
+    slots = cache.ring_positions()[:, None, :]  # (B, 1, R)
+    ring_mask = (slots >= 0) & local_visible(rows, slots, g, w)
+    chunk_mask = local_visible(rows, positions[:, None, :], g, w)
+    out = _attend(q, [(cache.core_k, cache.core_v, core_mask),
+                      (cache.ring_k, cache.ring_v, ring_mask),
+                      (k, v, chunk_mask)])
+    return out, cache.append(k, v, n_valid)
+
+
+def _pool_completed_groups(
+    cache: CCACache,
+    q: Float[Array, "B C Hq D"],
+    k: Float[Array, "B C Hkv D"],
+    v: Float[Array, "B C Hkv D"],
+    n_valid: Int[Array, "B"],
+    config: CCAConfig,
+) -> CCACache:
+    """Pools every group whose last token is among the chunk's valid rows into the core slots.
+
+    Candidate groups of row b: ``j = lengths[b] // g + i``, i < P = ceil(C / g); group j is
+    complete when its last position ``(j + 1) g - 1`` is below ``lengths[b] + n_valid[b]``. Its
+    tokens before the chunk come from the ring (they are within the last g - 1 positions), the
+    others from the chunk; its pooling query is the chunk's query at its last position.
+    """
+    g = config.group_size
+    b, c, hq, d = q.shape
+    start = cache.lengths[:, None]  # (B, 1): position of the chunk's first row
+    num = -(-c // g)
+    group = start // g + jnp.arange(num)[None, :]  # (B, P)
+    last = (group + 1) * g - 1
+    valid = last < start + n_valid[:, None]
+    pos = (group[:, :, None] * g + jnp.arange(g)).reshape(b, num * g)  # (B, P*g)
+    in_chunk = (pos >= start)[:, :, None, None]
+
+    def take(x, index):  # x (B, S, H, D), index (B, K) -> (B, K, H, D)
+        return jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+
+    chunk_index = jnp.clip(pos - start, 0, c - 1)
+    k_group = jnp.where(in_chunk, take(k, chunk_index), take(cache.ring_k, pos % cache.ring))
+    v_group = jnp.where(in_chunk, take(v, chunk_index), take(cache.ring_v, pos % cache.ring))
+    q_last = take(q, jnp.clip(last - start, 0, c - 1))  # (B, P, Hq, D)
+    # pool_core_tokens reads the query of each group's last row; the other rows are unused.
+    q_group = jnp.zeros((b, num, g, hq, d), q.dtype).at[:, :, g - 1].set(q_last)
+    k_core, v_core = pool_core_tokens(q_group.reshape(b, num * g, hq, d), k_group, v_group,
+                                      group_size=g, pooling=config.pooling)
+    return cache.set_cores(k_core, v_core, group, valid)
+
+
+def _attend(
+    q: Float[Array, "B C Hq D"],
+    parts: list[tuple[Float[Array, "B S Hkv D"], Float[Array, "B S Hkv D"], jax.Array]],
+) -> Float[Array, "B C Hq D"]:
+    """One softmax over the keys of all ``parts`` (keys, values, mask (B, C, S) of visible keys)."""
+    b, c, hq, d = q.shape
+    hkv = parts[0][0].shape[2]
+    qf = q.astype(jnp.float32).reshape(b, c, hkv, hq // hkv, d)
+    scale = _scale(d, None)
+    scores = [_einsum("bchgd,bshd->bhgcs", qf, keys.astype(jnp.float32)) * scale
+              for keys, _, _ in parts]
+    masks = [mask[:, None, None] for _, _, mask in parts]  # broadcast over (Hkv, G)
+    p = _masked_softmax_weights(jnp.concatenate(scores, -1), jnp.concatenate(masks, -1))
+    out, offset = 0.0, 0
+    for keys, values, _ in parts:
+        size = keys.shape[1]
+        out = out + _einsum("bhgcs,bshd->bchgd", p[..., offset : offset + size],
+                            values.astype(jnp.float32))
+        offset += size
+    return out.reshape(b, c, hq, d).astype(q.dtype)
