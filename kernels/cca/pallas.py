@@ -6,7 +6,8 @@ group-aligned local window. Scores never leave registers/shared memory. Key bloc
 query of the tile sees fully skip the mask; only edge blocks pay for it.
 
 Pooling (core keys/values from the last-token queries of each group) is a bandwidth-bound
-O(T * g * D) pass: Pallas kernels (``pallas_pool.py``) for power-of-two g <= 16, XLA otherwise.
+O(T * g * D) pass: Pallas kernels (``pallas_pool.py``) for power-of-two g <= 16 and 16-bit
+inputs (``pallas_pool.kernel_supports``), XLA otherwise.
 Its gradient is JAX autodiff of the reference pooling, fed by the dK/dV of the core tokens that
 the backward kernels return.
 
@@ -32,13 +33,16 @@ from kernels.cca.pallas_common import (
 
 
 def _online_softmax_step(carry, q, keys, values, scale2, mask):
-    """One key tile of the online softmax in base 2. ``mask`` None means every key is visible."""
+    """One key tile of the online softmax in base 2. ``mask`` None means every key is visible.
+
+    The scale is applied inside the exponent (one fused multiply-add per score) and to the row
+    maximum, instead of scaling the whole score tile first."""
     acc, m, l = carry
-    s = dot(q, keys, trans_b=True) * scale2  # (BQ, BK), log2 units
+    s = dot(q, keys, trans_b=True)  # (BQ, BK) unscaled scores
     if mask is not None:
         s = jnp.where(mask, s, NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.exp2(s - m_new[:, None])
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale2)
+    p = jnp.exp2(s * scale2 - m_new[:, None])
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp2(m - m_new)
@@ -123,7 +127,7 @@ def _forward(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
 
 def _pool(q, k, v, *, g, pooling, scale, config: Config, interpret: bool):
     """Core tokens of every group of the padded input, padded to the key tile; input dtype."""
-    if pallas_pool.kernel_supports(g, pooling):
+    if pallas_pool.kernel_supports(g, pooling, q.shape[3], q.dtype, interpret):
         kc, vc = pallas_pool.pool_forward(q, k, v, g=g, scale=scale,
                                           num_warps=config.num_warps, interpret=interpret)
     else:
@@ -152,7 +156,7 @@ def _cca_bwd(g, w, pooling, scale, config, interpret, residuals, do):
                                                scale=scale, config=config, interpret=interpret)
     n = q.shape[1] // g
     dkc, dvc = dkc[:, :n], dvc[:, :n]
-    if pallas_pool.kernel_supports(g, pooling):
+    if pallas_pool.kernel_supports(g, pooling, q.shape[3], q.dtype, interpret):
         return pallas_pool.pool_backward(q, k, v, dkc, dvc, dq, dk, dv, g=g, scale=scale,
                                          num_warps=config.num_warps, interpret=interpret)
     pool = lambda *a: reference.pool_core_tokens(*a, group_size=g, pooling=pooling,
@@ -194,9 +198,9 @@ def cca_attention(
     config = config or default_config(d, q.dtype)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
-    if pallas_pool.kernel_supports(group_size, pooling):
+    interpret = resolve_interpret(interpret)
+    if pallas_pool.kernel_supports(group_size, pooling, d, q.dtype, interpret):
         tile = max(tile, pallas_pool.POOL_GROUPS * group_size)  # both powers of two
     q_p, k_p, v_p = (pad_to(x, 1, tile) for x in (q, k, v))
-    o = _cca_padded(q_p, k_p, v_p, group_size, local_window, pooling, scale, config,
-                    resolve_interpret(interpret))
+    o = _cca_padded(q_p, k_p, v_p, group_size, local_window, pooling, scale, config, interpret)
     return o[:, :t]

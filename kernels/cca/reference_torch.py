@@ -35,7 +35,7 @@ def local_window_start(t: torch.Tensor, group_size: int, local_window: int) -> t
 
 def core_visible(t: torch.Tensor, j: torch.Tensor, group_size: int,
                  local_window: int) -> torch.Tensor:
-    """True where query ``t`` sees the core token of group ``j`` (the group ends before start(t))."""
+    """True where query ``t`` sees the core token of group ``j`` (it ends before start(t))."""
     return (j + 1) * group_size <= local_window_start(t, group_size, local_window)
 
 

@@ -11,16 +11,18 @@ Same tiling, loop ranges and masks as ``pallas.py`` (forward), ``pallas_vjp.py``
 * ``_dkdv_local_kernel`` / ``_dkdv_core_kernel``: one program per (key tile, batch, kv head),
   looping in-kernel over the G query heads sharing the kv head and over the query tiles that see
   the keys; dK, dV written once (no atomics).
-* ``_pool_kernel``: core key/value of ``BN`` groups per program (pooling query = mean of the G
-  sharing heads' last-token queries, computed in-kernel); float32 element-wise math. Its gradient
-  is torch autograd of ``reference_torch.pool_core_tokens`` (like the JAX side).
+* ``_pool_kernel`` / ``_pool_backward_kernel``: core key/value of ``BN`` groups per program
+  (pooling query = mean of the G sharing heads' last-token queries, computed in-kernel; float32
+  element-wise math: the pass is bandwidth-bound), and the gradient through the pooling weights,
+  added in place to the attention backward's dQ, dK, dV (as ``pallas_pool.py`` does).
 
 Window arithmetic is exact: ``start(t) = max(t - w + 1, 0) // g * g`` only divides non-negative
 numbers, so Triton's truncating ``//`` equals the floor. Inputs are padded to tile multiples (and
 the head dim to a power of two >= 16) by the wrapper. float32 runs IEEE dots (no TF32).
 
 On a GPU the kernels are compiled; on CPU they run through the Triton interpreter, which Triton
-decides when this module is imported: ``TRITON_INTERPRET=1`` must be set before the import.
+decides when this module is imported: ``TRITON_INTERPRET=1`` must be set before the import (the
+interpreter fixes this needs are in ``triton_interpret.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.cca import reference_torch
+from kernels.cca import reference_torch, triton_interpret
 
 
 def _interpret_flag() -> bool:
@@ -45,33 +47,15 @@ def _interpret_flag() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns scalar loop bounds into ints with ``int(array of shape
-    (1,))``, which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed after 3.6). Re-register
-    that one conversion with ``.item()``; interpreter only, restored with the interpreter's own
-    patches after each launch."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "cca_index_fix", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patch_lang_tensor.cca_index_fix = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
 # triton.jit builds interpreted kernels iff TRITON_INTERPRET was set when it ran (this import).
 INTERPRET = _interpret_flag()
 if INTERPRET:
-    _patch_interpreter_index()
+    triton_interpret.patch_interpreter()
 
 LOG2E = math.log2(math.e)
 NEG: tl.constexpr = tl.constexpr(-0.7 * 3.4028234663852886e38)  # finite "minus infinity"
 POOL_ROWS = 64  # keys per pooling program: BN groups of GP (g rounded up to a power of two)
+POOL_BWD_ROWS = 32  # the same for the pooling backward (more live tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,38 +376,89 @@ def _dkdv_core_kernel(Q, DO, LSE, DELTA, KC, VC, DKC, DVC,
 
 # ------------------------------------------------------------------------------ pooling
 @triton.jit
-def _pool_kernel(Q, K, V, KC, VC,
-                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sc_b, sc_t, sc_h,
-                 n_groups, heads_per_kv, scale,
-                 G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
-    bi = tl.program_id(1).to(tl.int64)
-    hk = tl.program_id(2)
-    js = tl.program_id(0) * BN + tl.arange(0, BN)  # groups of this program
+def _pool_weights(Q, K, bi, hk, js, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, n_groups,
+                  heads_per_kv, scale, G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+                  D: tl.constexpr):
+    """For the groups ``js`` (BN,) of one kv head: the pooling queries qp (BN, D), the keys
+    (BN, GP, D), the softmax weights p (BN, GP) (all float32), the key offsets and their mask."""
     offs = tl.arange(0, GP)  # position inside the group (GP = g rounded up to a power of two)
     dims = tl.arange(0, D)
     real = js < n_groups
-
     # Pooling query: mean over the sharing query heads of the group's last-token query.
     last = (js + 1) * G - 1
-    qp = tl.zeros((BN, D), tl.float32)
+    qp = tl.full((BN, D), 0.0, tl.float32)
     for gi in range(0, heads_per_kv):
         ptrs = Q + bi * sq_b + (hk * heads_per_kv + gi) * sq_h + last[:, None] * sq_t
         qp += tl.load(ptrs + dims[None, :], mask=real[:, None], other=0.0).to(tl.float32)
     qp = qp / heads_per_kv
-
     tokens = js[:, None] * G + offs[None, :]  # (BN, GP)
     inside = real[:, None] & (offs[None, :] < G)
-    kv_ptrs = bi * sk_b + hk * sk_h + tokens[:, :, None] * sk_t + dims[None, None, :]
-    keys = tl.load(K + kv_ptrs, mask=inside[:, :, None], other=0.0).to(tl.float32)
+    kv_offs = bi * sk_b + hk * sk_h + tokens[:, :, None] * sk_t + dims[None, None, :]
+    keys = tl.load(K + kv_offs, mask=inside[:, :, None], other=0.0).to(tl.float32)
     s = tl.where(inside, tl.sum(qp[:, None, :] * keys, 2) * scale, NEG)  # (BN, GP)
     p = tl.where(inside, tl.exp(s - tl.max(s, 1)[:, None]), 0.0)
-    p = p / tl.where(real, tl.sum(p, 1), 1.0)[:, None]  # padding groups: not stored
-    c_ptrs = bi * sc_b + hk * sc_h + js[:, None] * sc_t + dims[None, :]
-    k_core = tl.sum(p[:, :, None] * keys, 1)
-    tl.store(KC + c_ptrs, k_core.to(KC.dtype.element_ty), mask=real[:, None])
-    values = tl.load(V + kv_ptrs, mask=inside[:, :, None], other=0.0).to(tl.float32)
-    v_core = tl.sum(p[:, :, None] * values, 1)
-    tl.store(VC + c_ptrs, v_core.to(VC.dtype.element_ty), mask=real[:, None])
+    p = p / tl.where(real, tl.sum(p, 1), 1.0)[:, None]  # groups past the end: never stored
+    return qp, keys, p, kv_offs, inside
+
+
+@triton.jit
+def _pool_kernel(Q, K, V, KC, VC,
+                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sc_b, sc_t, sc_h,
+                 n_groups, heads_per_kv, scale,
+                 G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+    """kc = p K, vc = p V for BN consecutive groups of one (batch, kv head)."""
+    bi = tl.program_id(1).to(tl.int64)
+    hk = tl.program_id(2)
+    js = tl.program_id(0) * BN + tl.arange(0, BN)
+    qp, keys, p, kv_offs, inside = _pool_weights(
+        Q, K, bi, hk, js, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, n_groups, heads_per_kv, scale,
+        G, GP, BN, D)
+    real = js < n_groups
+    c_offs = bi * sc_b + hk * sc_h + js[:, None] * sc_t + tl.arange(0, D)[None, :]
+    tl.store(KC + c_offs, tl.sum(p[:, :, None] * keys, 1).to(KC.dtype.element_ty),
+             mask=real[:, None])
+    values = tl.load(V + kv_offs, mask=inside[:, :, None], other=0.0).to(tl.float32)
+    tl.store(VC + c_offs, tl.sum(p[:, :, None] * values, 1).to(VC.dtype.element_ty),
+             mask=real[:, None])
+
+
+@triton.jit
+def _pool_backward_kernel(Q, K, V, DKC, DVC, DQ, DK, DV,
+                          sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sc_b, sc_t, sc_h,
+                          n_groups, heads_per_kv, scale,
+                          G: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+    """Adds the pooling's share of the gradient in place to dQ, dK, dV (the attention backward's
+    buffers; each program owns its groups' rows, so no atomics). With dP = dkc K^T + dvc V^T and
+    dS = p * (dP - rowsum(p * dP)): dK += p^T dkc + scale dS^T qp, dV += p^T dvc, and every query
+    head sharing the kv head gets scale dS K / G at the group's last token."""
+    bi = tl.program_id(1).to(tl.int64)
+    hk = tl.program_id(2)
+    js = tl.program_id(0) * BN + tl.arange(0, BN)
+    dims = tl.arange(0, D)
+    qp, keys, p, kv_offs, inside = _pool_weights(
+        Q, K, bi, hk, js, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, n_groups, heads_per_kv, scale,
+        G, GP, BN, D)
+    real = js < n_groups
+    c_offs = bi * sc_b + hk * sc_h + js[:, None] * sc_t + dims[None, :]
+    dkc = tl.load(DKC + c_offs, mask=real[:, None], other=0.0).to(tl.float32)
+    dvc = tl.load(DVC + c_offs, mask=real[:, None], other=0.0).to(tl.float32)
+    values = tl.load(V + kv_offs, mask=inside[:, :, None], other=0.0).to(tl.float32)
+    dp = tl.sum(dkc[:, None, :] * keys, 2) + tl.sum(dvc[:, None, :] * values, 2)  # (BN, GP)
+    ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+    mask3 = inside[:, :, None]
+    dk = tl.load(DK + kv_offs, mask=mask3, other=0.0).to(tl.float32)
+    dk += p[:, :, None] * dkc[:, None, :] + scale * ds[:, :, None] * qp[:, None, :]
+    tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=mask3)
+    dv = tl.load(DV + kv_offs, mask=mask3, other=0.0).to(tl.float32)
+    tl.store(DV + kv_offs, (dv + p[:, :, None] * dvc[:, None, :]).to(DV.dtype.element_ty),
+             mask=mask3)
+    dq_pool = tl.sum(ds[:, :, None] * keys, 1) * (scale / heads_per_kv)  # (BN, D)
+    last = (js + 1) * G - 1
+    for gi in range(0, heads_per_kv):
+        ptrs = DQ + bi * sq_b + (hk * heads_per_kv + gi) * sq_h + last[:, None] * sq_t
+        ptrs += dims[None, :]
+        dq = tl.load(ptrs, mask=real[:, None], other=0.0).to(tl.float32)
+        tl.store(ptrs, (dq + dq_pool).to(DQ.dtype.element_ty), mask=real[:, None])
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -457,24 +492,38 @@ def _dot_mode(x: torch.Tensor) -> int:
     return 2 if INTERPRET else 0
 
 
-def pool_forward(q, k, v, *, g: int, scale: float, n_pad: int):
-    """(kc, vc) of shape (B, n_pad, Hkv, D) in the input dtype; rows >= T // g are zero."""
-    b, t, hq, d = q.shape
+def _pool_grid(n: int, b: int, hkv: int, g: int, rows: int):
+    gp = triton.next_power_of_2(g)
+    bn = max(1, rows // gp)
+    return (triton.cdiv(n, bn), b, hkv), dict(G=g, GP=gp, BN=bn)
+
+
+def pool_forward(q, k, v, *, n: int, g: int, scale: float, n_pad: int):
+    """Core tokens (kc, vc), (B, n_pad, Hkv, D) in the input dtype, of the first ``n`` groups
+    (``n = T // g`` of the unpadded length); rows from ``n`` on are zero."""
+    b, _, hq, d = q.shape
     hkv = k.shape[2]
-    n = t // g
     kc = torch.zeros((b, n_pad, hkv, d), dtype=k.dtype, device=k.device)
     vc = torch.zeros_like(kc)
     if _POISON[-1]:  # only the rows the kernel must write
         kc[:, :n] = float("nan")
         vc[:, :n] = float("nan")
-    if n == 0:
-        return kc, vc
-    gp = triton.next_power_of_2(g)
-    bn = max(1, POOL_ROWS // gp)
-    _pool_kernel[(triton.cdiv(n, bn), b, hkv)](
-        q, k, v, kc, vc, *q.stride()[:3], *k.stride()[:3], *kc.stride()[:3], n, hq // hkv, scale,
-        G=g, GP=gp, BN=bn, D=d, num_warps=4, num_stages=1)
+    if n > 0:
+        grid, blocks = _pool_grid(n, b, hkv, g, POOL_ROWS)
+        _pool_kernel[grid](q, k, v, kc, vc, *q.stride()[:3], *k.stride()[:3], *kc.stride()[:3],
+                           n, hq // hkv, scale, D=d, **blocks, num_warps=4, num_stages=1)
     return kc, vc
+
+
+def pool_backward(q, k, v, dkc, dvc, dq, dk, dv, *, n: int, g: int, scale: float) -> None:
+    """Adds the gradient through the pooling of the first ``n`` groups to dq, dk, dv in place."""
+    b, _, hq, d = q.shape
+    hkv = k.shape[2]
+    if n > 0:
+        grid, blocks = _pool_grid(n, b, hkv, g, POOL_BWD_ROWS)
+        _pool_backward_kernel[grid](
+            q, k, v, dkc, dvc, dq, dk, dv, *q.stride()[:3], *k.stride()[:3], *dkc.stride()[:3],
+            n, hq // hkv, scale, D=d, **blocks, num_warps=4, num_stages=1)
 
 
 def attention_forward(q, k, v, kc, vc, *, g: int, w: int, scale: float, config: Config):
@@ -518,32 +567,31 @@ def attention_backward(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: fl
 
 
 # ------------------------------------------------------------------------------ autograd
-class _PoolCoreTokens(torch.autograd.Function):
-    """Triton pooling forward; backward = torch autograd of the float32 reference pooling."""
+class _CCA(torch.autograd.Function):
+    """CCA with the Triton pooling ("cca") for padded inputs. The backward runs the attention
+    backward kernels, then the pooling backward kernel adds its share into their dq, dk, dv."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, n_pad):
-        ctx.save_for_backward(q, k, v)
-        ctx.g, ctx.scale = g, scale
-        return pool_forward(q, k, v, g=g, scale=scale, n_pad=n_pad)
+    def forward(ctx, q, k, v, n, n_pad, g, w, scale, config):
+        kc, vc = pool_forward(q, k, v, n=n, g=g, scale=scale, n_pad=n_pad)
+        o, lse = attention_forward(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config)
+        ctx.save_for_backward(q, k, v, kc, vc, o, lse)
+        ctx.hparams = dict(g=g, w=w, scale=scale, config=config)
+        ctx.n = n
+        return o
 
     @staticmethod
-    def backward(ctx, dkc, dvc):
-        q, k, v = ctx.saved_tensors
-        n = q.shape[1] // ctx.g
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-            kc, vc = reference_torch.pool_core_tokens(*inputs, group_size=ctx.g,
-                                                      softmax_scale=ctx.scale)
-            grads = torch.autograd.grad(
-                (kc, vc), inputs, (dkc[:, :n].float(), dvc[:, :n].float()), allow_unused=True)
-        grads = [torch.zeros_like(x) if gr is None else gr.to(x.dtype)
-                 for gr, x in zip(grads, (q, k, v))]
-        return (*grads, None, None, None)
+    def backward(ctx, do):
+        q, k, v, kc, vc, o, lse = ctx.saved_tensors
+        dq, dk, dv, dkc, dvc = attention_backward(q, k, v, kc, vc, o, lse, do, **ctx.hparams)
+        pool_backward(q, k, v, dkc, dvc, dq, dk, dv, n=ctx.n, g=ctx.hparams["g"],
+                      scale=ctx.hparams["scale"])
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Attention over [core ; local] for padded inputs; differentiable in all five tensors."""
+    """Attention over given [core ; local] keys for padded inputs, differentiable in all five
+    tensors: the "mean"/"max" poolings run in torch (autograd) before it."""
 
     @staticmethod
     def forward(ctx, q, k, v, kc, vc, g, w, scale, config):
@@ -607,16 +655,20 @@ def cca_attention(
     q, k, v = (_pad_to(x, 3, d_pad) for x in (q, k, v))
     tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
     t_pad = triton.cdiv(max(t, 1), tile) * tile
+    if t_pad * hq * d_pad >= 2**31:  # in-kernel offsets within one batch element are int32
+        raise ValueError(f"T * Hq * D = {t_pad} * {hq} * {d_pad} is too large for the Triton "
+                         "CCA kernels (must stay below 2**31 per batch element)")
     # Padded query rows (t >= T, cut off below) may see core tokens past T // g: allocate them
     # (zeros) so that no kernel reads outside a buffer.
     n_need = max(t // g, (t_pad - w) // g)
     core_tile = max(config.block_k, config.bwd_block_k)
     n_pad = triton.cdiv(max(n_need, 1), core_tile) * core_tile
     if pooling == "cca":
-        kc, vc = _PoolCoreTokens.apply(q, k, v, g, scale, n_pad)
+        q, k, v = (_pad_to(x, 1, t_pad) for x in (q, k, v))
+        o = _CCA.apply(q, k, v, t // g, n_pad, g, w, scale, config)
     else:
         kc, vc = reference_torch.pool_core_tokens(q, k, v, group_size=g, pooling=pooling)
         kc, vc = (_pad_to(x.to(q.dtype), 1, n_pad) for x in (kc, vc))
-    q, k, v = (_pad_to(x, 1, t_pad) for x in (q, k, v))
-    o = _FusedAttention.apply(q, k, v, kc, vc, g, w, scale, config)
+        q, k, v = (_pad_to(x, 1, t_pad) for x in (q, k, v))
+        o = _FusedAttention.apply(q, k, v, kc, vc, g, w, scale, config)
     return o[:, :t, :, :d]
