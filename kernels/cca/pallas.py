@@ -195,7 +195,7 @@ def cca_attention(
     t, d = q.shape[1], q.shape[3]
     if d % 16 or d & (d - 1):
         raise ValueError(f"the Pallas CCA kernels need a power-of-two head dim >= 16; got {d}")
-    config = config or default_config(d, q.dtype)
+    config = config or default_config(d, jnp.dtype(q.dtype).itemsize)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
     interpret = resolve_interpret(interpret)

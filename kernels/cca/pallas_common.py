@@ -1,10 +1,9 @@
 """Pieces shared by the CCA Pallas forward (pallas.py) and backward (pallas_vjp.py) kernels:
-the tuning Config, exact in-kernel window arithmetic, padding and the pallas_call wrapper."""
+exact in-kernel window arithmetic, padding and the pallas_call wrapper (tiles: tiles.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import jax
@@ -13,38 +12,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.cca.tiles import Config, default_config  # noqa: F401  (re-exported)
+
 LOG2E = math.log2(math.e)
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite "minus infinity" for masked scores
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Tile sizes and launch parameters. Blocks are powers of two, at least 16 (pl.dot)."""
-
-    block_q: int = 128
-    block_k: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    # Backward: key blocks own the programs of the dK/dV kernels, query blocks of the dQ kernel.
-    bwd_block_q: int = 64
-    bwd_block_k: int = 64
-    bwd_num_warps: int = 4
-    bwd_num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
-            b = getattr(self, name)
-            if b < 16 or b & (b - 1):
-                raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
-
-
-def default_config(head_dim: int, dtype) -> Config:
-    if jnp.dtype(dtype).itemsize >= 4:  # float32 tiles take twice the shared memory
-        return Config(block_q=32, block_k=32, num_warps=4, num_stages=2, bwd_block_q=32,
-                      bwd_block_k=32, bwd_num_warps=4, bwd_num_stages=1)
-    if head_dim <= 64:
-        return Config(block_q=128, block_k=64, num_warps=4)
-    return Config()  # tuned on the H100 at T = 32K, d = 128 (bench/tune_cca.py)
 
 
 def window_start(t, g: int, w: int):

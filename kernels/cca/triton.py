@@ -28,7 +28,6 @@ interpreter fixes this needs are in ``triton_interpret.py``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 
@@ -38,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels.cca import reference_torch, triton_interpret
+from kernels.cca.tiles import Config, default_config  # noqa: F401  (Config is public here too)
 
 
 def _interpret_flag() -> bool:
@@ -56,35 +56,6 @@ LOG2E = math.log2(math.e)
 NEG: tl.constexpr = tl.constexpr(-0.7 * 3.4028234663852886e38)  # finite "minus infinity"
 POOL_ROWS = 64  # keys per pooling program: BN groups of GP (g rounded up to a power of two)
 POOL_BWD_ROWS = 32  # the same for the pooling backward (more live tiles)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Tile sizes and launch parameters (the same knobs and defaults as pallas_common.Config)."""
-
-    block_q: int = 128
-    block_k: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    bwd_block_q: int = 64
-    bwd_block_k: int = 64
-    bwd_num_warps: int = 4
-    bwd_num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
-            b = getattr(self, name)
-            if b < 16 or b & (b - 1):
-                raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
-
-
-def default_config(head_dim: int, dtype: torch.dtype) -> Config:
-    if dtype.itemsize >= 4:  # float32 tiles take twice the shared memory
-        return Config(block_q=32, block_k=32, num_warps=4, num_stages=2, bwd_block_q=32,
-                      bwd_block_k=32, bwd_num_warps=4, bwd_num_stages=1)
-    if head_dim <= 64:
-        return Config(block_q=128, block_k=64, num_warps=4)
-    return Config()
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -650,7 +621,7 @@ def cca_attention(
     b, t, hq, d = q.shape
     g, w = group_size, local_window
     scale = reference_torch.softmax_scale_or_default(d, softmax_scale)
-    config = config or default_config(d, q.dtype)
+    config = config or default_config(d, q.dtype.itemsize)
     d_pad = max(16, triton.next_power_of_2(d))
     q, k, v = (_pad_to(x, 3, d_pad) for x in (q, k, v))
     tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
