@@ -6,10 +6,10 @@ group-aligned local window. Scores never leave registers/shared memory. Key bloc
 query of the tile sees fully skip the mask; only edge blocks pay for it.
 
 Pooling (core keys/values from the last-token queries of each group) is a bandwidth-bound
-O(T * g * D) pass: Pallas kernels (``pallas_pool.py``) for power-of-two g <= 16 and 16-bit
-inputs (``pallas_pool.kernel_supports``), XLA otherwise.
-Its gradient is JAX autodiff of the reference pooling, fed by the dK/dV of the core tokens that
-the backward kernels return.
+O(T * g * D) pass: Pallas kernels (``pallas_pool.py``) for power-of-two g <= 16
+(``pallas_pool.kernel_supports``), XLA otherwise.
+Its gradient (``pallas_pool.pool_backward``, or JAX autodiff of the XLA pooling) is fed by the
+dK/dV of the core tokens that the backward kernels return.
 
 The backward kernels live in ``pallas_vjp.py``. On CPU the same kernels run through the Pallas
 interpreter (``interpret=True``, the default off-GPU).
@@ -127,13 +127,13 @@ def _forward(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
 
 def _pool(q, k, v, *, g, pooling, scale, config: Config, interpret: bool):
     """Core tokens of every group of the padded input, padded to the key tile; input dtype."""
-    if pallas_pool.kernel_supports(g, pooling, q.shape[3], q.dtype, interpret):
+    if pallas_pool.kernel_supports(g, pooling):
         kc, vc = pallas_pool.pool_forward(q, k, v, g=g, scale=scale,
                                           num_warps=config.num_warps, interpret=interpret)
     else:
         kc, vc = reference.pool_core_tokens(q, k, v, group_size=g, pooling=pooling,
                                             softmax_scale=scale)
-    tile = max(config.block_k, config.bwd_block_k)
+    tile = config.core_tile
     return pad_to(kc.astype(q.dtype), 1, tile), pad_to(vc.astype(q.dtype), 1, tile)
 
 
@@ -156,7 +156,7 @@ def _cca_bwd(g, w, pooling, scale, config, interpret, residuals, do):
                                                scale=scale, config=config, interpret=interpret)
     n = q.shape[1] // g
     dkc, dvc = dkc[:, :n], dvc[:, :n]
-    if pallas_pool.kernel_supports(g, pooling, q.shape[3], q.dtype, interpret):
+    if pallas_pool.kernel_supports(g, pooling):
         return pallas_pool.pool_backward(q, k, v, dkc, dvc, dq, dk, dv, g=g, scale=scale,
                                          num_warps=config.num_warps, interpret=interpret)
     pool = lambda *a: reference.pool_core_tokens(*a, group_size=g, pooling=pooling,
@@ -197,9 +197,9 @@ def cca_attention(
         raise ValueError(f"the Pallas CCA kernels need a power-of-two head dim >= 16; got {d}")
     config = config or default_config(d, jnp.dtype(q.dtype).itemsize)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
+    tile = config.seq_tile
     interpret = resolve_interpret(interpret)
-    if pallas_pool.kernel_supports(group_size, pooling, d, q.dtype, interpret):
+    if pallas_pool.kernel_supports(group_size, pooling):
         tile = max(tile, pallas_pool.POOL_GROUPS * group_size)  # both powers of two
     q_p, k_p, v_p = (pad_to(x, 1, tile) for x in (q, k, v))
     o = _cca_padded(q_p, k_p, v_p, group_size, local_window, pooling, scale, config, interpret)

@@ -1,17 +1,19 @@
 """Backward of the fused CCA attention (pallas.py) as three Pallas kernels (Triton lowering).
 
-Given dO, the forward's base-2 log-sum-exp and delta = rowsum(dO * O):
+Given dO and the forward's O and base-2 log-sum-exp:
 
-* ``_dq_kernel``: one program per (query tile, query head); walks the same key tiles as the
-  forward (core, then local) and accumulates dQ.
+* ``_dq_kernel``: one program per (query tile, query head); computes delta = rowsum(dO * O) of
+  its rows (written out for the other two kernels), walks the same key tiles as the forward
+  (core, then local) and accumulates dQ.
 * ``_dkdv_local_kernel``: one program per (raw key tile, kv head); loops over the G query heads
   sharing the kv head and over the query tiles that see the keys: t in
   [s, (s // g + 1) * g + w - 2]. Writes dK, dV once per kv head (no atomics).
 * ``_dkdv_core_kernel``: the same for core-token tiles: core j is seen by every t with
   t >= (j + 1) * g + w - 1.
 
-Only edge tiles are masked. The gradient through the pooling weights is JAX autodiff of
-``reference.pool_core_tokens`` applied to the dK_core, dV_core returned here.
+Only edge tiles are masked. The gradient through the pooling weights is added by the caller
+(``pallas.py``: the ``pallas_pool`` backward kernel, or JAX autodiff of the XLA pooling) from the
+dK_core, dV_core returned here.
 """
 
 from __future__ import annotations
@@ -31,15 +33,18 @@ def _probabilities(q, keys, lse, scale2, mask):
     return p if mask is None else jnp.where(mask, p, 0.0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               g: int, w: int, bq: int, bk: int, scale: float):
+def _dq_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref,
+               *, g: int, w: int, bq: int, bk: int, scale: float):
     t0 = heavy_first(pl.program_id(0)) * bq
     rows = t0 + jnp.arange(bq)
     starts = window_start(rows, g, w)
     first_start = window_start(t0, g, w)
     last_start = window_start(t0 + bq - 1, g, w)
-    q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    q, do, lse = q_ref[...], do_ref[...], lse_ref[...]
+    # delta = rowsum(dO * O): computed here from the tiles the program loads anyway, and written
+    # out for the dK/dV kernels (saves a separate pass over O and dO).
+    delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+    delta_ref[...] = delta
     scale2 = scale * LOG2E
 
     def tile(keys_ref, values_ref, masked, visible):
@@ -137,19 +142,17 @@ def _dkdv_core_kernel(q_ref, do_ref, lse_ref, delta_ref, kc_ref, vc_ref, dkc_ref
     dvc_ref[...] = dv.astype(dvc_ref.dtype)
 
 
-def _prepare(q, k, o, do, config: Config):
+def _prepare(q, k, do):
     b, t_pad, hq, d = q.shape
-    hkv = k.shape[2]
-    do = do.astype(q.dtype)
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    params = dict(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
-    return b, t_pad, hq, hkv, d, hq // hkv, do, delta, params
+    return b, t_pad, hq, k.shape[2], d, hq // k.shape[2], do.astype(q.dtype)
 
 
 def backward_dq(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, config: Config,
                 interpret: bool):
-    b, t_pad, hq, hkv, d, grp, do, delta, params = _prepare(q, k, o, do, config)
+    """(dq, delta): delta = rowsum(dO * O) (B, Hq, T_pad) float32, which the dK/dV kernels use."""
+    b, t_pad, hq, hkv, d, grp, do = _prepare(q, k, do)
     bq, bk = config.bwd_block_q, config.bwd_block_k
+    params = dict(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
     kv_full = lambda length: pl.BlockSpec((None, length, None, d),
                                           lambda i, bi, h: (bi, 0, lax.div(h, grp), 0))
     q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, heavy_first(i), h, 0))
@@ -158,18 +161,20 @@ def backward_dq(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, co
         functools.partial(_dq_kernel, g=g, w=w, bq=bq, bk=bk, scale=scale),
         grid=(t_pad // bq, b, hq),
         in_specs=[q_tile, kv_full(t_pad), kv_full(t_pad), kv_full(kc.shape[1]),
-                  kv_full(kc.shape[1]), q_tile, row_tile, row_tile],
-        out_specs=[q_tile],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
-        inputs=[q, k, v, kc, vc, do, lse, delta],
-        interpret=interpret, name="cca_backward_dq", **params)[0]
+                  kv_full(kc.shape[1]), q_tile, q_tile, row_tile],
+        out_specs=[q_tile, row_tile],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, hq, t_pad), jnp.float32)],
+        inputs=[q, k, v, kc, vc, o, do, lse],
+        interpret=interpret, name="cca_backward_dq", **params)
 
 
-def backward_dkdv(q, keys, values, o, lse, do, *, core: bool, g: int, w: int, scale: float,
+def backward_dkdv(q, keys, values, lse, do, delta, *, core: bool, g: int, w: int, scale: float,
                   config: Config, interpret: bool):
     """dK, dV of the raw keys (core=False) or of the core tokens (core=True)."""
-    b, t_pad, hq, hkv, d, grp, do, delta, params = _prepare(q, keys, o, do, config)
-    bq, bk = config.bwd_block_q, config.bwd_block_k
+    b, t_pad, hq, hkv, d, grp, do = _prepare(q, keys, do)
+    bq, bk, num_warps, num_stages = config.dkdv
+    params = dict(num_warps=num_warps, num_stages=num_stages)
     # Query-side inputs grouped by kv head: (B, T, Hkv, G, D) and (B, Hkv, G, T).
     q_all = pl.BlockSpec((None, t_pad, None, grp, d), lambda i, bi, h: (bi, 0, h, 0, 0))
     row_all = pl.BlockSpec((None, None, grp, t_pad), lambda i, bi, h: (bi, h, 0, 0))
@@ -193,7 +198,7 @@ def backward(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, confi
              interpret: bool):
     """(dq, dk, dv, dkc, dvc) for padded inputs of the fused attention."""
     kw = dict(g=g, w=w, scale=scale, config=config, interpret=interpret)
-    dq = backward_dq(q, k, v, kc, vc, o, lse, do, **kw)
-    dk, dv = backward_dkdv(q, k, v, o, lse, do, core=False, **kw)
-    dkc, dvc = backward_dkdv(q, kc, vc, o, lse, do, core=True, **kw)
+    dq, delta = backward_dq(q, k, v, kc, vc, o, lse, do, **kw)
+    dk, dv = backward_dkdv(q, k, v, lse, do, delta, core=False, **kw)
+    dkc, dvc = backward_dkdv(q, kc, vc, lse, do, delta, core=True, **kw)
     return dq, dk, dv, dkc, dvc

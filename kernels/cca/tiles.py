@@ -14,17 +14,41 @@ class Config:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    # Backward: key blocks own the programs of the dK/dV kernels, query blocks of the dQ kernel.
+    # Backward, dQ kernel (query blocks own the programs; and the dK/dV kernels unless set below).
     bwd_block_q: int = 64
     bwd_block_k: int = 64
     bwd_num_warps: int = 4
     bwd_num_stages: int = 2
+    # Backward, dK/dV kernels (key blocks own the programs); None: the bwd_* value.
+    dkdv_block_q: int | None = None
+    dkdv_block_k: int | None = None
+    dkdv_num_warps: int | None = None
+    dkdv_num_stages: int | None = None
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k", "dkdv_block_q",
+                     "dkdv_block_k"):
             b = getattr(self, name)
-            if b < 16 or b & (b - 1):
+            if b is not None and (b < 16 or b & (b - 1)):
                 raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
+
+    @property
+    def dkdv(self) -> tuple[int, int, int, int]:
+        """(block_q, block_k, num_warps, num_stages) of the dK/dV kernels."""
+        pick = lambda own, fallback: fallback if own is None else own
+        return (pick(self.dkdv_block_q, self.bwd_block_q), pick(self.dkdv_block_k, self.bwd_block_k),
+                pick(self.dkdv_num_warps, self.bwd_num_warps),
+                pick(self.dkdv_num_stages, self.bwd_num_stages))
+
+    @property
+    def seq_tile(self) -> int:
+        """Every kernel's tiles divide T padded to this (all blocks are powers of two)."""
+        return max(self.block_q, self.block_k, self.bwd_block_q, self.bwd_block_k, *self.dkdv[:2])
+
+    @property
+    def core_tile(self) -> int:
+        """Every kernel's core-token tiles divide the core count padded to this."""
+        return max(self.block_k, self.bwd_block_k, self.dkdv[1])
 
 
 def default_config(head_dim: int, itemsize: int) -> Config:

@@ -526,6 +526,9 @@ def attention_backward(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: fl
     _dq_kernel[(t_pad // bq, b, hq)](
         q, k, v, kc, vc, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *kc.stride()[:3],
         hq, hq // hkv, t_pad, scale, scale * LOG2E, **common)
+    bq, bk, num_warps, num_stages = config.dkdv
+    common = dict(G=g, W=w, BQ=bq, BK=bk, D=d, DOT=_dot_mode(q), num_warps=num_warps,
+                  num_stages=num_stages)
     dk, dv = _output(k.shape, k.dtype, k.device), _output(v.shape, v.dtype, v.device)
     _dkdv_local_kernel[(t_pad // bk, b, hkv)](
         q, do, lse, delta, k, v, dk, dv, *q.stride()[:3], *k.stride()[:3],
@@ -624,7 +627,7 @@ def cca_attention(
     config = config or default_config(d, q.dtype.itemsize)
     d_pad = max(16, triton.next_power_of_2(d))
     q, k, v = (_pad_to(x, 3, d_pad) for x in (q, k, v))
-    tile = max(config.block_q, config.block_k, config.bwd_block_q, config.bwd_block_k)
+    tile = config.seq_tile
     t_pad = triton.cdiv(max(t, 1), tile) * tile
     if t_pad * hq * d_pad >= 2**31:  # in-kernel offsets within one batch element are int32
         raise ValueError(f"T * Hq * D = {t_pad} * {hq} * {d_pad} is too large for the Triton "
@@ -632,8 +635,7 @@ def cca_attention(
     # Padded query rows (t >= T, cut off below) may see core tokens past T // g: allocate them
     # (zeros) so that no kernel reads outside a buffer.
     n_need = max(t // g, (t_pad - w) // g)
-    core_tile = max(config.block_k, config.bwd_block_k)
-    n_pad = triton.cdiv(max(n_need, 1), core_tile) * core_tile
+    n_pad = triton.cdiv(max(n_need, 1), config.core_tile) * config.core_tile
     if pooling == "cca":
         q, k, v = (_pad_to(x, 1, t_pad) for x in (q, k, v))
         o = _CCA.apply(q, k, v, t // g, n_pad, g, w, scale, config)

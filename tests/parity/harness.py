@@ -126,10 +126,10 @@ def pallas_config():
 
 def triton_config():
     # 16-key backward tiles (Pallas uses 32): at these lengths the unmasked core-tile loops of
-    # both the forward and the dK/dV kernels run too.
+    # both the forward and the dK/dV kernels run too; the dK/dV kernels get 32-query tiles.
     config_cls = triton_kernels().Config
     return None if on_gpu() else config_cls(block_q=16, block_k=16, bwd_block_q=16,
-                                            bwd_block_k=16, num_warps=4)
+                                            bwd_block_k=16, dkdv_block_q=32, num_warps=4)
 
 
 def run(impl: str, inputs: Inputs, hp: dict, dtype: str = "float32") -> list[np.ndarray]:
