@@ -24,6 +24,11 @@ groups a chunk can complete, G = Hq // Hkv query heads per kv head (GQA is a res
 
 Decoding is ``extend_attention`` with C = 1; chunked prefill is a loop of it over the prompt.
 Scores and softmax are float32 at the highest matmul precision, like the reference.
+
+Implementations (:func:`decode_implementation`): with C = 1, ``"pallas"`` runs the split-K decode
+kernel of ``kernels/cca/pallas_decode.py`` (both caches; it reads only the blocks that can hold a
+visible key), ``"xla"`` the masked softmax of :func:`_attend` over every slot. Both compute the
+same function. Chunks of C > 1 rows always take the XLA path.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from jaxtyping import Array, Float, Int
 
 from jax_cca.cache import CCACache, FullCache, LayerCache
 from jax_cca.config import CCAConfig
+from kernels.cca import pallas_decode
 from kernels.cca.reference import (
     _einsum,
     _masked_softmax_weights,
@@ -65,6 +71,32 @@ def prefill_cache(
     return cache.append(k, v, lengths)
 
 
+DECODE_IMPLEMENTATIONS = ("pallas", "xla")
+# config.implementation (the attention op's backend) -> decode implementation; None: default.
+_FROM_CONFIG = {"pallas": "pallas", "xla": "xla", "chunked": "xla", "cudnn": None, None: None}
+
+
+def decode_implementation(config: CCAConfig, implementation: str | None = None) -> str:
+    """The implementation of one-token decode steps: ``implementation`` if given ("pallas" or
+    "xla"), else from ``config.implementation`` ("pallas" -> "pallas"; "xla" or "chunked" ->
+    "xla"), else the default: "pallas" on GPU (head dims the kernel takes: powers of two >= 16),
+    "xla" elsewhere (CPU, TPU).
+
+    "pallas" off the GPU runs the kernel through the Pallas interpreter (tests). The model picks
+    its decode path through its config: ``model.with_attention(implementation="pallas")``.
+    """
+    if implementation is not None:
+        if implementation not in DECODE_IMPLEMENTATIONS:
+            raise ValueError(f"unknown decode implementation {implementation!r}; choose from "
+                             f"{DECODE_IMPLEMENTATIONS} or None")
+        return implementation
+    name = _FROM_CONFIG.get(config.implementation)
+    if name is None:
+        gpu = jax.default_backend() == "gpu"
+        name = "pallas" if gpu and pallas_decode.supports(config.head_dim) else "xla"
+    return name
+
+
 def extend_attention(
     cache: LayerCache,
     q: Float[Array, "B C Hq D"],
@@ -72,17 +104,35 @@ def extend_attention(
     v: Float[Array, "B C Hkv D"],
     n_valid: Int[Array, "B"],
     config: CCAConfig,
+    *,
+    implementation: str | None = None,
 ) -> tuple[Float[Array, "B C Hq D"], LayerCache]:
-    """Attention of a chunk of new tokens over cache + chunk; returns (output, updated cache)."""
-    positions = cache.lengths[:, None] + jnp.arange(q.shape[1])  # (B, C)
+    """Attention of a chunk of new tokens over cache + chunk; returns (output, updated cache).
+
+    ``implementation``: see :func:`decode_implementation` (used when C = 1)."""
+    kernel = q.shape[1] == 1 and decode_implementation(config, implementation) == "pallas"
+    first = cache.lengths  # (B,): position of the chunk's first row
+    positions = first[:, None] + jnp.arange(q.shape[1])  # (B, C)
     if isinstance(cache, FullCache):
         cache = cache.append(k, v, n_valid)
+        if kernel:  # the kernel reads rows < t and takes the new token from k, v
+            out = pallas_decode.full_decode_attention(q[:, 0], k[:, 0], v[:, 0], cache.k,
+                                                      cache.v, first)
+            return out[:, None], cache
         mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
         return _attend(q, [(cache.k, cache.v, mask)]), cache
 
     g, w = config.group_size, config.local_window
     if cache.num_core:
         cache = _pool_completed_groups(cache, q, k, v, n_valid, config)
+    if kernel:
+        # Written first, so the cache is read after its update (no copy to keep the old ring):
+        # the new token's slot holds t or t - R, neither of which the kernel's mask admits.
+        cache = cache.append(k, v, n_valid)
+        out = pallas_decode.cca_decode_attention(
+            q[:, 0], k[:, 0], v[:, 0], cache.core_k, cache.core_v, cache.ring_k, cache.ring_v,
+            first, group_size=g, local_window=w)
+        return out[:, None], cache
     rows = positions[:, :, None]  # (B, C, 1): the query positions
     core_mask = core_visible(rows, jnp.arange(cache.num_core)[None, None, :], g, w)
     slots = cache.ring_positions()[:, None, :]  # (B, 1, R)

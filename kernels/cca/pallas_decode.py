@@ -1,0 +1,297 @@
+"""Decode attention as a Pallas GPU kernel (Triton lowering), flash-decoding style: one new query
+token per sequence against a decode cache (``jax_cca/cache.py``), full or CCA.
+
+Shape letters: B batch, Hq query heads, Hkv kv heads, G = Hq / Hkv, Gp = G padded to a power of
+two >= 16 (the rows of a ``pl.dot``), D head dim, P splits, BK key block.
+
+The key set of a sequence is one or more *segments* of cache rows (full: ``k, v (B, S, Hkv, D)``;
+CCA: the core slots ``(B, N, Hkv, D)`` then the ring ``(B, R, Hkv, D)``). The grid is
+(P, B, Hkv). Program (p, b, h) takes the G query heads of kv head h as the rows of one tile, counts
+the blocks of each segment that can hold a visible key for the position ``t = positions[b]`` (read
+in the kernel, so lengths are dynamic), lays the segments' blocks end to end, takes the p-th of P
+equal contiguous shares and runs one online softmax (float32, base 2) over it with a per-key mask:
+
+* full: rows ``s < t`` (positions before the new token);
+* CCA core: slot j iff ``(j + 1) g <= start(t)`` (a prefix of the core slots);
+* CCA ring: slot s holds position ``t - 1 - ((t - 1 - s) mod R)``, visible iff it lies in
+  ``[start(t), t - 1]`` (the same mask holds whether or not the new token has already been written
+  to slot ``t mod R``: that slot then holds t, otherwise t - R, and neither is in the range).
+
+Only blocks that can hold a visible key are read: at 128K a CCA step reads about T/g + w rows
+per kv head, not the preallocated ``max_len``. Each program writes its normalised partial output
+and base-2 log-sum-exp; a share without a visible key writes zeros and a finite -huge lse, so it
+carries weight exactly 0 in the combine and never a NaN. The combine (XLA, tiny) merges the P
+partials with the new token's own key and value, which are passed separately: the new token is
+always visible, so the merged maximum is finite.
+
+A block that would run past a segment's end is shifted back to end at the last row, and the rows
+it shares with the previous block are masked, so every load is in bounds without masked loads;
+segments shorter than 16 rows are zero-padded (a few rows). On CPU the kernel runs through the
+Pallas interpreter (``interpret=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from kernels.cca.pallas import _online_softmax_step
+from kernels.cca.pallas_common import (
+    LOG2E, NEG, call, cdiv, pad_to, resolve_interpret, window_start)
+
+TARGET_PROGRAMS = 512  # about 4 programs per SM of an H100 (132 SMs)
+MIN_BLOCK = 16  # rows of a pl.dot operand
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel. ``num_splits`` None: :func:`default_num_splits`."""
+
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    num_splits: int | None = None
+
+    def __post_init__(self):
+        b = self.block_k
+        if isinstance(b, bool) or not isinstance(b, int) or b < MIN_BLOCK or b & (b - 1):
+            raise ValueError(f"DecodeConfig.block_k must be a power of two >= 16; got {b!r}")
+        for name in ("num_warps", "num_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecodeConfig.{name} must be a positive int; got {value!r}")
+        s = self.num_splits
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
+            raise ValueError(f"DecodeConfig.num_splits must be a positive int or None; got {s!r}")
+
+
+def default_decode_config(head_dim: int, itemsize: int) -> DecodeConfig:
+    """64-row key blocks for 16-bit caches, 32 for float32 (twice the shared memory per row)."""
+    del head_dim
+    if itemsize >= 4:
+        return DecodeConfig(block_k=32, num_warps=4, num_stages=2)
+    return DecodeConfig(block_k=64, num_warps=4, num_stages=3)
+
+
+def default_num_splits(batch: int, kv_heads: int, capacity_blocks: int) -> int:
+    """Enough splits for about TARGET_PROGRAMS programs, never more than the blocks a full cache
+    could hold (an empty share costs a launch and a partial row of the combine)."""
+    return max(1, min(capacity_blocks, -(-TARGET_PROGRAMS // (batch * kv_heads))))
+
+
+def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
+            g: int, w: int):
+    """refs: (keys, values) per segment, then the partial output (Gp, D) and lse (Gp,).
+
+    ``segments``: static (kind, rows, real rows, ring) per segment (rows: padded to >= bk);
+    kind "keys" (positions < t), "core" (slots j < start(t) / g) or "ring" (modulus ``ring``)."""
+    n = len(segments)
+    o_ref, lse_ref = refs[2 * n], refs[2 * n + 1]
+    t = pos_ref[()]
+    start = window_start(t, g, w) if g else None
+    q = q_ref[...]
+    counts = []
+    for kind, _, real, ring in segments:
+        if kind == "keys":
+            counts.append(jnp.minimum(t, real))
+        elif kind == "core":
+            counts.append(jnp.minimum(lax.div(start, g), real))
+        else:
+            counts.append(jnp.minimum(t, ring))
+    blocks = [cdiv(c, bk) for c in counts]
+    per = cdiv(functools.reduce(lambda a, b: a + b, blocks), num_splits)
+    first = pl.program_id(0) * per
+    carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((q.shape[0],), NEG, jnp.float32),
+             jnp.zeros((q.shape[0],), jnp.float32))
+
+    offset = 0
+    for (kind, rows, _, ring), count, nb, i in zip(segments, counts, blocks, range(n)):
+        k_ref, v_ref = refs[2 * i], refs[2 * i + 1]
+
+        def body(kb, carry, kind=kind, rows=rows, ring=ring, count=count, k_ref=k_ref,
+                 v_ref=v_ref):
+            lo = kb * bk
+            base = jnp.minimum(lo, rows - bk)  # the last block ends at the segment's last row
+            cols = base + jnp.arange(bk)
+            mask = (cols >= lo) & (cols < count)
+            if kind == "ring":
+                held = (t - 1) - lax.rem(t - 1 - cols + ring, ring)
+                mask = mask & (held >= start)
+            sl = pl.ds(base, bk)
+            return _online_softmax_step(carry, q, k_ref[sl, :], v_ref[sl, :], scale2,
+                                        mask[None, :])
+
+        lo_block = jnp.clip(first - offset, 0, nb)
+        hi_block = jnp.clip(first + per - offset, 0, nb)
+        carry = lax.fori_loop(lo_block, hi_block, body, carry)
+        offset = offset + nb
+
+    acc, m, l = carry
+    has = l > 0.0
+    l_safe = jnp.where(has, l, 1.0)
+    o_ref[...] = acc / l_safe[:, None]
+    lse_ref[...] = jnp.where(has, m + jnp.log2(l_safe), NEG)
+
+
+def supports(head_dim: int) -> bool:
+    """Head dims the kernel takes: powers of two >= 16 (a ``pl.dot`` operand's width)."""
+    return head_dim >= MIN_BLOCK and not head_dim & (head_dim - 1)
+
+
+def _check(q, k_new, v_new, positions, caches):
+    if q.ndim != 3 or k_new.ndim != 3 or v_new.ndim != 3:
+        raise ValueError(
+            "decode attention expects q (B, Hq, D) and k_new, v_new (B, Hkv, D); got shapes "
+            f"q={tuple(q.shape)}, k_new={tuple(k_new.shape)}, v_new={tuple(v_new.shape)}")
+    b, hq, d = q.shape
+    hkv = k_new.shape[1]
+    if k_new.shape != v_new.shape or k_new.shape[0] != b or k_new.shape[2] != d:
+        raise ValueError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} must both be "
+                         f"(B={b}, Hkv, D={d})")
+    if hq % hkv:
+        raise ValueError(f"number of query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if not supports(d):
+        raise ValueError(f"the Pallas decode kernel needs a power-of-two head dim >= 16; got {d}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q must be floating point; got {q.dtype}")
+    for name, x in caches.items():
+        if x.ndim != 4 or x.shape[0] != b or x.shape[2:] != (hkv, d):
+            raise ValueError(f"{name} must be (B={b}, S, Hkv={hkv}, D={d}); got {tuple(x.shape)}")
+        if x.dtype != q.dtype or k_new.dtype != q.dtype or v_new.dtype != q.dtype:
+            raise ValueError(f"q, k_new, v_new and {name} must share one dtype; got {q.dtype}, "
+                             f"{k_new.dtype}, {v_new.dtype}, {x.dtype}")
+    if positions.shape != (b,) or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions must be ({b},) integers; got {positions.shape} "
+                         f"{positions.dtype}")
+
+
+def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config, interpret):
+    """segments: list of (kind, keys, values, ring modulus) with keys/values (B, S, Hkv, D)."""
+    b, hq, d = q.shape
+    hkv = k_new.shape[1]
+    grp = hq // hkv
+    gp = max(MIN_BLOCK, 1 << (grp - 1).bit_length())
+    config = config or default_decode_config(d, jnp.dtype(q.dtype).itemsize)
+    interpret = resolve_interpret(interpret)
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    segments = [s for s in segments if s[1].shape[1] > 0]
+    if not segments:  # nothing cached can be visible: the new token attends to itself alone
+        return jnp.repeat(v_new, grp, axis=1).astype(q.dtype)
+    sizes = [s[1].shape[1] for s in segments]
+    # One key block for every segment: at most the shortest one (padded to 16 rows if shorter).
+    bk = min([config.block_k] + [max(MIN_BLOCK, 1 << (n.bit_length() - 1)) for n in sizes])
+    statics, arrays = [], []
+    for kind, keys, values, ring in segments:
+        real = keys.shape[1]
+        if real < bk:
+            keys, values = pad_to(keys, 1, bk), pad_to(values, 1, bk)
+        statics.append((kind, keys.shape[1], real, ring))
+        arrays += [keys, values]
+    capacity = sum(-(-n // bk) for n in sizes)
+    splits = config.num_splits or default_num_splits(b, hkv, max(capacity, 1))
+    q_tile = pad_to(q.reshape(b, hkv, grp, d), 2, gp)  # (B, Hkv, Gp, D)
+    kernel = functools.partial(_kernel, segments=tuple(statics), bk=bk, scale2=scale * LOG2E,
+                               num_splits=splits, g=g, w=w)
+    kv_map = lambda s, bi, h: (bi, 0, h, 0)
+    o, lse = call(
+        kernel,
+        grid=(splits, b, hkv),
+        in_specs=[pl.BlockSpec((None,), lambda s, bi, h: (bi,)),
+                  pl.BlockSpec((None, None, gp, d), lambda s, bi, h: (bi, h, 0, 0))]
+        + [pl.BlockSpec((None, rows, None, d), kv_map) for _, rows, _, _ in statics for _ in "kv"],
+        out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda s, bi, h: (s, bi, h, 0, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda s, bi, h: (s, bi, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, hkv, gp, d), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, hkv, gp), jnp.float32)],
+        inputs=[positions.astype(jnp.int32), q_tile, *arrays],
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        interpret=interpret,
+        name="cca_decode" if g else "full_decode",
+    )
+    return _combine(q, k_new, v_new, o[:, :, :, :grp], lse[..., :grp], scale)
+
+
+def _combine(q, k_new, v_new, o, lse, scale):
+    """Merges P partial softmaxes (o (P, B, Hkv, G, D) normalised, lse (P, B, Hkv, G) base 2)
+    with the new token's own key and value."""
+    b, hq, d = q.shape
+    hkv = k_new.shape[1]
+    hi = lax.Precision.HIGHEST
+    qf = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
+    s_new = jnp.einsum("bhgd,bhd->bhg", qf, k_new.astype(jnp.float32), precision=hi) * (
+        scale * LOG2E)
+    m = jnp.maximum(jnp.max(lse, axis=0), s_new)
+    weights = jnp.exp2(lse - m)  # (P, B, Hkv, G); exactly 0 for shares without a visible key
+    w_new = jnp.exp2(s_new - m)
+    num = jnp.einsum("pbhg,pbhgd->bhgd", weights, o, precision=hi)
+    num = num + w_new[..., None] * v_new.astype(jnp.float32)[:, :, None, :]
+    out = num / (jnp.sum(weights, axis=0) + w_new)[..., None]
+    return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def full_decode_attention(
+    q: Float[Array, "B Hq D"],
+    k_new: Float[Array, "B Hkv D"],
+    v_new: Float[Array, "B Hkv D"],
+    k_cache: Float[Array, "B S Hkv D"],
+    v_cache: Float[Array, "B S Hkv D"],
+    positions: Int[Array, "B"],
+    *,
+    softmax_scale: float | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+) -> Float[Array, "B Hq D"]:
+    """Causal full attention of one new token per sequence at position ``positions[b]``: one
+    softmax over the cached rows ``s < positions[b]`` (position s at row s) and the new token.
+
+    The cache may already hold the new token at row ``positions[b]`` or not: that row is not read.
+    """
+    _check(q, k_new, v_new, positions, {"k_cache": k_cache, "v_cache": v_cache})
+    return _decode(q, k_new, v_new, positions, [("keys", k_cache, v_cache, 0)], g=0, w=0,
+                   softmax_scale=softmax_scale, config=config, interpret=interpret)
+
+
+def cca_decode_attention(
+    q: Float[Array, "B Hq D"],
+    k_new: Float[Array, "B Hkv D"],
+    v_new: Float[Array, "B Hkv D"],
+    core_k: Float[Array, "B N Hkv D"],
+    core_v: Float[Array, "B N Hkv D"],
+    ring_k: Float[Array, "B R Hkv D"],
+    ring_v: Float[Array, "B R Hkv D"],
+    positions: Int[Array, "B"],
+    *,
+    group_size: int,
+    local_window: int,
+    softmax_scale: float | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+) -> Float[Array, "B Hq D"]:
+    """CCA attention of one new token per sequence at position ``t = positions[b]``: one softmax
+    over the core slots j with ``(j + 1) g <= start(t)``, the ring slots holding a position in
+    ``[start(t), t - 1]`` (slot s holds the latest position congruent to s mod R) and the new token.
+
+    The ring must hold the whole local region, i.e. R >= w + g - 1 or R >= every position (as
+    ``jax_cca.cache.ring_size`` sizes it); the core slots below start(t) / g must be pooled.
+    """
+    from kernels.cca.reference import check_cca_hparams
+
+    check_cca_hparams(group_size, local_window)
+    _check(q, k_new, v_new, positions, {"core_k": core_k, "core_v": core_v, "ring_k": ring_k,
+                                        "ring_v": ring_v})
+    if core_k.shape != core_v.shape or ring_k.shape != ring_v.shape or ring_k.shape[1] < 1:
+        raise ValueError(f"core_k {core_k.shape} / core_v {core_v.shape} and ring_k "
+                         f"{ring_k.shape} / ring_v {ring_v.shape} must match pairwise, R >= 1")
+    ring = ring_k.shape[1]
+    return _decode(q, k_new, v_new, positions,
+                   [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)],
+                   g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
+                   interpret=interpret)
