@@ -5,6 +5,7 @@
     jax-cca convert HF_DIR OUT_DIR       Hugging Face LLaMA directory -> orbax checkpoint
     jax-cca export CKPT_DIR HF_OUT_DIR   orbax checkpoint -> Hugging Face safetensors directory
     jax-cca generate --model DIR --prompt "Once upon a time" --max-new-tokens 32
+    jax-cca finetune --seq-len 512 --steps 200 --out runs/tiny   fine-tune (docs/training.md)
 
 User errors (a missing directory, a bad argument) print one ``jax-cca: error: ...`` message on
 stderr and exit with status 2; programming errors keep their traceback.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from jax_cca.fileio import check_writable
 
-COMMANDS = ("demo", "convert", "export", "generate")
+COMMANDS = ("demo", "convert", "export", "generate", "finetune")
 # Tokenizer files copied along by convert and export, so that `generate --prompt` finds them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json")
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute dtype (default: the model's)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.set_defaults(func=cmd_generate)
+    from jax_cca.finetune_cli import add_finetune_parser
+
+    add_finetune_parser(sub)
     return parser
 
 
@@ -318,7 +322,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ entry point
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -122,6 +122,14 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+def _remat_layer(layer: DecoderLayer, x, cos, sin):
+    """``layer(x, cos, sin)`` under ``jax.checkpoint``: its activations are recomputed in the
+    backward pass. Functional (split / merge), so it works at any trace level."""
+    graphdef, state = nnx.split(layer)
+    run = jax.checkpoint(lambda state, x, cos, sin: nnx.merge(graphdef, state)(x, cos, sin))
+    return run(state, x, cos, sin)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefill"), donate_argnames=("cache",))
 def _cached_forward(graphdef, state, input_ids, n_valid, cache, *, prefill):
     return nnx.merge(graphdef, state).cached_forward(input_ids, n_valid, cache, prefill=prefill)
@@ -145,9 +153,12 @@ class CCALlama(nnx.Module):
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, config, rngs)
 
     def hidden_states(
-        self, input_ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None
+        self, input_ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
+        *, remat: bool = False,
     ) -> Float[Array, "B T E"]:
-        """Final normalised hidden states (before the LM head)."""
+        """Final normalised hidden states (before the LM head). ``remat=True`` (training):
+        each decoder layer's activations are recomputed in the backward pass instead of kept
+        (``jax.checkpoint`` per layer), so only the layer inputs stay in memory."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length); got shape {input_ids.shape}")
         if positions is None:
@@ -155,7 +166,7 @@ class CCALlama(nnx.Module):
         cos, sin = rope_cos_sin(positions, inverse_frequencies(self.config))
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = _remat_layer(layer, x, cos, sin) if remat else layer(x, cos, sin)
         return self.norm(x)
 
     def logits(self, h: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
