@@ -2,7 +2,8 @@
 separately (B = 1, 32 query heads, d = 128, bf16).
 
     PYTHONPATH=. python bench/tune_cca.py --length 131072 [--hkv 8] \
-        [--fwd 128,64,8,3 128,128,8,2] [--dq 64,64,4,2] [--dkdv 32,128,4,3] [--out x.json]
+        [--fwd 128,64,8,3 128,128,8,2] [--dq 64,64,4,2] [--dkdv 32,128,4,3] \
+        [--core-splits 1 2 4] [--out x.json]
 
 Each config is ``block_q,block_k,num_warps,num_stages``; a config that fails to compile (e.g. out
 of shared memory) is recorded with its error.
@@ -48,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--fwd", nargs="*", default=FWD)
     ap.add_argument("--dq", nargs="*", default=DQ)
     ap.add_argument("--dkdv", nargs="*", default=DKDV)
+    ap.add_argument("--core-splits", nargs="*", type=int, default=[1],
+                    help="GQA: also time the core dK/dV kernel with G split over programs")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/tune_...)")
     args = ap.parse_args(argv)
     t, hq, hkv, d, g, w = args.length, 32, args.hkv, 128, args.g, args.w
@@ -97,10 +100,13 @@ def main(argv=None):
         bq, bk, nw, ns = _cfg(text)
         cfg = Config(dkdv_block_q=bq, dkdv_block_k=bk, dkdv_num_warps=nw, dkdv_num_stages=ns)
         row = {"cfg": [bq, bk, nw, ns]}
-        for name, keys, values, core in (("local", k, v, False), ("core", kc, vc, True)):
-            f = jax.jit(lambda q, kk, vv, lse, do, delta, cfg=cfg, core=core:
+        parts = [("local", k, v, False, 1)] + [
+            ("core" if s == 1 else f"core_splits{s}", kc, vc, True, s) for s in args.core_splits]
+        for name, keys, values, core, splits in parts:
+            f = jax.jit(lambda q, kk, vv, lse, do, delta, cfg=cfg, core=core, splits=splits:
                         pallas_vjp.backward_dkdv(q, kk, vv, lse, do, delta, core=core, g=g, w=w,
-                                                 scale=scale, config=cfg, interpret=False))
+                                                 scale=scale, config=cfg, interpret=False,
+                                                 splits=splits))
             row[name] = _timed(f, q, keys, values, lse, do, delta)
         rows["dkdv"].append(row)
         print("dkdv", row, flush=True)

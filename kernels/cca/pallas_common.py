@@ -55,13 +55,20 @@ _POISON = [False]
 
 @contextlib.contextmanager
 def poison_outputs():
-    """Within this context every kernel output buffer starts filled with NaN, so a tile the
-    kernel forgot to write fails any comparison. For tests."""
+    """Within this context every kernel output buffer starts filled with NaN (integer outputs:
+    their most negative value), so a tile the kernel forgot to write fails any comparison. For
+    tests."""
     _POISON.append(True)
     try:
         yield
     finally:
         _POISON.pop()
+
+
+def _poison_value(dtype):
+    """NaN for float outputs; the most negative value for integer ones (never a valid index)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.iinfo(dtype).min if jnp.issubdtype(dtype, jnp.integer) else jnp.nan
 
 
 def call(kernel, *, grid, in_specs, out_specs, out_shape, inputs, num_warps, num_stages,
@@ -80,7 +87,7 @@ def call(kernel, *, grid, in_specs, out_specs, out_shape, inputs, num_warps, num
             if i in aliases.values():
                 continue
             aliases[len(inputs)] = i
-            inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+            inputs.append(jnp.full(shape.shape, _poison_value(shape.dtype), shape.dtype))
             in_specs.append(spec)
         inner, n_all = kernel, len(inputs)
 

@@ -19,6 +19,7 @@ dK_core, dV_core returned here.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -170,28 +171,43 @@ def backward_dq(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, co
 
 
 def backward_dkdv(q, keys, values, lse, do, delta, *, core: bool, g: int, w: int, scale: float,
-                  config: Config, interpret: bool):
-    """dK, dV of the raw keys (core=False) or of the core tokens (core=True)."""
+                  config: Config, interpret: bool, splits: int = 1):
+    """dK, dV of the raw keys (core=False) or of the core tokens (core=True).
+
+    ``splits`` (a divisor of G = Hq / Hkv) splits each kv head's G query heads over that many
+    programs, each writing float32 partial dK, dV that are summed afterwards: more, shorter
+    programs (GQA has G times fewer kv heads to spread over the GPU) for a small extra pass."""
     b, t_pad, hq, hkv, d, grp, do = _prepare(q, keys, do)
+    if splits < 1 or grp % splits:
+        raise ValueError(f"splits must divide Hq / Hkv = {grp}; got {splits}")
     bq, bk, num_warps, num_stages = config.dkdv
     params = dict(num_warps=num_warps, num_stages=num_stages)
-    # Query-side inputs grouped by kv head: (B, T, Hkv, G, D) and (B, Hkv, G, T).
-    q_all = pl.BlockSpec((None, t_pad, None, grp, d), lambda i, bi, h: (bi, 0, h, 0, 0))
-    row_all = pl.BlockSpec((None, None, grp, t_pad), lambda i, bi, h: (bi, h, 0, 0))
-    k_tile = pl.BlockSpec((None, bk, None, d), lambda i, bi, h: (bi, i, h, 0))
+    # Query-side inputs grouped by program: (B, T, Hkv * S, G / S, D) and (B, Hkv * S, G / S, T)
+    # (query head h * G + i is row i % (G / S) of program head h * S + i // (G / S)).
+    heads, per = hkv * splits, grp // splits
+    q_all = pl.BlockSpec((None, t_pad, None, per, d), lambda i, bi, h: (bi, 0, h, 0, 0))
+    row_all = pl.BlockSpec((None, None, per, t_pad), lambda i, bi, h: (bi, h, 0, 0))
+    k_tile = pl.BlockSpec((None, bk, None, d), lambda i, bi, h: (bi, i, lax.div(h, splits), 0))
+    out_tile = pl.BlockSpec((None, bk, None, d), lambda i, bi, h: (bi, i, h, 0))
+    out_dtype = keys.dtype if splits == 1 else jnp.float32
+    n = keys.shape[1]
     kernel = _dkdv_core_kernel if core else _dkdv_local_kernel
-    return call(
-        functools.partial(kernel, g=g, w=w, bq=bq, bk=bk, scale=scale, grp=grp,
+    dk, dv = call(
+        functools.partial(kernel, g=g, w=w, bq=bq, bk=bk, scale=scale, grp=per,
                           nq=t_pad // bq),
-        grid=(keys.shape[1] // bk, b, hkv),
+        grid=(n // bk, b, heads),
         in_specs=[q_all, q_all, row_all, row_all, k_tile, k_tile],
-        out_specs=[k_tile, k_tile],
-        out_shape=[jax.ShapeDtypeStruct(keys.shape, keys.dtype)] * 2,
-        inputs=[q.reshape(b, t_pad, hkv, grp, d), do.reshape(b, t_pad, hkv, grp, d),
-                lse.reshape(b, hkv, grp, t_pad), delta.reshape(b, hkv, grp, t_pad),
+        out_specs=[out_tile, out_tile],
+        out_shape=[jax.ShapeDtypeStruct((b, n, heads, d), out_dtype)] * 2,
+        inputs=[q.reshape(b, t_pad, heads, per, d), do.reshape(b, t_pad, heads, per, d),
+                lse.reshape(b, heads, per, t_pad), delta.reshape(b, heads, per, t_pad),
                 keys, values],
         interpret=interpret, name="cca_backward_dkdv_core" if core else "cca_backward_dkdv",
         **params)
+    if splits == 1:
+        return dk, dv
+    total = lambda x: x.reshape(b, n, hkv, splits, d).sum(axis=3).astype(keys.dtype)
+    return total(dk), total(dv)
 
 
 def backward(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, config: Config,
@@ -200,5 +216,6 @@ def backward(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, confi
     kw = dict(g=g, w=w, scale=scale, config=config, interpret=interpret)
     dq, delta = backward_dq(q, k, v, kc, vc, o, lse, do, **kw)
     dk, dv = backward_dkdv(q, k, v, lse, do, delta, core=False, **kw)
-    dkc, dvc = backward_dkdv(q, kc, vc, lse, do, delta, core=True, **kw)
+    splits = math.gcd(config.dkdv_core_splits, q.shape[2] // k.shape[2])
+    dkc, dvc = backward_dkdv(q, kc, vc, lse, do, delta, core=True, splits=splits, **kw)
     return dq, dk, dv, dkc, dvc

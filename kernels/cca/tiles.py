@@ -24,6 +24,9 @@ class Config:
     dkdv_block_k: int | None = None
     dkdv_num_warps: int | None = None
     dkdv_num_stages: int | None = None
+    # GQA: the core-token dK/dV kernel splits each kv head's G query heads over this many
+    # programs (its gcd with G), with float32 partial sums (pallas_vjp.backward_dkdv).
+    dkdv_core_splits: int = 1
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k", "dkdv_block_q",
@@ -31,6 +34,8 @@ class Config:
             b = getattr(self, name)
             if b is not None and (b < 16 or b & (b - 1)):
                 raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
+        if self.dkdv_core_splits < 1:
+            raise ValueError(f"Config.dkdv_core_splits must be >= 1; got {self.dkdv_core_splits}")
 
     @property
     def dkdv(self) -> tuple[int, int, int, int]:

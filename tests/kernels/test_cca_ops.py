@@ -38,9 +38,10 @@ def _call(impl, q, k, v, shape, **extra):
         from kernels.cca import pallas
         from kernels.cca.pallas_common import Config
 
-        # The dK/dV kernels get tiles of their own (shape swapped against dQ's).
+        # The dK/dV kernels get tiles of their own (shape swapped against dQ's); the core dK/dV
+        # kernel splits G over 2 programs where G is even (GQA ratios 2 and 4 below).
         small = Config(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=32, dkdv_block_q=32,
-                       dkdv_block_k=16)
+                       dkdv_block_k=16, dkdv_core_splits=2)
         with pallas.poison_outputs():
             return pallas.cca_attention(q, k, v, config=small, **kw, **extra)
     return ops.cca_attention(q, k, v, implementation=impl, **kw, **extra)
