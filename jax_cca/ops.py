@@ -110,3 +110,115 @@ def full_attention(
     return jax.nn.dot_product_attention(
         q, k, v, scale=softmax_scale, is_causal=True, implementation=implementation
     )
+
+
+# ----------------------------------------------------------------------------- ReAttention
+# name -> module with ``reattention`` and ``reattention_decode`` (kernels/reattention/).
+REATTENTION_IMPLEMENTATIONS: dict[str, str] = {
+    "xla": "kernels.reattention.reference",
+    "pallas": "kernels.reattention.pallas",
+}
+
+
+def _reattention_fn(name: str | None, fn_name: str = "reattention") -> Callable:
+    name = name or default_reattention_implementation()
+    table = {key: f"{module}:{fn_name}" for key, module in REATTENTION_IMPLEMENTATIONS.items()}
+    return _load(table, name)
+
+
+def available_reattention_implementations() -> list[str]:
+    names = []
+    for name in REATTENTION_IMPLEMENTATIONS:
+        try:
+            _reattention_fn(name)
+        except NotImplementedError:
+            continue
+        names.append(name)
+    return names
+
+
+def default_reattention_implementation() -> str:
+    if jax.default_backend() == "gpu" and "pallas" in available_reattention_implementations():
+        return "pallas"
+    return "xla"
+
+
+def _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
+                        middle_align) -> dict:
+    from kernels.reattention.params import Selection
+
+    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
+    return dict(sink_tokens=sel.sink_tokens, local_window=sel.local_window, top_k=sel.top_k,
+                max_selected=sel.max_selected, span=sel.span, chunk_size=sel.chunk_size,
+                middle_align=sel.middle_align)
+
+
+def reattention(
+    q: Float[Array, "B T Hq D"],
+    k: Float[Array, "B S Hkv D"],
+    v: Float[Array, "B S Hkv D"],
+    *,
+    sink_tokens: int = 32,
+    local_window: int = 8192,
+    top_k: int = 4,
+    max_selected: int = 256,
+    span: int = 32,
+    chunk_size: int = 512,
+    middle_align: int = 128,
+    q_start=None,
+    rope_theta: float = 10000.0,
+    inv_freq=None,
+    softmax_scale: float | None = None,
+    implementation: str | None = None,
+) -> Float[Array, "B T Hq D"]:
+    """ReAttention (arXiv 2407.15176) over UN-rotated q and the un-rotated k, v cache.
+
+    q (B, T, Hq, D) are the queries of positions q_start .. q_start + T - 1 (default S - T: a
+    prefill, or its continuation), k, v (B, S, Hkv, D) the keys and values of positions 0 .. S-1
+    (those past the last query are ignored). Queries run in chunks of ``chunk_size`` sharing one
+    selection: each (query, head) picks its ``top_k`` keys of the middle region by raw q . k, the
+    ``max_selected`` most-voted picks of a kv head each bring ``span`` neighbours, and the chunk
+    attends causally to [``sink_tokens`` first keys ; picks ; local window of ``local_window``
+    (+ up to ``middle_align`` - 1) keys ; itself] re-numbered 0 .. n-1 with RoPE applied at those
+    positions (``rope_theta`` or explicit ``inv_freq`` (D/2,)). GQA: query head h uses kv head
+    h // (Hq // Hkv). Forward only. "pallas" needs a power-of-two head dim >= 32.
+    """
+    from kernels.reattention import reference as reattention_reference
+
+    reattention_reference.check_args(q, k, v)
+    kw = _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
+                             middle_align)
+    return _reattention_fn(implementation)(
+        q, k, v, q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq,
+        softmax_scale=softmax_scale, **kw)
+
+
+def reattention_decode(
+    q: Float[Array, "B Hq D"],
+    k_cache: Float[Array, "B L Hkv D"],
+    v_cache: Float[Array, "B L Hkv D"],
+    lengths,
+    *,
+    sink_tokens: int = 32,
+    local_window: int = 8192,
+    top_k: int = 4,
+    max_selected: int = 256,
+    span: int = 32,
+    middle_align: int = 128,
+    rope_theta: float = 10000.0,
+    inv_freq=None,
+    softmax_scale: float | None = None,
+    implementation: str | None = None,
+) -> Float[Array, "B Hq D"]:
+    """One ReAttention decode step: q (B, Hq, D) is the un-rotated query of position
+    lengths - 1, whose key and value are already in the caches; slots from ``lengths`` (B,) on
+    are ignored. Equals the last row of ``reattention`` run with ``chunk_size=1``."""
+    from kernels.reattention import reference as reattention_reference
+
+    reattention_reference.check_args(q[:, None], k_cache, v_cache)
+    kw = _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, 1,
+                             middle_align)
+    kw.pop("chunk_size")
+    return _reattention_fn(implementation, "reattention_decode")(
+        q, k_cache, v_cache, lengths, rope_theta=rope_theta, inv_freq=inv_freq,
+        softmax_scale=softmax_scale, **kw)

@@ -1,0 +1,345 @@
+"""ReAttention as Pallas GPU kernels (Triton lowering), the same function as ``reference.py``.
+
+Three stages per chunk of queries (README.md in this folder):
+
+1. ``_score_kernel``: one program per (row tile of a chunk, key split, batch, kv head). Rows are
+   the (query, head) pairs of a kv head (G heads packed with their queries, so each key tile is
+   loaded once for all G heads). It sweeps the middle keys [sink, L0) of its split tile by tile:
+   raw q . k scores (un-rotated), then a running per-row top-k kept in registers as an unordered
+   (rows, K) set: while some row's best remaining score beats its current k-th, that row's best
+   key (lowest position among equal scores) replaces its current minimum. Writes each row's K
+   (score, position) picks per split. Chunks run latest first: their middles are the longest.
+2. Selection in XLA (``reference.select_from_picks``): merge the splits (a sort of splits * K
+   candidates per row), count votes, keep the most-voted, expand spans, compact into the
+   gathered list. O(C * G * K log) per chunk, independent of the context length.
+3. ``_attend_kernel``: one program per (row tile, batch, kv head); FlashAttention-style online
+   softmax (base 2) over the gathered list (keys loaded by index), then over the contiguous tail
+   [L0, c1) (local window + the chunk itself, causal on the last tiles). RoPE is applied in the
+   kernel to the queries and every key tile at the re-numbered positions, from cos/sin tables
+   (positions 0 .. n-1) built in XLA; the head dim is split into its two rotary halves, so the
+   scores are two half-width dots.
+
+The KV cache is read in place (vector-indexed loads, clamped to the cache), never padded or
+copied. Forward only: ReAttention is training-free. On CPU the same kernels run through the
+Pallas interpreter (``interpret=True``, the default off-GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot, pad_to,  # noqa: F401
+                                       poison_outputs, resolve_interpret)
+from kernels.reattention import reference
+from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
+                                        next_power_of_2, round_up, score_splits)
+
+POS = -NEG  # padding columns of the running top-k set: never its minimum
+INT_MAX = reference.INT_MAX
+
+
+# ----------------------------------------------------------------------------- 1. scoring
+def _merge_tile(s, cols, vals, idxs, *, top_k: int, kp: int):
+    """Merge one score tile (BQ, BK) into the running top-k sets (BQ, KP).
+
+    At most top_k rounds; a round runs while some row's best remaining score beats its set's
+    minimum. Equal scores resolve to the lower position: a round takes the lowest column among
+    equal maxima, and a set evicts, among equal minima, the entry with the highest position."""
+    kcols = jnp.arange(kp, dtype=jnp.int32)
+
+    def cond(c):
+        it, _, m, _, _, thr = c
+        return (it < top_k) & (jnp.max((m > thr).astype(jnp.int32)) > 0)
+
+    def body(c):
+        it, s, m, vals, idxs, thr = c
+        j = jnp.min(jnp.where(s == m[:, None], cols[None, :], INT_MAX), axis=1)
+        is_min = vals == thr[:, None]
+        evict = jnp.max(jnp.where(is_min, idxs, -2), axis=1)
+        col = jnp.min(jnp.where(is_min & (idxs == evict[:, None]), kcols[None, :], kp), axis=1)
+        replace = (m > thr)[:, None] & (kcols[None, :] == col[:, None])
+        vals = jnp.where(replace, m[:, None], vals)
+        idxs = jnp.where(replace, j[:, None], idxs)
+        s = jnp.where(cols[None, :] == j[:, None], NEG, s)
+        return it + 1, s, jnp.max(s, axis=1), vals, idxs, jnp.min(vals, axis=1)
+
+    start = (jnp.int32(0), s, jnp.max(s, axis=1), vals, idxs, jnp.min(vals, axis=1))
+    _, _, _, vals, idxs, _ = lax.while_loop(cond, body, start)
+    return vals, idxs
+
+
+def _score_kernel(meta_ref, q_ref, k_ref, vals_ref, idx_ref, *, sink: int, top_k: int, kp: int,
+                  bk: int, s_len: int, splits: int, split_len: int):
+    split = pl.program_id(0) % splits
+    l0 = meta_ref[2]
+    lo = sink + split * split_len
+    hi = jnp.minimum(l0, lo + split_len)
+    q = q_ref[...]
+    bq = q.shape[0]
+    kcols = jnp.arange(kp, dtype=jnp.int32)
+    vals = jnp.where(kcols[None, :] < top_k, jnp.full((bq, kp), NEG, jnp.float32), POS)
+    idxs = jnp.full((bq, kp), -1, jnp.int32)
+
+    def tile(kb, carry):
+        cols = lo + kb * bk + jnp.arange(bk, dtype=jnp.int32)
+        keys = k_ref[jnp.minimum(cols, s_len - 1), :]
+        s = jnp.where(cols[None, :] < hi, dot(q, keys, trans_b=True), NEG)
+        return _merge_tile(s, cols, *carry, top_k=top_k, kp=kp)
+
+    vals, idxs = lax.fori_loop(0, cdiv(jnp.maximum(hi - lo, 0), bk), tile, (vals, idxs))
+    vals_ref[...] = vals
+    idx_ref[...] = idxs
+
+
+def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool):
+    """Per-row picks (vals, idx), (B, Hkv, NC, R_pad, K): unordered, idx -1 where none."""
+    b, hkv, nc, r_pad, d = q_rows.shape
+    s_len = k.shape[1]
+    sel = geo.sel
+    bq, bk = config.score_block_q, config.score_block_k
+    tiles = r_pad // bq
+    splits = score_splits(config, geo, nc * tiles)
+    split_len = round_up(max(s_len - sel.sink_tokens, 1), splits * bk) // splits
+    kp = max(2, next_power_of_2(sel.top_k))
+    kernel = functools.partial(_score_kernel, sink=sel.sink_tokens, top_k=sel.top_k, kp=kp, bk=bk,
+                               s_len=s_len, splits=splits, split_len=split_len)
+    chunk_of = lambda i: nc - 1 - lax.div(i, tiles * splits)  # heavy first: later chunks score
+    tile_of = lambda i: lax.div(lax.rem(i, tiles * splits), splits)  # longer middles
+    out_map = lambda i, bi, h: (bi, h, chunk_of(i), lax.rem(i, splits), tile_of(i), 0)
+    out_shape = jax.ShapeDtypeStruct((b, hkv, nc, splits, r_pad, kp), jnp.float32)
+    vals, idx = call(
+        kernel,
+        grid=(nc * tiles * splits, b, hkv),
+        in_specs=[
+            pl.BlockSpec((None, None, 8), lambda i, bi, h: (bi, chunk_of(i), 0)),
+            pl.BlockSpec((None, None, None, bq, d), lambda i, bi, h: (bi, h, chunk_of(i),
+                                                                      tile_of(i), 0)),
+            pl.BlockSpec((None, s_len, None, d), lambda i, bi, h: (bi, 0, h, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, None, None, None, bq, kp), out_map)] * 2,
+        out_shape=[out_shape, jax.ShapeDtypeStruct(out_shape.shape, jnp.int32)],
+        inputs=[meta, q_rows, k],
+        num_warps=config.score_warps,
+        num_stages=config.score_stages,
+        interpret=interpret,
+        name="reattention_score",
+    )
+    vals = vals[..., : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nc, r_pad, -1)
+    idx = idx[..., : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nc, r_pad, -1)
+    if splits > 1:  # best top_k of the splits' candidates, ties to the lower position
+        neg, idx = lax.sort((jnp.where(idx >= 0, -vals, jnp.inf), jnp.where(idx >= 0, idx,
+                                                                              INT_MAX)),
+                            dimension=-1, num_keys=2)
+        vals, idx = -neg[..., : sel.top_k], idx[..., : sel.top_k]
+        idx = jnp.where(idx == INT_MAX, -1, idx)
+    return vals, idx
+
+
+# ----------------------------------------------------------------------------- 3. attention
+def _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask):
+    """One key tile of the online softmax (base 2); ``mask`` None: every key visible."""
+    acc, m, l = carry
+    s = dot(qr1, kr1, trans_b=True) + dot(qr2, kr2, trans_b=True)
+    if mask is not None:
+        s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale2)
+    p = jnp.exp2(s * scale2 - m_new[:, None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp2(m - m_new)
+    acc = acc * alpha[:, None] + dot(p.astype(values.dtype), values)
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+
+def _rotate(x1, x2, cos, sin, dtype):
+    """RoPE of the two halves (float32 math), cast to the matmul dtype."""
+    return (x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype)
+
+
+def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, o_ref, *,
+                   groups: int, bk: int, s_len: int, n_pos: int, tiles: int, scale: float):
+    half = cos_ref.shape[1]
+    dtype = q_ref.dtype
+    bq = q_ref.shape[0]
+    c0, c1, l0, n_g = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
+    r0 = lax.rem(pl.program_id(0), tiles) * bq
+    t = c0 + lax.div(r0 + jnp.arange(bq, dtype=jnp.int32), groups)  # query position of each row
+    q_pos = jnp.minimum(n_g + t - l0, n_pos - 1)
+    f32 = lambda x: x.astype(jnp.float32)
+    qr1, qr2 = _rotate(f32(q_ref[:, pl.ds(0, half)]), f32(q_ref[:, pl.ds(half, half)]),
+                       cos_ref[q_pos, :], sin_ref[q_pos, :], dtype)
+    scale2 = scale * LOG2E
+    d = q_ref.shape[1]
+    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), NEG, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+
+    def keys_at(rows, p0):  # rotated key halves and values of cache rows, positions p0 + i
+        k1, k2 = f32(k_ref[rows, pl.ds(0, half)]), f32(k_ref[rows, pl.ds(half, half)])
+        kr1, kr2 = _rotate(k1, k2, cos_ref[pl.ds(p0, bk), :], sin_ref[pl.ds(p0, bk), :], dtype)
+        return kr1, kr2, v_ref[rows, :]
+
+    def gathered(kb, carry):  # slot i of the list sits at position i
+        slots = kb * bk + jnp.arange(bk, dtype=jnp.int32)
+        kr1, kr2, values = keys_at(glist_ref[pl.ds(kb * bk, bk)], kb * bk)
+        return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, (slots < n_g)[None, :])
+
+    carry = lax.fori_loop(0, cdiv(n_g, bk), gathered, carry)
+
+    def tail(masked):  # key j in [L0, c1) sits at position n_g + j - L0; row t sees j <= t
+        def body(tb, carry):
+            j = l0 + tb * bk + jnp.arange(bk, dtype=jnp.int32)
+            kr1, kr2, values = keys_at(jnp.minimum(j, s_len - 1), n_g + tb * bk)
+            mask = (j[None, :] <= t[:, None]) if masked else None
+            return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask)
+        return body
+
+    t_min = c0 + lax.div(r0, groups)
+    n_tail = cdiv(c1 - l0, bk)
+    unmasked = jnp.minimum(lax.div(t_min - l0 + 1, bk), n_tail)  # every key <= every row's t
+    carry = lax.fori_loop(0, unmasked, tail(False), carry)
+    acc, m, l = lax.fori_loop(unmasked, n_tail, tail(True), carry)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+def rope_tables(n_pos: int, inv_freq: np.ndarray):
+    """cos, sin (n_pos, D/2) float32 of positions 0 .. n_pos - 1 (the angles of jax_cca.rope)."""
+    angles = jnp.arange(n_pos).astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: Config,
+            interpret: bool):
+    b, hkv, nc, r_pad, d = q_rows.shape
+    s_len = k.shape[1]
+    bq, bk = config.attn_block_q, config.attn_block_k
+    tiles = r_pad // bq
+    glist = pad_to(glist, 3, bk)
+    ng_pad = glist.shape[3]
+    n_pos = ng_pad + round_up(geo.tail, bk)
+    cos, sin = rope_tables(n_pos, inv_freq)
+    kernel = functools.partial(_attend_kernel, groups=geo.groups, bk=bk, s_len=s_len,
+                               n_pos=n_pos, tiles=tiles, scale=scale)
+    chunk_of = lambda i: lax.div(i, tiles)
+    row_map = lambda i, bi, h: (bi, h, chunk_of(i), lax.rem(i, tiles), 0)
+    kv_spec = pl.BlockSpec((None, s_len, None, d), lambda i, bi, h: (bi, 0, h, 0))
+    table_spec = pl.BlockSpec((n_pos, d // 2), lambda i, bi, h: (0, 0))
+    return call(
+        kernel,
+        grid=(nc * tiles, b, hkv),
+        in_specs=[
+            pl.BlockSpec((None, None, None, 8), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
+            pl.BlockSpec((None, None, None, bq, d), row_map),
+            kv_spec, kv_spec,
+            pl.BlockSpec((None, None, None, ng_pad), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
+            table_spec, table_spec,
+        ],
+        out_specs=[pl.BlockSpec((None, None, None, bq, d), row_map)],
+        out_shape=[jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)],
+        inputs=[meta, q_rows, k, v, glist, cos, sin],
+        num_warps=config.attn_warps,
+        num_stages=config.attn_stages,
+        interpret=interpret,
+        name="reattention_attend",
+    )[0]
+
+
+# ----------------------------------------------------------------------------- the op
+def check_head_dim(d: int) -> None:
+    if d < 32 or d & (d - 1):
+        raise ValueError(f"the Pallas ReAttention kernels need a power-of-two head dim >= 32 "
+                         f"(two rotary halves of >= 16 for the matmuls); got {d}")
+
+
+def _meta(*fields):
+    """int32 (..., 8) rows of per-chunk scalars for the kernels (padded to 8 for the block)."""
+    m = jnp.stack(fields, axis=-1).astype(jnp.int32)
+    return jnp.pad(m, [(0, 0)] * (m.ndim - 1) + [(0, 8 - m.shape[-1])])
+
+
+def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
+          interpret: bool | None = None):
+    """The scoring kernel's per-row picks as (vals, idx) (B, Hkv, NC, R, K), unordered (idx -1:
+    none; rows of queries past the end: -1), in the row order of ``reference.pack_rows``."""
+    return _picks(q, k, sel=sel, q_start=q_start, config=config, interpret=interpret)[:2]
+
+
+def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None):
+    geo = geometry(q.shape, k.shape, sel)
+    config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
+    interpret = resolve_interpret(interpret)
+    q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
+    c0, c1, l0 = reference.chunk_bounds(q0, geo)
+    tile = max(config.score_block_q, config.attn_block_q)
+    q_rows = pad_to(reference.pack_rows(q, geo), 3, tile)
+    vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret)
+    vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]
+    live = reference.row_positions(c0, geo.rows, geo.groups) < c1[..., None]  # (B, NC, R)
+    return vals, jnp.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
+
+
+def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start=None,
+                               rope_theta: float = 10000.0, inv_freq=None,
+                               softmax_scale: float | None = None, config: Config | None = None,
+                               interpret: bool | None = None):
+    """(out, gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC)), like the reference's."""
+    reference.check_args(q, k, v)
+    check_head_dim(q.shape[3])
+    config = config or default_config(q.shape[3], jnp.dtype(q.dtype).itemsize,
+                                      geometry(q.shape, k.shape, sel).rows)
+    interpret = resolve_interpret(interpret)
+    vals, idx, (q_rows, c0, c1, l0, geo) = _picks(q, k, sel=sel, q_start=q_start, config=config,
+                                                 interpret=interpret)
+    b, hkv, nc = geo.batch, geo.kv_heads, geo.num_chunks
+    rep = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc)).reshape(-1)
+    glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
+                                             vals.reshape(b * hkv * nc, -1), rep(c0), rep(l0),
+                                             sel)
+    glist, n_g = glist.reshape(b, hkv, nc, -1), n_g.reshape(b, hkv, nc)
+    meta = _meta(*(jnp.broadcast_to(x[:, None], (b, hkv, nc)) for x in (c0, c1, l0)), n_g)
+    inv_freq = reference.resolve_inv_freq(geo.head_dim, rope_theta, inv_freq)
+    scale = reference.softmax_scale_or_default(geo.head_dim, softmax_scale)
+    o = _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo, config, interpret)
+    return reference.unpack_rows(o, geo), glist, n_g
+
+
+def reattention(
+    q: Float[Array, "B T Hq D"],
+    k: Float[Array, "B S Hkv D"],
+    v: Float[Array, "B S Hkv D"],
+    *,
+    sink_tokens: int = 32,
+    local_window: int = 8192,
+    top_k: int = 4,
+    max_selected: int = 256,
+    span: int = 32,
+    chunk_size: int = 512,
+    middle_align: int = 128,
+    q_start=None,
+    rope_theta: float = 10000.0,
+    inv_freq=None,
+    softmax_scale: float | None = None,
+    config: Config | None = None,
+    interpret: bool | None = None,
+) -> Float[Array, "B T Hq D"]:
+    """ReAttention (same function as ``reference.reattention``) with Pallas kernels.
+
+    Forward only. The head dim must be a power of two >= 32. ``interpret=None`` runs the
+    Triton-lowered kernels on GPU and the Pallas interpreter elsewhere."""
+    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
+    return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
+                                      inv_freq=inv_freq, softmax_scale=softmax_scale,
+                                      config=config, interpret=interpret)[0]
+
+
+def reattention_decode(q: Float[Array, "B Hq D"], k_cache, v_cache, lengths, **kwargs):
+    """One decode step (see ``reference.reattention_decode``) with the Pallas kernels."""
+    kwargs = {**kwargs, "chunk_size": 1}
+    out = reattention(q[:, None], k_cache, v_cache, q_start=jnp.asarray(lengths) - 1, **kwargs)
+    return out[:, 0]

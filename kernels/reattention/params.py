@@ -1,0 +1,181 @@
+"""ReAttention hyper-parameters, the chunk geometry they imply, and the kernel tiles. Plain Python:
+importing this pulls in neither jax nor torch (the jnp, torch, Pallas and Triton sides share it).
+
+Shape letters: B batch, S cached keys, T queries, Hq / Hkv query / kv heads, G = Hq // Hkv,
+D head dim, C chunk size, NC = ceil(T / C) chunks, R = C * G query rows per (chunk, kv head),
+NG = sink + max_selected * span gathered slots, TAIL = longest local window + chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What each chunk of queries attends to (README.md in this folder; defaults from SPEC.md 2).
+
+    * ``sink_tokens``: keys [0, sink) are always kept.
+    * ``local_window`` / ``middle_align``: the local window of a chunk starting at c0 is [L0, c0)
+      with L0 = sink + floor((c0 - w - sink) / align) * align when that is past the sink (the
+      middle region [sink, L0) is a multiple of ``align`` long, so the window holds between w and
+      w + align - 1 keys), else L0 = min(sink, c0) (nothing in the middle).
+    * ``top_k``: each (query, query head) of the chunk picks its top_k middle keys by raw q . k.
+    * ``max_selected``: the union of the picks of a kv head's queries and heads is cut to the
+      max_selected most-voted keys (ties: higher best score, then lower position).
+    * ``span``: each kept key brings [i - span // 2, i + span - span // 2 - 1] (clipped to the
+      middle region); overlapping spans merge.
+    * ``chunk_size``: queries are processed in chunks of C that share one selection.
+    """
+
+    sink_tokens: int = 32
+    local_window: int = 8192
+    top_k: int = 4
+    max_selected: int = 256
+    span: int = 32
+    chunk_size: int = 512
+    middle_align: int = 128
+
+    def __post_init__(self):
+        for name in ("sink_tokens", "local_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+        for name in ("top_k", "max_selected", "span", "chunk_size", "middle_align"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+    @property
+    def span_left(self) -> int:
+        return self.span // 2
+
+    @property
+    def span_right(self) -> int:
+        return self.span - 1 - self.span // 2
+
+    def num_gathered(self) -> int:
+        """NG: slots of the gathered list (sink + selected spans), before padding."""
+        return self.sink_tokens + self.max_selected * self.span
+
+    def tail_length(self, num_keys: int, chunk: int) -> int:
+        """Longest [L0, c1): local window (at most w + align - 1) plus the chunk's own tokens."""
+        return max(1, min(num_keys, self.local_window + self.middle_align - 1 + chunk))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(max(a, 1), b) * b
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static sizes of one call: chunking, row packing, gathered list, position table."""
+
+    batch: int
+    num_keys: int  # S
+    num_queries: int  # T
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    chunk: int  # C used (min(chunk_size, T))
+    sel: Selection
+
+    @property
+    def groups(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def num_chunks(self) -> int:
+        return cdiv(self.num_queries, self.chunk)
+
+    @property
+    def rows(self) -> int:
+        return self.chunk * self.groups
+
+    @property
+    def picks(self) -> int:
+        """Picks per (batch, kv head, chunk): every row's top_k."""
+        return self.rows * self.sel.top_k
+
+    @property
+    def num_gathered(self) -> int:
+        return self.sel.num_gathered()
+
+    @property
+    def tail(self) -> int:
+        return self.sel.tail_length(self.num_keys, self.chunk)
+
+
+def geometry(q_shape, k_shape, sel: Selection) -> Geometry:
+    b, t, hq, d = q_shape
+    return Geometry(batch=b, num_keys=k_shape[1], num_queries=t, q_heads=hq, kv_heads=k_shape[2],
+                    head_dim=d, chunk=min(sel.chunk_size, t), sel=sel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles and launch parameters of the two kernels (powers of two, >= 16 for the matmuls).
+
+    ``score_*``: the scoring + per-row top-k kernel; ``attn_*``: the gathered attention kernel.
+    ``score_splits``: key-range splits of the scoring kernel (0: chosen from the grid size so
+    that a decode step, with few query rows, still fills the GPU)."""
+
+    score_block_q: int = 64
+    score_block_k: int = 64
+    score_warps: int = 4
+    score_stages: int = 2
+    score_splits: int = 0
+    attn_block_q: int = 64
+    attn_block_k: int = 64
+    attn_warps: int = 4
+    attn_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("score_block_q", "score_block_k", "attn_block_q", "attn_block_k"):
+            b = getattr(self, name)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
+        if self.score_splits < 0:
+            raise ValueError(f"Config.score_splits must be >= 0; got {self.score_splits}")
+
+
+def default_config(head_dim: int, itemsize: int, rows: int | None = None) -> Config:
+    """Defaults by head dim and bytes per element (float32 tiles use twice the shared memory).
+    ``rows`` (query rows per chunk, C * G) caps the row tiles: a decode step has only G rows."""
+    if itemsize >= 4:
+        config = Config(score_block_q=32, score_block_k=32, attn_block_q=32, attn_block_k=32)
+    elif head_dim <= 64:
+        config = Config(score_block_q=128, score_block_k=64, score_warps=4, attn_block_q=128,
+                        attn_block_k=64, attn_warps=4, attn_stages=3)
+    else:
+        config = Config(score_block_q=128, score_block_k=64, score_warps=8, attn_block_q=128,
+                        attn_block_k=64, attn_warps=8, attn_stages=3)
+    if rows is not None:
+        fit = max(16, next_power_of_2(rows))
+        config = dataclasses.replace(config, score_block_q=min(config.score_block_q, fit),
+                                     attn_block_q=min(config.attn_block_q, fit))
+        if fit <= 32:  # few rows: a decode step, bandwidth-bound; fewer warps per program
+            config = dataclasses.replace(config, score_warps=4, attn_warps=4)
+    return config
+
+
+TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100): enough scoring programs per launch
+
+
+def score_splits(config: Config, geo: Geometry, row_tiles: int) -> int:
+    """Key-range splits of the scoring kernel: 1 when the (row tiles x batch x kv heads) grid
+    already fills the GPU; more (each split at least 8 key tiles long) when it does not."""
+    if config.score_splits:
+        return config.score_splits
+    middle = max(0, geo.num_keys - geo.sel.sink_tokens)
+    programs = row_tiles * geo.batch * geo.kv_heads
+    most = max(1, cdiv(middle, 8 * config.score_block_k))
+    return max(1, min(most, cdiv(TARGET_PROGRAMS, programs)))

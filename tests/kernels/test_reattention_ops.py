@@ -1,0 +1,193 @@
+"""The Pallas ReAttention kernels against the jnp reference, through ``kernels.reattention.pallas``
+and ``jax_cca.ops.reattention``: outputs, per-row picks and gathered lists, fp32 and bf16, the
+split-key scoring path, decode, NaN-poisoned outputs.
+
+On CPU the kernels run through the Pallas interpreter at small sizes with 16-wide tiles (several
+row and key tiles, partial tiles, every masked/unmasked loop); with a GPU the same checks run
+compiled, plus real sizes (``-m gpu``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_cca import ops
+from kernels.reattention import pallas as P
+from kernels.reattention import reference as R
+from kernels.reattention.params import Config
+from kernels.reattention.shapes import CPU_CASES, Case, gpu_cases, small
+from tests.kernels import reattention_runs as runs
+from tests.kernels.conftest import TOL, rel_err
+from tests.kernels.test_reattention_reference import make_qkv
+
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
+SMALL = Config(score_block_q=16, score_block_k=16, score_stages=1, attn_block_q=16,
+               attn_block_k=16, attn_stages=1)
+
+
+def _config(**changes):
+    return None if ON_GPU and not changes else Config(**{**SMALL.__dict__, **changes})
+
+
+def pallas_run(q, k, v, sel, config=None):
+    """(out, glist, n_g) of the Pallas path with NaN-poisoned kernel outputs."""
+    return runs.pallas_fn(sel, config or _config())(q, k, v)
+
+
+def reference_run(q, k, v, sel):
+    f32 = lambda x: x.astype(jnp.float32)
+    return runs.reference_fn(sel)(f32(q), f32(k), f32(v))
+
+
+def assert_same_selection(got, want):
+    (gl, n), (gl_ref, n_ref) = got, want
+    np.testing.assert_array_equal(np.asarray(n), np.asarray(n_ref))
+    live = np.arange(gl.shape[-1]) < np.asarray(n)[..., None]
+    np.testing.assert_array_equal(np.where(live, gl, 0), np.where(live, gl_ref, 0))
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
+def test_fp32_matches_reference(case):
+    q, k, v = make_qkv(case, seed=200 + case.length)
+    out, *selection = pallas_run(q, k, v, case.sel)
+    ref, *ref_selection = reference_run(q, k, v, case.sel)
+    assert rel_err(out, ref) < TOL[jnp.float32]
+    assert_same_selection(selection, ref_selection)
+
+
+def test_bf16_matches_reference():
+    """bf16 kernels against the float32 reference on the same (bf16-rounded) inputs: same
+    selection (scores are exact bf16 products summed in float32), output within 2e-2."""
+    case = Case(2, 111, 8, 2, 64, small(3, 16, 2, 6, 4, 32, 8))
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=31))
+    out, *selection = pallas_run(q, k, v, case.sel)
+    assert out.dtype == jnp.bfloat16
+    ref, *ref_selection = reference_run(q, k, v, case.sel)
+    assert_same_selection(selection, ref_selection)
+    err = rel_err(out, ref)
+    assert 1e-4 < err < TOL[jnp.bfloat16]  # really bf16 arithmetic, and close
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_picks_match_reference_topk(splits):
+    """The scoring kernel's per-row picks are the reference's top_k (as sets), with the key
+    range in one piece or split across programs and merged in XLA."""
+    case = Case(1, 90, 4, 2, 64, small(3, 8, 3, 4, 2, 16, 1))
+    q, k, _ = make_qkv(case, seed=41)
+    with P.poison_outputs():
+        fn = functools.partial(P.picks, sel=case.sel, config=_config(score_splits=splits))
+        vals, idx = jax.jit(fn)(q, k)
+    geo = R.geometry(q.shape, k.shape, case.sel)
+    c0, c1, l0 = R.chunk_bounds(R.query_starts(None, 1, case.length, case.length), geo)
+    q_rows = jnp.moveaxis(R.pack_rows(q, geo), 2, 0)
+    k_heads = k.transpose(0, 2, 1, 3)
+    for ci in range(geo.num_chunks):
+        ref_vals, ref_idx = R.score_topk(q_rows[ci], k_heads, l0[:, ci], case.sel)
+        live = (R.row_positions(c0[:, ci], geo.rows, geo.groups) < c1[:, ci, None])
+        ref_idx = jnp.where(live[:, None, :, None], ref_idx, -1)
+        np.testing.assert_array_equal(np.sort(np.asarray(idx[:, :, ci]), -1),
+                                      np.sort(np.asarray(ref_idx), -1))
+        ok = np.asarray(ref_idx) >= 0
+        np.testing.assert_allclose(np.where(ok, -np.sort(-np.asarray(vals[:, :, ci]), -1), 0),
+                                   np.where(ok, np.asarray(ref_vals), 0), rtol=1e-5, atol=1e-5)
+    assert (np.asarray(idx) >= 0).sum() > 100  # not vacuous: the middle was long enough
+
+
+def test_decode_and_dispatch():
+    """ops.reattention_decode with implementation="pallas" equals "xla" for batch elements at
+    different lengths of one cache; the default implementation runs here."""
+    case = Case(2, 60, 8, 2, 128)
+    q, k, v = make_qkv(case, seed=51)
+    kw = dict(sink_tokens=2, local_window=12, top_k=2, max_selected=3, span=5, middle_align=4)
+    lengths = jnp.array([41, 60])
+    qd = q[jnp.arange(2), lengths - 1]
+    want = ops.reattention_decode(qd, k, v, lengths, implementation="xla", **kw)
+    with P.poison_outputs():
+        got = ops.reattention_decode(qd, k, v, lengths, implementation="pallas", **kw)
+    assert rel_err(got, want) < TOL[jnp.float32]
+    assert ops.default_reattention_implementation() == ("pallas" if ON_GPU else "xla")
+    if not ON_GPU:
+        auto = ops.reattention_decode(qd, k, v, lengths, **kw)
+        assert np.array_equal(np.asarray(auto), np.asarray(want))  # the reference itself
+
+
+def test_every_kernel_output_is_written(monkeypatch):
+    """Under NaN poisoning the scoring kernel leaves no NaN in its picks (and the attention
+    kernel none in the outputs: every other test); a launch whose grid misses programs leaves
+    NaN that the comparison rejects."""
+    case = Case(1, 70, 4, 2, 64, small(2, 8, 2, 4, 3, 32, 1))
+    q, k, v = make_qkv(case, seed=61)
+    ref = reference_run(q, k, v, case.sel)[0]
+    with P.poison_outputs():
+        vals, idx = jax.jit(functools.partial(P.picks, sel=case.sel, config=_config()))(q, k)
+    assert np.isfinite(np.asarray(vals)[np.asarray(idx) >= 0]).all()
+
+    def only_first_program(name):  # a launch that runs one program of the first grid axis
+        def launch(kernel, *, grid, **kw):
+            return call(kernel, grid=(1, *grid[1:]), **kw) if kw["name"] == name else \
+                call(kernel, grid=grid, **kw)
+        return launch
+
+    def fresh_run():  # traced now (never from the shared cache), with the patched launch
+        with P.poison_outputs():
+            fn = functools.partial(P.reattention_with_selection, sel=case.sel, config=_config())
+            return jax.jit(fn)(q, k, v)
+
+    call = P.call
+    monkeypatch.setattr(P, "call", only_first_program("reattention_attend"))
+    out, *_ = fresh_run()
+    assert np.isfinite(np.asarray(out)[:, :8]).all()  # the first 16-row tile: queries 0..7
+    assert np.isnan(np.asarray(out)[:, 8:]).all()
+    with pytest.raises(AssertionError, match="NaN"):
+        rel_err(out, ref)
+    monkeypatch.setattr(P, "call", only_first_program("reattention_score"))
+    with P.poison_outputs():
+        vals, _ = jax.jit(functools.partial(P.picks, sel=case.sel, config=_config()))(q, k)
+    assert np.isnan(np.asarray(vals)).any()
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", gpu_cases(32768), ids=lambda c: c.id)
+def test_gpu_32k_bf16_defaults(case):
+    """The authors' defaults (sink 32, window 8192, top 4, 256 picks, span 32, chunks of 512):
+    bf16 kernels against the float32 reference on the same inputs."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=32))
+    out, gl, n = pallas_run(q, k, v, case.sel)
+    ref, gl_ref, n_ref = reference_run(q, k, v, case.sel)
+    assert rel_err(out, ref) < TOL[jnp.bfloat16]
+    same = np.asarray(n) == np.asarray(n_ref)
+    assert same.mean() > 0.95, same.mean()  # near-ties may flip a rare pick, never many
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [Case(2, 4001, 8, 2, 64, small(16, 512, 4, 32, 8, 256, 64)),
+                                  Case(1, 3001, 10, 2, 128, small(32, 1024, 3, 64, 16, 100, 128))],
+                         ids=lambda c: c.id)
+def test_gpu_fp32(case):
+    q, k, v = make_qkv(case, seed=7)
+    out, *selection = pallas_run(q, k, v, case.sel)
+    ref, *ref_selection = reference_run(q, k, v, case.sel)
+    assert rel_err(out, ref) < TOL[jnp.float32]
+    assert_same_selection(selection, ref_selection)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_decode_at_256k():
+    """A decode step of a 32q/8kv d=64 head layout over a 256K-token cache (bf16)."""
+    case = Case(1, 262144, 32, 8, 64)
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))
+    lengths = jnp.array([262000])
+    with P.poison_outputs():
+        got = jax.jit(P.reattention_decode)(q[:, -1], k, v, lengths)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = jax.jit(R.reattention_decode)(f32(q[:, -1]), f32(k), f32(v), lengths)
+    assert rel_err(got, want) < TOL[jnp.bfloat16]
