@@ -1,0 +1,41 @@
+"""The GPU benchmark scripts run end to end in their --quick CPU mode (tiny sizes), so that they
+do not rot between GPU sessions, and their plots render from what they write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_bench_decode_quick_and_plot(tmp_path):
+    out = tmp_path / "decode.json"
+    proc = _run([str(REPO / "bench" / "bench_decode.py"), "--quick", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["batch1"]
+    assert {r["attention"] for r in rows} == {"cca", "full"}
+    for r in rows:
+        assert r["decode_ms"] > 0 and r["decode_bound_ms"] > 0 and r["prefill_s"] > 0
+        assert r["memory_bound_bytes"] == r["weight_bytes"] + r["cache_bytes"]
+    cca = {r["T"]: r["cache_bytes"] for r in rows if r["attention"] == "cca"}
+    full = {r["T"]: r["cache_bytes"] for r in rows if r["attention"] == "full"}
+    assert all(cca[t] < full[t] for t in cca)
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "decode.png"
+    proc = _run([str(REPO / "bench" / "plot_decode.py"), str(out), str(png)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert png.stat().st_size > 10_000
