@@ -19,7 +19,12 @@ g group size, w local window, N = S // g core slots, R ring slots.
     otherwise.
   - ``max_len`` (static): the capacity it was made for (N and R alone do not determine it).
 
-Both keep ``lengths (B,) int32``: tokens written so far per sequence, so a batch of prompts of
+* :class:`ReAttentionCache` (``attention="reattention"``): the UN-rotated keys and the values of
+  every position, ``k, v (B, S, Hkv, D)``, laid out like :class:`FullCache`. ReAttention scores
+  keys without position and re-numbers the ones it attends to at every step, so keys are stored
+  before RoPE; like the method, it keeps the whole cache (it bounds positions, not memory).
+
+All keep ``lengths (B,) int32``: tokens written so far per sequence, so a batch of prompts of
 different lengths decodes in lockstep. Writes go through :func:`_scatter_rows`, whose rows with an
 out-of-range index are dropped: nothing past a sequence's valid tokens is ever written, so in a
 fresh cache every slot beyond what a sequence holds stays zero.
@@ -80,6 +85,28 @@ class FullCache:
 
 
 @struct.dataclass
+class ReAttentionCache:
+    """Un-rotated keys and values of every position: ReAttention's decode cache."""
+
+    k: Float[Array, "B S Hkv D"]
+    v: Float[Array, "B S Hkv D"]
+    lengths: Int[Array, "B"]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def append(self, k: Float[Array, "B C Hkv D"], v: Float[Array, "B C Hkv D"],
+               n_valid: Int[Array, "B"]) -> "ReAttentionCache":
+        """As :meth:`FullCache.append`, with un-rotated keys."""
+        chunk = k.shape[1]
+        pos = self.lengths[:, None] + jnp.arange(chunk)
+        index = jnp.where(_valid_rows(n_valid, chunk), pos, self.max_len)
+        return ReAttentionCache(_scatter_rows(self.k, index, k), _scatter_rows(self.v, index, v),
+                                self.lengths + n_valid)
+
+
+@struct.dataclass
 class CCACache:
     """CCA's decode cache: the core token of every completed group and a ring of raw tokens."""
 
@@ -125,7 +152,7 @@ class CCACache:
                             core_v=_scatter_rows(self.core_v, index, v_core))
 
 
-LayerCache = FullCache | CCACache
+LayerCache = FullCache | CCACache | ReAttentionCache
 
 
 def ring_positions(lengths: Int[Array, "B"], ring: int) -> Int[Array, "B R"]:
@@ -147,9 +174,10 @@ def _check(config: CCAConfig, batch: int, max_len: int) -> None:
     for name, value in (("batch", batch), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
-    if config.attention not in ("full", "cca"):
+    if config.attention not in ("full", "cca", "reattention"):
         raise NotImplementedError(
-            f"no decode cache for attention={config.attention!r}; use 'full' or 'cca'"
+            f"no decode cache for attention={config.attention!r}; use 'full', 'cca' or "
+            "'reattention'"
         )
 
 
@@ -157,7 +185,7 @@ def _layer_shapes(config: CCAConfig, batch: int, max_len: int) -> dict[str, tupl
     """Name -> shape of every array of one layer's cache (the single source of the layout)."""
     kv = (config.num_kv_heads, config.head_dim)
     lengths = (batch,)
-    if config.attention == "full":
+    if config.attention in ("full", "reattention"):
         return {"k": (batch, max_len, *kv), "v": (batch, max_len, *kv), "lengths": lengths}
     n, r = max_len // config.group_size, ring_size(config, max_len)
     return {"core_k": (batch, n, *kv), "core_v": (batch, n, *kv), "ring_k": (batch, r, *kv),
@@ -171,6 +199,8 @@ def init_layer_cache(config: CCAConfig, batch: int, max_len: int) -> LayerCache:
               for name, shape in _layer_shapes(config, batch, max_len).items()}
     if config.attention == "full":
         return FullCache(**arrays)
+    if config.attention == "reattention":
+        return ReAttentionCache(**arrays)
     return CCACache(**arrays, max_len=max_len)
 
 
@@ -182,8 +212,8 @@ def init_cache(config: CCAConfig, batch: int, max_len: int) -> tuple[LayerCache,
 def cache_bytes(config: CCAConfig, max_len: int, batch: int = 1) -> int:
     """Exact bytes of :func:`init_cache` ``(config, batch, max_len)``: every array, lengths too.
 
-    Full: ``layers * (2 * B * S * Hkv * D * itemsize + 4 B)``. CCA: ``layers * (2 * B * (S // g
-    + R) * Hkv * D * itemsize + 4 B)`` with R from :func:`ring_size`.
+    Full and ReAttention: ``layers * (2 * B * S * Hkv * D * itemsize + 4 B)``. CCA:
+    ``layers * (2 * B * (S // g + R) * Hkv * D * itemsize + 4 B)`` with R from :func:`ring_size`.
     """
     _check(config, batch, max_len)
     itemsize = jnp.dtype(config.jnp_dtype).itemsize

@@ -28,6 +28,12 @@ class CCAConfig:
     ``rope_scaling`` follows Hugging Face: None, or a dict with ``rope_type`` "linear" (``factor``)
     or "llama3" (``factor``, ``low_freq_factor``, ``high_freq_factor``,
     ``original_max_position_embeddings``). ``dtype`` is the compute and parameter dtype name.
+
+    CCA (``attention="cca"``) uses ``group_size``, ``local_window`` and ``pooling``. ReAttention
+    (``attention="reattention"``) uses the ``reattention_*`` fields, which map onto
+    ``kernels.reattention.params.Selection`` (:meth:`selection`): ``sink`` tokens always kept,
+    the local ``window`` (aligned to ``align``), each query's ``top_k`` keys, at most
+    ``max_selected`` of them per chunk of ``chunk`` queries, each bringing ``span`` neighbours.
     """
 
     vocab_size: int = 32000
@@ -50,6 +56,14 @@ class CCAConfig:
     group_size: int = 16
     local_window: int = 1024
     pooling: str = "cca"
+    # ReAttention's selection (kernels/reattention/params.py Selection; defaults: the authors').
+    reattention_sink: int = 32
+    reattention_window: int = 8192
+    reattention_top_k: int = 4
+    reattention_max_selected: int = 256
+    reattention_span: int = 32
+    reattention_chunk: int = 512
+    reattention_align: int = 128
     implementation: str | None = None
     dtype: str = "float32"
 
@@ -80,6 +94,36 @@ class CCAConfig:
         from kernels.cca.reference import check_cca_hparams
 
         check_cca_hparams(self.group_size, self.local_window, self.pooling)
+        self.selection()  # validates the ReAttention fields
+
+    def selection(self):
+        """ReAttention's :class:`kernels.reattention.params.Selection` from the
+        ``reattention_*`` fields (raises ValueError naming a bad one)."""
+        from kernels.reattention.params import Selection
+
+        fields = dict(sink_tokens=self.reattention_sink, local_window=self.reattention_window,
+                      top_k=self.reattention_top_k, max_selected=self.reattention_max_selected,
+                      span=self.reattention_span, chunk_size=self.reattention_chunk,
+                      middle_align=self.reattention_align)
+        try:
+            return Selection(**fields)
+        except ValueError as e:  # name the config field, not the Selection argument
+            names = dict(zip(fields, ("reattention_sink", "reattention_window",
+                                      "reattention_top_k", "reattention_max_selected",
+                                      "reattention_span", "reattention_chunk",
+                                      "reattention_align")))
+            message = str(e)
+            for arg, field in names.items():
+                if message.startswith(arg + " "):
+                    message = field + message[len(arg):]
+            raise ValueError(message) from None
+
+    def max_reattention_position(self) -> int:
+        """An upper bound (exclusive) on the positions ReAttention gives any query or key: the
+        longest attended list, sink + max_selected * span + window + align - 1 + chunk. Every
+        position stays below it, and below the context length, whatever the context length."""
+        sel = self.selection()
+        return sel.num_gathered() + sel.local_window + sel.middle_align - 1 + sel.chunk_size
 
     # ----------------------------------------------------------------- named constructors
     @classmethod

@@ -4,7 +4,8 @@ Shape letters as in ``jax_cca/cache.py``; C is the chunk of new tokens (1 when d
 groups a chunk can complete, G = Hq // Hkv query heads per kv head (GQA is a reshape).
 
 * :func:`prefill_cache`: after the model's ordinary forward over a right-padded prompt
-  ``(B, T)``, store what decoding needs: full attention every key and value; CCA the core token of
+  ``(B, T)``, store what decoding needs: full attention every key and value (ReAttention too,
+  un-rotated); CCA the core token of
   every group the prompt completes (``reference.pool_core_tokens`` over the prompt, as the
   attention op pools it) and the prompt's last R tokens in the ring. Rows past ``lengths[b]`` are
   padding and are never written.
@@ -19,6 +20,12 @@ groups a chunk can complete, G = Hq // Hkv query heads per kv head (GQA is a res
     ``kernels.cca.reference``'s exact predicates. Only then do the chunk's tokens enter the ring,
     so a chunk longer than the ring is fine: the ring needs only the w + g - 2 positions before
     the chunk.
+  - ReAttention (:class:`ReAttentionCache`, un-rotated keys): the chunk is written first, then
+    ``ops.reattention`` runs its queries from ``q_start = lengths`` over the whole cache (rows
+    past ``n_valid`` do not vote: ``q_lengths``), split into selection chunks of
+    ``min(reattention_chunk, C)`` queries starting at the chunk's first token; with C = 1 it is
+    ``ops.reattention_decode`` (a decode step selects for its query alone). So a chunked prefill
+    equals the one-pass prefill when its chunk is a multiple of ``reattention_chunk``.
 
   Rows past ``n_valid[b]`` (padding) get outputs but are not written to the cache.
 
@@ -37,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jax_cca.cache import CCACache, FullCache, LayerCache
+from jax_cca import ops
+from jax_cca.cache import CCACache, FullCache, LayerCache, ReAttentionCache
 from jax_cca.config import CCAConfig
 from kernels.cca import pallas_decode
 from kernels.cca.reference import (
@@ -109,7 +117,10 @@ def extend_attention(
 ) -> tuple[Float[Array, "B C Hq D"], LayerCache]:
     """Attention of a chunk of new tokens over cache + chunk; returns (output, updated cache).
 
-    ``implementation``: see :func:`decode_implementation` (used when C = 1)."""
+    ``implementation``: see :func:`decode_implementation` (used when C = 1; for ReAttention
+    it names the op's implementation, "pallas" or "xla", for every C)."""
+    if isinstance(cache, ReAttentionCache):
+        return _reattention_extend(cache, q, k, v, n_valid, config, implementation)
     kernel = q.shape[1] == 1 and decode_implementation(config, implementation) == "pallas"
     first = cache.lengths  # (B,): position of the chunk's first row
     positions = first[:, None] + jnp.arange(q.shape[1])  # (B, C)
@@ -142,6 +153,63 @@ def extend_attention(
                       (cache.ring_k, cache.ring_v, ring_mask),
                       (k, v, chunk_mask)])
     return out, cache.append(k, v, n_valid)
+
+
+def reattention_implementation(config: CCAConfig) -> str:
+    """The ``ops.reattention`` implementation of a model: ``config.implementation`` ("pallas" or
+    "xla"), or by default "pallas" on GPU when the head dim suits the kernels (a power of two
+    >= 32) and "xla" otherwise. Full attention's backends ("cudnn", "chunked") are refused."""
+    name = config.implementation
+    if name is None:
+        d = config.head_dim
+        fits = d >= 32 and not d & (d - 1)
+        return ops.default_reattention_implementation() if fits else "xla"
+    if name not in ops.REATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"implementation {name!r} does not run ReAttention; choose from "
+                         f"{sorted(ops.REATTENTION_IMPLEMENTATIONS)} or None")
+    return name
+
+
+def reattention_kwargs(config: CCAConfig) -> dict:
+    """Keyword arguments of ``ops.reattention`` for a model: the selection, the model's RoPE
+    (``inverse_frequencies``, so linear and llama3 scaling hold) and the implementation."""
+    from jax_cca.rope import inverse_frequencies
+
+    sel = config.selection()
+    return dict(sink_tokens=sel.sink_tokens, local_window=sel.local_window, top_k=sel.top_k,
+                max_selected=sel.max_selected, span=sel.span, chunk_size=sel.chunk_size,
+                middle_align=sel.middle_align, rope_theta=config.rope_theta,
+                inv_freq=inverse_frequencies(config),
+                implementation=reattention_implementation(config))
+
+
+def _reattention_extend(
+    cache: ReAttentionCache,
+    q: Float[Array, "B C Hq D"],
+    k: Float[Array, "B C Hkv D"],
+    v: Float[Array, "B C Hkv D"],
+    n_valid: Int[Array, "B"],
+    config: CCAConfig,
+    implementation: str | None,
+) -> tuple[Float[Array, "B C Hq D"], ReAttentionCache]:
+    """ReAttention of C new un-rotated queries at positions ``lengths[b] + i`` over the cache,
+    after the chunk's un-rotated keys are written into it."""
+    first = cache.lengths
+    cache = cache.append(k, v, n_valid)
+    kw = reattention_kwargs(config)
+    if implementation is not None:
+        kw["implementation"] = implementation
+    chunk = q.shape[1]
+    if chunk == 1:
+        kw.pop("chunk_size")
+        out = ops.reattention_decode(q[:, 0], cache.k, cache.v, first + 1, **kw)
+        return out[:, None], cache
+    keys, values = cache.k, cache.v
+    if chunk > cache.max_len:  # the op wants at least C keys; rows past max_len are not stored
+        pad = ((0, 0), (0, chunk - cache.max_len), (0, 0), (0, 0))
+        keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
+    out = ops.reattention(q, keys, values, q_start=first, q_lengths=n_valid, **kw)
+    return out, cache
 
 
 def _pool_completed_groups(

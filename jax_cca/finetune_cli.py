@@ -99,7 +99,8 @@ def add_finetune_parser(sub) -> None:
                     help="with --distributed: number of processes")
     ft.add_argument("--process-id", type=_int_at_least(0), default=None,
                     help="with --distributed: this process's index")
-    _add_attention_args(ft, default_attention="cca", default_group=None, default_window=None)
+    _add_attention_args(ft, default_attention="cca", default_group=None, default_window=None,
+                        reattention=False)  # ReAttention is training-free
     ft.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ft.set_defaults(func=cmd_finetune)
 

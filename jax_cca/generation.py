@@ -144,7 +144,20 @@ def check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, to
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     total = ids.shape[1] + max_new_tokens
-    if total > config.max_position_embeddings:
+    if config.attention == "reattention":
+        # ReAttention re-numbers the keys it attends to: positions stay below both the length
+        # and the selection's bound, so the context may exceed the pretrained range.
+        bound = config.max_reattention_position()
+        if min(total, bound) > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
+                f"tokens under this ReAttention selection reach positions up to "
+                f"{min(total, bound) - 1}, past the model's max_position_embeddings "
+                f"({config.max_position_embeddings}); lower reattention_window, "
+                "reattention_max_selected, reattention_span or reattention_chunk (they bound "
+                f"the attended length at {bound})"
+            )
+    elif total > config.max_position_embeddings:
         raise ValueError(
             f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
             f"the model's max_position_embeddings ({config.max_position_embeddings})"
@@ -271,7 +284,10 @@ def generate(
 
     The prompt runs once (``model.prefill``; in chunks of ``prefill_chunk`` tokens when given),
     then each new token is one cached decode step (``model.decode_step``): full attention reads
-    the KV cache, CCA its core tokens and raw ring (``jax_cca/cache.py``).
+    the KV cache, CCA its core tokens and raw ring, ReAttention its un-rotated KV cache
+    (``jax_cca/cache.py``). With ReAttention the prompt plus new tokens may exceed
+    ``max_position_embeddings`` as long as the selection's bound on positions does not
+    (``CCAConfig.max_reattention_position``).
     """
     ids = check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed,
                               pad_id)

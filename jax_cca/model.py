@@ -1,4 +1,4 @@
-"""CCALlama: a LLaMA 2 / 3 / 3.1 / 3.2 decoder in Flax NNX whose attention is full, CCA or (later)
+"""CCALlama: a LLaMA 2 / 3 / 3.1 / 3.2 decoder in Flax NNX whose attention is full, CCA or
 ReAttention. Parameter names mirror Hugging Face's so the weight map stays a short table
 (torch_bridge/convert.py); Linear kernels are stored (in, out)."""
 
@@ -51,12 +51,11 @@ class MLP(nnx.Module):
 
 
 class Attention(nnx.Module):
+    """LLaMA self-attention computing ``config.attention``: "full", "cca", or "reattention"
+    (``ops.reattention`` over UN-rotated q and k: the op applies RoPE itself, at the re-numbered
+    positions of the keys it gathers, with the model's inverse frequencies)."""
+
     def __init__(self, config: CCAConfig, *, rngs: nnx.Rngs):
-        if config.attention == "reattention":
-            raise NotImplementedError(
-                "attention='reattention' is not implemented yet (tracked in the ReAttention "
-                "issue); use 'full' or 'cca'"
-            )
         self.config = config
         e, d, b = config.hidden_size, config.head_dim, config.attention_bias
         self.q_proj = _linear(e, config.num_heads * d, b, config, rngs)
@@ -65,16 +64,24 @@ class Attention(nnx.Module):
         self.o_proj = _linear(config.num_heads * d, e, b, config, rngs)
 
     def _project(self, x: Float[Array, "B T E"], cos, sin):
-        """Rotated q (B, T, Hq, D), rotated k and v (B, T, Hkv, D)."""
+        """Rotated q (B, T, Hq, D), rotated k and v (B, T, Hkv, D). ReAttention: q and k are
+        returned un-rotated (``cos``, ``sin`` unused)."""
         c = self.config
         bsz, t, _ = x.shape
         q = self.q_proj(x).reshape(bsz, t, c.num_heads, c.head_dim)
         k = self.k_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
+        if c.attention == "reattention":
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _attention(self, q, k, v) -> Float[Array, "B T Hq D"]:
+    def _attention(self, q, k, v, q_lengths=None) -> Float[Array, "B T Hq D"]:
+        """The attention op over a whole (prefix of a) sequence at positions 0..T-1.
+        ``q_lengths`` (B,): real tokens per row (right padding after them); only ReAttention
+        needs it (padding must not vote in its selection), causal masking covers the others."""
         c = self.config
+        if c.attention == "reattention":
+            return ops.reattention(q, k, v, q_lengths=q_lengths, **decode.reattention_kwargs(c))
         if c.attention == "cca":
             return ops.cca_attention(q, k, v, group_size=c.group_size,
                                      local_window=c.local_window, pooling=c.pooling,
@@ -96,7 +103,7 @@ class Attention(nnx.Module):
         Only the first ``n_valid[b]`` rows of x are written to the cache."""
         q, k, v = self._project(x, cos, sin)
         if prefill:
-            o = self._attention(q, k, v)
+            o = self._attention(q, k, v, q_lengths=n_valid)
             cache = decode.prefill_cache(cache, q, k, v, n_valid, self.config)
         else:
             o, cache = decode.extend_attention(cache, q, k, v, n_valid, self.config)
@@ -161,6 +168,9 @@ class CCALlama(nnx.Module):
         (``jax.checkpoint`` per layer), so only the layer inputs stay in memory."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length); got shape {input_ids.shape}")
+        if positions is not None and self.config.attention == "reattention":
+            raise ValueError("attention='reattention' numbers positions itself (0..n-1 over the "
+                             "keys each chunk attends to); custom positions are not supported")
         if positions is None:
             positions = default_positions(*input_ids.shape)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(self.config))

@@ -170,6 +170,7 @@ def reattention(
     inv_freq=None,
     softmax_scale: float | None = None,
     implementation: str | None = None,
+    q_lengths=None,
 ) -> Float[Array, "B T Hq D"]:
     """ReAttention (arXiv 2407.15176) over UN-rotated q and the un-rotated k, v cache.
 
@@ -182,12 +183,18 @@ def reattention(
     (+ up to ``middle_align`` - 1) keys ; itself] re-numbered 0 .. n-1 with RoPE applied at those
     positions (``rope_theta`` or explicit ``inv_freq`` (D/2,)). GQA: query head h uses kv head
     h // (Hq // Hkv). Forward only. "pallas" needs a power-of-two head dim >= 32.
+
+    ``q_lengths`` (B,) ints in [0, T] (optional): element b has q_lengths[b] real queries, the
+    rest of its T rows is right padding, which gets outputs but does not vote in the selection
+    (so each element selects what its unpadded sequence would). Default: every query is real.
     """
     from kernels.reattention import reference as reattention_reference
 
     reattention_reference.check_args(q, k, v)
     kw = _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
                              middle_align)
+    if q_lengths is not None:
+        kw["q_lengths"] = q_lengths
     return _reattention_fn(implementation)(
         q, k, v, q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq,
         softmax_scale=softmax_scale, **kw)

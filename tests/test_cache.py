@@ -260,7 +260,7 @@ def test_ring_positions_and_ring_size():
 
 
 # ---------------------------------------------------------------------------- bytes
-@pytest.mark.parametrize("attention", ["full", "cca"])
+@pytest.mark.parametrize("attention", ["full", "cca", "reattention"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cache_bytes_match_the_arrays(attention, dtype):
     cfg = tiny_config(attention=attention, dtype=dtype)
@@ -289,8 +289,9 @@ def test_llama2_7b_cache_bytes_at_128k():
 def test_cache_arguments_are_checked(models, sequence):
     with pytest.raises(ValueError, match="max_len must be a positive int"):
         init_cache(tiny_config(attention="cca"), 2, 0)
-    with pytest.raises(NotImplementedError, match="reattention"):
-        cache_bytes(tiny_config(attention="reattention"), 16)
+    # ReAttention keeps every (un-rotated) key and value: full attention's size.
+    assert cache_bytes(tiny_config(attention="reattention"), 16, 2) == \
+        cache_bytes(tiny_config(attention="full"), 16, 2)
     model = models["cca"]
     with pytest.raises(ValueError, match="does not fit a cache of batch 2 and max_len 30"):
         model.prefill(sequence, None, model.init_cache(2, 30))

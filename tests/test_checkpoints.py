@@ -167,6 +167,8 @@ def test_restore_with_overrides(model, saved, rel_err):
     assert both.config == model.config.replace(attention="cca", local_window=8, dtype="bfloat16")
     assert rel_err(logits(both), logits(model.with_attention(attention="cca", local_window=8))) \
         < 2e-2
+    re = restore_model(saved, attention="reattention", reattention_top_k=8)
+    assert re.config == model.config.replace(attention="reattention", reattention_top_k=8)
     # The stored checkpoint itself is unchanged by restoring with overrides.
     assert_same_model(restore_model(saved), model)
 
@@ -174,8 +176,10 @@ def test_restore_with_overrides(model, saved, rel_err):
 def test_restore_with_invalid_overrides(saved):
     with pytest.raises(ValueError, match="multiple of group_size"):
         restore_model(saved, group_size=4, local_window=10)
-    with pytest.raises(NotImplementedError, match="reattention"):
-        restore_model(saved, attention="reattention")
+    with pytest.raises(ValueError, match="reattention_top_k"):
+        restore_model(saved, attention="reattention", reattention_top_k=0)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        restore_model(saved, attention="sparse")
 
 
 # ------------------------------------------------------------------------------- overwrite

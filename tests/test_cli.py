@@ -206,6 +206,25 @@ def test_generate_uses_the_stored_cca_attention(checkpoint, capsys):
     assert printed == np.asarray(expected)[0, len(PROMPT_IDS):].tolist()
 
 
+def test_generate_with_reattention_and_its_knobs(checkpoint, capsys):
+    knobs = dict(sink=2, window=4, top_k=2, max_selected=2, span=1, chunk=4, align=2)
+    argv = ["generate", "--model", str(checkpoint), "--prompt-ids",
+            ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "5", "--ignore-eos",
+            "--no-progress", "--attention", "reattention"]
+    for name, value in knobs.items():
+        argv += [f"--reattention-{name.replace('_', '-')}", str(value)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = _ids(_line(captured.out, "generated ids:"))
+    assert "attention reattention (sink=2, window=4, top_k=2" in captured.err
+    model = CCALlama.from_pretrained(checkpoint, attention="reattention",
+                                     **{f"reattention_{k}": v for k, v in knobs.items()})
+    expected = generate(model, jnp.asarray([PROMPT_IDS]), 5)
+    assert printed == np.asarray(expected)[0, len(PROMPT_IDS):].tolist()
+    assert main(argv + ["--reattention-top-k", "0"]) == 2
+    assert "--reattention-top-k" in capsys.readouterr().err
+
+
 def test_generate_from_text_prompt_with_sampling(checkpoint, capsys):
     text = "the cat sat on a mat and the dog ran far away home the cat"
     argv = ["generate", "--model", str(checkpoint), "--prompt", text, "--max-new-tokens", "4",

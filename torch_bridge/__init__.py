@@ -4,6 +4,7 @@
     from torch_bridge import export_hf_llama    # CCALlama -> HF safetensors directory
     from torch_bridge import cca_attention      # CCA on torch tensors (Triton kernels or reference)
     from torch_bridge import patch_llama        # a transformers LlamaForCausalLM computing CCA
+                                                # (or ReAttention: attention="reattention")
 
 Importing this package imports neither torch nor jax; each function imports what it needs
 (``cca_attention`` and ``patch_llama`` are loaded on first access).
@@ -17,6 +18,7 @@ _LAZY = {
     "cca_attention": "torch_bridge.attention",
     "patch_llama": "torch_bridge.modules",
     "CCALlamaAttention": "torch_bridge.modules",
+    "ReAttentionLlamaAttention": "torch_bridge.modules",
 }
 
 __all__ = ["convert_hf_llama", "export_hf_llama", "load_hf_llama", *_LAZY]

@@ -1,4 +1,5 @@
-"""CCA inside a transformers LLaMA: ``patch_llama(model, group_size=16, local_window=1024)``.
+"""CCA or ReAttention inside a transformers LLaMA: ``patch_llama(model, group_size=16,
+local_window=1024)`` or ``patch_llama(model, attention="reattention", reattention_top_k=4, ...)``.
 
 Every ``LlamaAttention`` of the model is replaced by a :class:`CCALlamaAttention` that keeps the
 same projection modules (same parameters, same state_dict names, so ``save_pretrained`` and
@@ -12,6 +13,16 @@ causal with right padding (real tokens then get exactly the CCA of the unpadded 
 Not supported, with an error that says so: left padding, packed sequences or any other custom
 mask; attention dropout in training; decoding with a filled KV cache (a prefill into an empty
 cache is fine; use ``jax_cca.CCALlama.generate`` for CCA decoding).
+
+``attention="reattention"`` puts a :class:`ReAttentionLlamaAttention` in every layer instead,
+computing like ``jax_cca.CCALlama(attention="reattention")``: projections -> the ReAttention op
+(``kernels/reattention/torch_ops.py``) over UN-rotated q and k, which applies RoPE itself at the
+re-numbered positions with the frequencies of the model's own rotary embedding (default, linear
+or llama3 scaling) -> o_proj. The decoder's position embeddings are not used. It also decodes
+with a transformers KV cache (``model.generate``): the cache then holds un-rotated keys, which only
+this module reads. Masks: none, causal, or causal with right padding of a cache-less prefill
+(padding queries do not vote in the selection). Meant for inference: ReAttention is
+training-free and its Triton kernels are forward only.
 """
 
 from __future__ import annotations
@@ -125,13 +136,161 @@ class CCALlamaAttention(nn.Module):
         return self.o_proj(o.reshape(b, t, -1)), None
 
 
+def reattention_query_lengths(mask, batch: int, queries: int, keys: int):
+    """Real queries per sequence ((B,) int64 tensor) from a transformers attention mask, or None
+    when every query is real. Accepts none, causal (queries at the last ``queries`` of ``keys``
+    positions), and causal with right padding when there is no earlier cache (queries ==
+    keys); raises ValueError for anything else (left padding, packed sequences, custom masks)."""
+    advice = ("ReAttention in patch_llama honours unpadded batches, or right-padded ones without "
+              "a filled KV cache (tokenizer.padding_side = 'right'); left padding, packed "
+              "sequences and custom masks would change which keys are selected and numbered")
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"unsupported attention mask of type {type(mask).__name__} "
+                         "(use attn_implementation='sdpa' or 'eager'); " + advice)
+    if mask.ndim == 2:  # (B, S) padding mask
+        key_ok = mask.bool()
+        if tuple(key_ok.shape) != (batch, keys):
+            raise ValueError(f"attention mask {tuple(mask.shape)} does not match {batch} "
+                             f"sequences of {keys} keys; " + advice)
+    else:
+        if mask.ndim != 4 or tuple(mask.shape[-2:]) != (queries, keys):
+            raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not match "
+                             f"{queries} queries and {keys} keys; " + advice)
+        keep = mask if mask.dtype == torch.bool else mask == 0
+        key_ok = keep[..., -1, :]  # the last query row: causal attention lets it see every key
+        rows = torch.arange(queries, device=mask.device)[:, None] + (keys - queries)
+        causal = torch.arange(keys, device=mask.device)[None, :] <= rows
+        if not torch.equal(keep, causal & key_ok[..., None, :]):
+            raise ValueError("attention mask is not causal (with right padding); " + advice)
+        key_ok = key_ok.reshape(-1, keys).expand(batch, keys)
+    if not _right_padded(key_ok):
+        raise ValueError("attention mask is not right padding; " + advice)
+    if bool(key_ok.all()):
+        return None
+    if keys != queries:
+        raise ValueError(f"padding with a filled KV cache ({keys - queries} earlier tokens) is "
+                         "not supported; " + advice)
+    return key_ok.sum(dim=-1)
+
+
+def _rotary_embedding(model: nn.Module) -> nn.Module:
+    """The model's LlamaRotaryEmbedding, checked to be a RoPE ReAttention can re-number (its
+    angles are position * inv_freq, unscaled: default, linear or llama3)."""
+    rotary = [m for m in model.modules() if type(m).__name__ == "LlamaRotaryEmbedding"]
+    if not rotary:
+        raise TypeError(f"{type(model).__name__} has no LlamaRotaryEmbedding: ReAttention needs "
+                        "the model's rotary frequencies")
+    rope_type = getattr(rotary[0], "rope_type", "default")
+    scaling = float(getattr(rotary[0], "attention_scaling", 1.0))
+    if rope_type not in ("default", "linear", "llama3") or scaling != 1.0:
+        raise NotImplementedError(f"ReAttention supports default, linear and llama3 RoPE; this "
+                                  f"model uses {rope_type!r} (attention scaling {scaling})")
+    return rotary[0]
+
+
+REATTENTION_DEFAULTS = dict(reattention_sink=32, reattention_window=8192, reattention_top_k=4,
+                            reattention_max_selected=256, reattention_span=32,
+                            reattention_chunk=512, reattention_align=128)
+# patch_llama's implementation names -> kernels/reattention/torch_ops.py's
+_REATTENTION_IMPLEMENTATIONS = {None: None, "triton": "triton", "reference": "torch",
+                                "torch": "torch"}
+
+
+def _selection(settings: dict):
+    """kernels.reattention.params.Selection from ``reattention_*`` keyword arguments."""
+    from kernels.reattention.params import Selection
+
+    unknown = sorted(set(settings) - set(REATTENTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown ReAttention settings {unknown}; known: "
+                        f"{sorted(REATTENTION_DEFAULTS)}")
+    s = {**REATTENTION_DEFAULTS, **settings}
+    return Selection(s["reattention_sink"], s["reattention_window"], s["reattention_top_k"],
+                     s["reattention_max_selected"], s["reattention_span"], s["reattention_chunk"],
+                     s["reattention_align"])
+
+
+class ReAttentionLlamaAttention(nn.Module):
+    """Drop-in replacement for transformers' ``LlamaAttention`` computing ReAttention, like
+    ``jax_cca.CCALlama(attention="reattention")``.
+
+    Built from an existing ``LlamaAttention`` (or a patched layer: the q/k/v/o projections are
+    reused, not copied) and the model's rotary embedding (read, not owned: its ``inv_freq`` gives
+    the RoPE frequencies, so they follow the model's device). ``forward`` has the HF signature
+    and returns ``(output, None)``.
+    """
+
+    def __init__(self, attention: nn.Module, rotary: nn.Module, *, selection,
+                 implementation: str | None = None):
+        super().__init__()
+        self.config = attention.config
+        self.layer_idx = attention.layer_idx
+        self.head_dim = attention.head_dim
+        self.scaling = attention.scaling
+        self.attention_dropout = attention.attention_dropout
+        self.is_causal = True
+        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
+        self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
+        self._rotary = (rotary,)  # a tuple: not registered as a submodule of every layer
+        self.configure(selection=selection, implementation=implementation)
+
+    def configure(self, *, selection, implementation: str | None = None) -> None:
+        if implementation not in _REATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown implementation {implementation!r}; choose from "
+                             f"{[k for k in _REATTENTION_IMPLEMENTATIONS if k]} or None")
+        self.selection, self.implementation = selection, implementation
+
+    def extra_repr(self) -> str:
+        return f"selection={self.selection}, implementation={self.implementation!r}"
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        from kernels.reattention import torch_ops
+
+        del position_embeddings  # ReAttention numbers the keys it attends to itself
+        cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
+        b, t, _ = hidden_states.shape
+        shape = (b, t, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)  # (B, T, H, D), un-rotated
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        if cache is not None:  # HF layout (B, H, S, D); the cache holds un-rotated keys
+            keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = keys.transpose(1, 2), values.transpose(1, 2)
+        q_lengths = reattention_query_lengths(attention_mask, b, t, k.shape[1])
+        if self.training and self.attention_dropout:
+            raise NotImplementedError(
+                f"attention dropout ({self.attention_dropout}) is not supported by ReAttention; "
+                "set config.attention_dropout = 0.0")
+        sel = self.selection
+        o = torch_ops.reattention(
+            q, k, v, sink_tokens=sel.sink_tokens, local_window=sel.local_window,
+            top_k=sel.top_k, max_selected=sel.max_selected, span=sel.span,
+            chunk_size=sel.chunk_size, middle_align=sel.middle_align,
+            inv_freq=self._rotary[0].inv_freq.float(), softmax_scale=self.scaling,
+            implementation=_REATTENTION_IMPLEMENTATIONS[self.implementation],
+            q_lengths=q_lengths)
+        return self.o_proj(o.reshape(b, t, -1)), None
+
+
+PATCHED = (CCALlamaAttention, ReAttentionLlamaAttention)
+
+
 def patch_llama(model: nn.Module, group_size: int = 16, local_window: int = 1024,
-                pooling: str = "cca", implementation: str | None = None) -> nn.Module:
+                pooling: str = "cca", implementation: str | None = None, *,
+                attention: str = "cca", **reattention) -> nn.Module:
     """Make every attention layer of a transformers LLaMA (``LlamaForCausalLM``, ``LlamaModel``)
-    compute CCA attention; returns the same model, modified in place.
+    compute CCA (``attention="cca"``, the default) or ReAttention (``attention="reattention"``);
+    returns the same model, modified in place.
 
     Parameters are untouched (the layers reuse the projection modules), so fine-tuning, saving
-    and loading work as before. Calling it again on a patched model changes the CCA settings.
+    and loading work as before. Calling it again on a patched model changes the settings (or
+    the attention). CCA: ``group_size``, ``local_window``, ``pooling``. ReAttention: the keyword
+    arguments named like ``CCAConfig``'s fields, ``reattention_sink`` (32),
+    ``reattention_window`` (8192), ``reattention_top_k`` (4), ``reattention_max_selected``
+    (256), ``reattention_span`` (32), ``reattention_chunk`` (512), ``reattention_align`` (128).
     ``implementation``: None (Triton on CUDA, the torch reference on CPU), "triton" or
     "reference" (see ``torch_bridge.cca_attention``). Raises TypeError for other models.
     """
@@ -139,21 +298,32 @@ def patch_llama(model: nn.Module, group_size: int = 16, local_window: int = 1024
 
     from kernels.cca.reference_torch import check_cca_hparams
 
-    check_cca_hparams(group_size, local_window, pooling)
-    settings = dict(group_size=group_size, local_window=local_window, pooling=pooling,
-                    implementation=implementation)
+    if attention not in ("cca", "reattention"):
+        raise ValueError(f"attention must be 'cca' or 'reattention'; got {attention!r}")
+    if attention == "cca":
+        if reattention:
+            raise TypeError(f"unexpected arguments for attention='cca': {sorted(reattention)}")
+        check_cca_hparams(group_size, local_window, pooling)
+        settings = dict(group_size=group_size, local_window=local_window, pooling=pooling,
+                        implementation=implementation)
+    else:
+        settings = dict(selection=_selection(reattention), implementation=implementation)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type != "llama":
         raise TypeError(f"patch_llama supports transformers LLaMA models (LlamaForCausalLM, "
                         f"LlamaModel); got {type(model).__name__} with model_type {model_type!r}")
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
-               if type(child) is LlamaAttention or isinstance(child, CCALlamaAttention)]
+               if type(child) is LlamaAttention or isinstance(child, PATCHED)]
     if not targets:
         raise TypeError(f"{type(model).__name__} has no LlamaAttention layer to patch")
+    rotary = _rotary_embedding(model) if attention == "reattention" else None
+    cls = CCALlamaAttention if attention == "cca" else ReAttentionLlamaAttention
     for parent, name, child in targets:
-        if isinstance(child, CCALlamaAttention):
+        if isinstance(child, cls):
             child.configure(**settings)
-        else:
+        elif cls is CCALlamaAttention:
             setattr(parent, name, CCALlamaAttention(child, **settings))
+        else:
+            setattr(parent, name, ReAttentionLlamaAttention(child, rotary, **settings))
     return model

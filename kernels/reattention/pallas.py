@@ -264,13 +264,16 @@ def _meta(*fields):
 
 
 def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
-          interpret: bool | None = None):
+          interpret: bool | None = None, q_lengths=None):
     """The scoring kernel's per-row picks as (vals, idx) (B, Hkv, NC, R, K), unordered (idx -1:
-    none; rows of queries past the end: -1), in the row order of ``reference.pack_rows``."""
-    return _picks(q, k, sel=sel, q_start=q_start, config=config, interpret=interpret)[:2]
+    none; rows of queries past the end or past ``q_lengths``: -1), in the row order of
+    ``reference.pack_rows``."""
+    return _picks(q, k, sel=sel, q_start=q_start, config=config, interpret=interpret,
+                  q_lengths=q_lengths)[:2]
 
 
-def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None):
+def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,
+           q_lengths=None):
     geo = geometry(q.shape, k.shape, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
@@ -280,14 +283,15 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     q_rows = pad_to(reference.pack_rows(q, geo), 3, tile)
     vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret)
     vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]
-    live = reference.row_positions(c0, geo.rows, geo.groups) < c1[..., None]  # (B, NC, R)
+    vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
+    live = reference.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]  # (B, NC, R)
     return vals, jnp.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
 
 
 def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start=None,
                                rope_theta: float = 10000.0, inv_freq=None,
                                softmax_scale: float | None = None, config: Config | None = None,
-                               interpret: bool | None = None):
+                               interpret: bool | None = None, q_lengths=None):
     """(out, gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC)), like the reference's."""
     reference.check_args(q, k, v)
     check_head_dim(q.shape[3])
@@ -295,7 +299,7 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
                                       geometry(q.shape, k.shape, sel).rows)
     interpret = resolve_interpret(interpret)
     vals, idx, (q_rows, c0, c1, l0, geo) = _picks(q, k, sel=sel, q_start=q_start, config=config,
-                                                 interpret=interpret)
+                                                 interpret=interpret, q_lengths=q_lengths)
     b, hkv, nc = geo.batch, geo.kv_heads, geo.num_chunks
     rep = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc)).reshape(-1)
     glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
@@ -327,6 +331,7 @@ def reattention(
     softmax_scale: float | None = None,
     config: Config | None = None,
     interpret: bool | None = None,
+    q_lengths=None,
 ) -> Float[Array, "B T Hq D"]:
     """ReAttention (same function as ``reference.reattention``) with Pallas kernels.
 
@@ -335,7 +340,7 @@ def reattention(
     sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
-                                      config=config, interpret=interpret)[0]
+                                      config=config, interpret=interpret, q_lengths=q_lengths)[0]
 
 
 def reattention_decode(q: Float[Array, "B Hq D"], k_cache, v_cache, lengths, **kwargs):

@@ -91,6 +91,17 @@ def query_starts(q_start, batch: int, num_keys: int, num_queries: int) -> jax.Ar
     return jnp.broadcast_to(jnp.asarray(q_start, jnp.int32), (batch,))
 
 
+def voting_ends(c1, q_start, q_lengths):
+    """(B, NC) end of the voting queries of each chunk: ``c1``, cut at ``q_start + q_lengths``
+    when ``q_lengths`` (B,) is given. Queries at or past it (right padding of a batch of
+    sequences of different lengths) still get outputs but do not vote in the selection, so a
+    padded row selects exactly what its unpadded sequence would."""
+    if q_lengths is None:
+        return c1
+    q_lengths = jnp.broadcast_to(jnp.asarray(q_lengths, jnp.int32), q_start.shape)
+    return jnp.minimum(c1, (q_start + q_lengths)[:, None])
+
+
 # ----------------------------------------------------------------------------- geometry
 def chunk_bounds(q_start: Int[Array, "B"], geo: Geometry):
     """(c0, c1, L0), each (B, NC) int32: chunk [c0, c1) and its local window start L0.
@@ -301,11 +312,14 @@ def reattention_with_selection(
     rope_theta: float = 10000.0,
     inv_freq=None,
     softmax_scale: float | None = None,
+    q_lengths=None,
 ):
-    """(out (B, T, Hq, D), gathered lists (B, Hkv, NC, NG), their lengths (B, Hkv, NC))."""
+    """(out (B, T, Hq, D), gathered lists (B, Hkv, NC, NG), their lengths (B, Hkv, NC)).
+    ``q_lengths`` (B,): valid queries per batch element (``voting_ends``)."""
     geo, q0, inv_freq, scale = _prepare(q, k, v, sel, q_start, rope_theta, inv_freq,
                                         softmax_scale)
     c0, c1, l0 = chunk_bounds(q0, geo)
+    c1 = voting_ends(c1, q0, q_lengths)  # only the voting uses c1 here
     q_rows = jnp.moveaxis(pack_rows(q.astype(jnp.float32), geo), 2, 0)  # (NC, B, Hkv, R, D)
     k_heads = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
     v_heads = v.astype(jnp.float32).transpose(0, 2, 1, 3)
@@ -345,14 +359,18 @@ def reattention(
     rope_theta: float = 10000.0,
     inv_freq=None,
     softmax_scale: float | None = None,
+    q_lengths=None,
 ) -> Float[Array, "B T Hq D"]:
     """ReAttention over un-rotated q (the last T positions, or from ``q_start``) and k, v caches.
 
     Queries run in chunks of ``chunk_size`` that share one selection; see the module docstring
-    and README.md. ``inv_freq`` (D/2,) overrides the RoPE frequencies of ``rope_theta``."""
+    and README.md. ``inv_freq`` (D/2,) overrides the RoPE frequencies of ``rope_theta``.
+    ``q_lengths`` (B,) in [0, T]: only the first q_lengths[b] queries of element b vote (the
+    rest is right padding: it gets outputs, which are meaningless)."""
     sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
-                                      inv_freq=inv_freq, softmax_scale=softmax_scale)[0]
+                                      inv_freq=inv_freq, softmax_scale=softmax_scale,
+                                      q_lengths=q_lengths)[0]
 
 
 def reattention_decode(

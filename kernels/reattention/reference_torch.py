@@ -77,6 +77,15 @@ def query_starts(q_start, batch: int, num_keys: int, num_queries: int, device) -
     return torch.as_tensor(q_start, dtype=torch.int64, device=device).expand(batch).clone()
 
 
+def voting_ends(c1: torch.Tensor, q_start: torch.Tensor, q_lengths) -> torch.Tensor:
+    """(B, NC) end of the voting queries of each chunk: ``c1``, cut at ``q_start + q_lengths``
+    when given (queries past it are right padding: outputs, but no votes)."""
+    if q_lengths is None:
+        return c1
+    q_lengths = torch.as_tensor(q_lengths, dtype=torch.int64, device=c1.device)
+    return torch.minimum(c1, (q_start + q_lengths.expand(q_start.shape))[:, None])
+
+
 # ----------------------------------------------------------------------------- RoPE
 def rope_cos_sin(positions: torch.Tensor, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (..., D) float32 of positions (...), duplicated over both halves of D."""
@@ -249,14 +258,16 @@ def attend_gathered(q_rows, t_rows, k_heads, v_heads, glist, n_g, l0, tail: int,
 # ----------------------------------------------------------------------------- the op
 def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start=None,
                                rope_theta: float = 10000.0, inv_freq=None,
-                               softmax_scale: float | None = None):
-    """(out (B, T, Hq, D), gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC))."""
+                               softmax_scale: float | None = None, q_lengths=None):
+    """(out (B, T, Hq, D), gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC)).
+    ``q_lengths`` (B,): valid queries per batch element (``voting_ends``)."""
     check_args(q, k, v)
     geo = geometry(tuple(q.shape), tuple(k.shape), sel)
     q0 = query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries, q.device)
     inv_freq = resolve_inv_freq(geo.head_dim, rope_theta, inv_freq)
     scale = softmax_scale_or_default(geo.head_dim, softmax_scale)
     c0, c1, l0 = chunk_bounds(q0, geo)
+    c1 = voting_ends(c1, q0, q_lengths)  # only the voting uses c1 here
     q_rows = pack_rows(q.float(), geo)
     k_heads = k.float().transpose(1, 2)
     v_heads = v.float().transpose(1, 2)
@@ -281,12 +292,15 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
 def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top_k: int = 4,
                 max_selected: int = 256, span: int = 32, chunk_size: int = 512,
                 middle_align: int = 128, q_start=None, rope_theta: float = 10000.0,
-                inv_freq=None, softmax_scale: float | None = None) -> torch.Tensor:
+                inv_freq=None, softmax_scale: float | None = None,
+                q_lengths=None) -> torch.Tensor:
     """ReAttention over un-rotated torch tensors q (B, T, Hq, D) (the last T positions, or from
-    ``q_start``) and k, v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype."""
+    ``q_start``) and k, v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype. ``q_lengths`` (B,): only
+    the first q_lengths[b] queries of element b vote (the rest is right padding)."""
     sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
-                                      inv_freq=inv_freq, softmax_scale=softmax_scale)[0]
+                                      inv_freq=inv_freq, softmax_scale=softmax_scale,
+                                      q_lengths=q_lengths)[0]
 
 
 def reattention_decode(q, k_cache, v_cache, lengths, **kwargs) -> torch.Tensor:

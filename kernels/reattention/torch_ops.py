@@ -43,10 +43,11 @@ def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top
                 max_selected: int = 256, span: int = 32, chunk_size: int = 512,
                 middle_align: int = 128, q_start=None, rope_theta: float = 10000.0,
                 inv_freq=None, softmax_scale: float | None = None,
-                implementation: str | None = None):
+                implementation: str | None = None, q_lengths=None):
     """ReAttention over un-rotated q (B, T, Hq, D) (the last T positions of the cache, or from
     ``q_start``) and k, v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype. Parameters as in
-    ``jax_cca.ops.reattention``."""
+    ``jax_cca.ops.reattention`` (``q_lengths``: real queries per element, the rest is right
+    padding that does not vote)."""
     from kernels.reattention import params, reference_torch
 
     reference_torch.check_args(q, k, v)
@@ -55,7 +56,8 @@ def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top
     return _module(q, implementation).reattention(
         q, k, v, sink_tokens=sink_tokens, local_window=local_window, top_k=top_k,
         max_selected=max_selected, span=span, chunk_size=chunk_size, middle_align=middle_align,
-        q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq, softmax_scale=softmax_scale)
+        q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq, softmax_scale=softmax_scale,
+        q_lengths=q_lengths)
 
 
 def reattention_decode(q, k_cache, v_cache, lengths, *, implementation: str | None = None,

@@ -322,13 +322,14 @@ def check_head_dim(d: int) -> None:
                          f"(two rotary halves of >= 16 for the matmuls); got {d}")
 
 
-def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None):
+def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None, q_lengths=None):
     """The scoring kernel's per-row picks (vals, idx) (B, Hkv, NC, R, K), unordered (idx -1:
-    none; rows of queries past the end: -1), in the row order of ``reference_torch.pack_rows``."""
-    return _picks(q, k, sel=sel, q_start=q_start, config=config)[:2]
+    none; rows of queries past the end or past ``q_lengths``: -1), in the row order of
+    ``reference_torch.pack_rows``."""
+    return _picks(q, k, sel=sel, q_start=q_start, config=config, q_lengths=q_lengths)[:2]
 
 
-def _picks(q, k, *, sel: Selection, q_start, config: Config | None):
+def _picks(q, k, *, sel: Selection, q_start, config: Config | None, q_lengths=None):
     geo = geometry(tuple(q.shape), tuple(k.shape), sel)
     config = config or default_config(geo.head_dim, q.element_size(), geo.rows)
     q0 = reference_torch.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries,
@@ -338,13 +339,15 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None):
     q_rows = _pad_dim(reference_torch.pack_rows(q, geo), 3, tile)
     vals, idx = score(q_rows, k.contiguous(), _meta(c0, c1, l0), geo, config)
     vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]
-    live = reference_torch.row_positions(c0, geo.rows, geo.groups) < c1[..., None]
+    vote_end = reference_torch.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
+    live = reference_torch.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]
     return vals, torch.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
 
 
 def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start=None,
                                rope_theta: float = 10000.0, inv_freq=None,
-                               softmax_scale: float | None = None, config: Config | None = None):
+                               softmax_scale: float | None = None, config: Config | None = None,
+                               q_lengths=None):
     """(out, gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC)), like the reference's."""
     reference_torch.check_args(q, k, v)
     check_runnable(q)
@@ -352,7 +355,8 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     config = config or default_config(q.shape[3], q.element_size(),
                                       geometry(tuple(q.shape), tuple(k.shape), sel).rows)
     k, v = k.contiguous(), v.contiguous()
-    vals, idx, (q_rows, c0, c1, l0, geo) = _picks(q, k, sel=sel, q_start=q_start, config=config)
+    vals, idx, (q_rows, c0, c1, l0, geo) = _picks(q, k, sel=sel, q_start=q_start, config=config,
+                                                 q_lengths=q_lengths)
     b, hkv, nc = geo.batch, geo.kv_heads, geo.num_chunks
     rep = lambda x: x[:, None].expand(b, hkv, nc).reshape(-1)
     glist, n_g = reference_torch.select_from_picks(idx.reshape(b * hkv * nc, -1),
@@ -370,13 +374,13 @@ def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top
                 max_selected: int = 256, span: int = 32, chunk_size: int = 512,
                 middle_align: int = 128, q_start=None, rope_theta: float = 10000.0,
                 inv_freq=None, softmax_scale: float | None = None,
-                config: Config | None = None) -> torch.Tensor:
+                config: Config | None = None, q_lengths=None) -> torch.Tensor:
     """ReAttention with Triton kernels: the same function as ``reference_torch.reattention``.
     Forward only; the head dim must be a power of two >= 32; float32, bfloat16, float16."""
     sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
-                                      config=config)[0]
+                                      config=config, q_lengths=q_lengths)[0]
 
 
 def reattention_decode(q, k_cache, v_cache, lengths, **kwargs) -> torch.Tensor:

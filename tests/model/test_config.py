@@ -86,12 +86,22 @@ def test_default_rope_scaling_normalises_to_none():
     assert c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
-def test_reattention_is_not_implemented_at_model_construction():
-    config = CCAConfig(**SMALL, attention="reattention")  # a valid config...
-    with pytest.raises(NotImplementedError, match="reattention.*not implemented"):
-        CCALlama(config, rngs=nnx.Rngs(0))                # ...that cannot be built yet
-    with pytest.raises(NotImplementedError, match="reattention"):
-        CCALlama.abstract(CCAConfig(**SMALL)).with_attention(attention="reattention")
+def test_reattention_fields_default_validate_and_build():
+    config = CCAConfig(**SMALL, attention="reattention")
+    sel = config.selection()  # the authors' defaults (SPEC.md section 2)
+    assert (sel.sink_tokens, sel.local_window, sel.top_k, sel.max_selected, sel.span,
+            sel.chunk_size, sel.middle_align) == (32, 8192, 4, 256, 32, 512, 128)
+    assert config.max_reattention_position() == 32 + 256 * 32 + 8192 + 127 + 512
+    model = CCALlama(config.replace(reattention_top_k=7), rngs=nnx.Rngs(0))
+    assert model.config.selection().top_k == 7
+    switched = CCALlama.abstract(CCAConfig(**SMALL)).with_attention(attention="reattention")
+    assert switched.config.attention == "reattention"
+    for field, bad in [("reattention_top_k", 0), ("reattention_sink", -1),
+                       ("reattention_chunk", 2.5), ("reattention_span", True),
+                       ("reattention_align", 0), ("reattention_window", -8),
+                       ("reattention_max_selected", 0)]:
+        with pytest.raises(ValueError, match=field):
+            CCAConfig(**SMALL, **{field: bad})
 
 
 # ------------------------------------------------------------------------------- HF configs
@@ -179,6 +189,13 @@ def test_to_hf_config_round_trip():
     back = CCAConfig.from_hf_config(hf, attention=c.attention, group_size=c.group_size,
                                     local_window=c.local_window, dtype=c.dtype)
     assert back == c
+    # ReAttention's fields are not part of a LLaMA config.json: they come as overrides.
+    re = c.replace(attention="reattention", reattention_top_k=9, reattention_chunk=64)
+    assert "reattention_top_k" not in re.to_hf_config()
+    assert CCAConfig.from_hf_config(re.to_hf_config(), attention="reattention",
+                                    reattention_top_k=9, reattention_chunk=64,
+                                    group_size=c.group_size, local_window=c.local_window,
+                                    dtype=c.dtype) == re
 
 
 # ------------------------------------------------------------------------------- JSON, hashing
@@ -189,6 +206,9 @@ def test_to_hf_config_round_trip():
               implementation="xla", pooling="mean"),
     CCAConfig.llama3_8b(),
     CCAConfig.tiny(),
+    CCAConfig.tiny(attention="reattention", reattention_sink=4, reattention_window=64,
+                   reattention_top_k=8, reattention_max_selected=16, reattention_span=5,
+                   reattention_chunk=7, reattention_align=2),
 ])
 def test_json_round_trip(config):
     text = config.to_json()

@@ -45,6 +45,35 @@ def triton_kernels():
     return _STATE["triton"]
 
 
+def reattention_triton_kernels():
+    """kernels.reattention.triton, imported (once) interpreted unless the suite runs with --gpu:
+    ``TRITON_INTERPRET=1`` is set only around that import. Skips when triton is missing."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    name = "kernels.reattention.triton"
+    if on_gpu() or name in sys.modules:
+        module = importlib.import_module(name)
+    else:
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            module = importlib.import_module(name)
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+    if module.INTERPRET == on_gpu():
+        raise pytest.UsageError(f"{name} was imported {'in' if module.INTERPRET else 'without'} "
+                                "interpreter mode before the parity suite could choose")
+    return module
+
+
 def torch_device() -> str:
     return "cuda" if on_gpu() else "cpu"
 

@@ -10,7 +10,6 @@ d = 128) and float32 at T = 4001.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import itertools
 import json
@@ -36,36 +35,13 @@ SMALL = Config(score_block_q=16, score_block_k=16, score_stages=1, attn_block_q=
                attn_block_k=16, attn_stages=1)
 
 
-def _import_triton_kernels():
-    """kernels.reattention.triton, interpreted unless the suite runs with --gpu."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    name = "kernels.reattention.triton"
-    if harness.on_gpu() or name in sys.modules:
-        module = importlib.import_module(name)
-    else:
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            module = importlib.import_module(name)
-        finally:
-            if previous is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
-    if module.INTERPRET == harness.on_gpu():
-        raise pytest.UsageError(f"{name} was imported {'in' if module.INTERPRET else 'without'} "
-                                "interpreter mode before this suite could choose")
-    return module
-
-
-TRITON = _import_triton_kernels()
-
-
 def triton_kernels():
-    if TRITON is None:
-        pytest.skip("triton is not installed")
-    return TRITON
+    """kernels.reattention.triton, interpreted unless the suite runs with --gpu."""
+    return harness.reattention_triton_kernels()
+
+
+if importlib.util.find_spec("triton") is not None:
+    harness.reattention_triton_kernels()  # import it now, before anything else can
 
 
 # ----------------------------------------------------------------------------- the four sides
@@ -181,6 +157,74 @@ def test_decode_every_pair_agrees():
     case = Case(2, 77, 4, 1, 128, small(2, 16, 3, 5, 4, 1, 4))
     results = _all(case, make_inputs(case, seed=77), decode_lengths=[52, 77])
     assert_all_pairs_agree(results, "float32")
+
+
+def _padded_runner(impl: str, sel):
+    """f(q, k, v, q_lengths (list of ints)) -> output (float32 numpy) of one implementation;
+    the JAX sides are jitted once for all calls of one shape."""
+    if impl in ("jnp_reference", "pallas"):
+        import jax
+        import jax.numpy as jnp
+
+        from kernels.reattention import pallas, reference
+
+        def fn(q, k, v, lengths):
+            if impl == "jnp_reference":
+                return reference.reattention_with_selection(q, k, v, sel=sel, q_lengths=lengths)
+            with pallas.poison_outputs():
+                return pallas.reattention_with_selection(
+                    q, k, v, sel=sel, q_lengths=lengths,
+                    config=None if harness.on_gpu() else SMALL)
+
+        jitted = jax.jit(fn)
+        return lambda q, k, v, lengths: np.asarray(
+            jitted(q, k, v, jnp.asarray(lengths, jnp.int32))[0])
+    import torch
+
+    from kernels.reattention import reference_torch
+
+    def run_torch(q, k, v, lengths):
+        device = harness.torch_device()
+        q, k, v = (torch.as_tensor(x).to(device) for x in (q, k, v))
+        lengths = torch.as_tensor(lengths, device=device)
+        if impl == "triton":
+            kernels = triton_kernels()
+            with kernels.poison_outputs():
+                out = kernels.reattention_with_selection(
+                    q, k, v, sel=sel, q_lengths=lengths,
+                    config=None if harness.on_gpu() else SMALL)[0]
+        else:
+            out = reference_torch.reattention_with_selection(q, k, v, sel=sel,
+                                                             q_lengths=lengths)[0]
+        return out.float().cpu().numpy()
+
+    return run_torch
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_padding_rows_do_not_vote(impl):
+    """``q_lengths``: in a right-padded batch, the real queries of each element get exactly the
+    output of that element alone, whatever the padding holds (its 11 rows in the last real
+    chunk of element 1 would otherwise outvote the 5 real ones under a cap of 2 keys)."""
+    case = Case(2, 61, 4, 2, 64, small(2, 8, 2, 2, 3, 16, 4))
+    inputs = make_inputs(case, seed=61)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    other = make_inputs(case, seed=62)  # different padding
+    pad = (np.arange(2)[:, None] == 1) & (np.arange(61)[None, :] >= 37)  # element 1's padding
+    q2, k2, v2 = (np.where(pad[:, :, None, None], other[n], x) for n, x in zip("qkv", (q, k, v)))
+    lengths = [61, 37]
+    run = _padded_runner(impl, case.sel)
+    out = run(q, k, v, lengths)
+    assert np.isfinite(out).all()  # the padding rows get (meaningless) finite outputs
+    repadded = run(q2, k2, v2, lengths)
+    voting = run(q, k, v, [61, 61])  # no q_lengths: the padding votes
+    ref = _padded_runner("torch_reference", case.sel)
+    for b, n in enumerate(lengths):
+        alone = ref(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], [n])[0]
+        assert rel_err(out[b, :n], alone) < TOL["float32"], f"{impl}: element {b}"
+        assert rel_err(repadded[b, :n], alone) < TOL["float32"], f"{impl}: element {b}"
+    assert rel_err(voting[1, :37], out[1, :37]) > 1e-3
+    np.testing.assert_array_equal(voting[0], out[0])
 
 
 def test_torch_rope_matches_jax_rope():

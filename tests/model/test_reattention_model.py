@@ -1,0 +1,267 @@
+"""CCALlama(attention="reattention"): the model, its decode cache (ReAttentionCache: un-rotated
+keys) and generation.
+
+Tiny random LLaMA (2 layers, hidden 64, head dim 16), GQA 4/2 unless named, llama3 RoPE scaling
+with an original context of 64 so that its three frequency bands (kept, blended, divided) all
+occur. Selection: sink 3, window 8 (aligned to 4), each query picks 2 keys, at most 3 per chunk
+of 8 queries, spans of 3: over 40+ tokens the middle region holds far more keys than are
+selected, so the selection really drops keys. Positions then stay below
+3 + 3 * 3 + 8 + 3 + 8 = 31 (``CCAConfig.max_reattention_position``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kernels.reattention.reference as reattention_reference
+from jax_cca import CCAConfig, CCALlama
+from jax_cca.cache import ReAttentionCache, cache_bytes, init_cache
+from jax_cca.generation import generate, generate_batch
+from jax_cca.rope import inverse_frequencies
+
+VOCAB = 97
+SEQ = 40
+TOL = 1e-4  # fp32 whole model (SPEC.md section 4)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+SELECTION = dict(reattention_sink=3, reattention_window=8, reattention_top_k=2,
+                 reattention_max_selected=3, reattention_span=3, reattention_chunk=8,
+                 reattention_align=4)
+EVERYTHING = dict(reattention_top_k=64, reattention_max_selected=64)  # keeps every middle key
+
+
+def config(**overrides) -> CCAConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_layers=2,
+                num_heads=4, num_kv_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+                rope_scaling=LLAMA3, attention="reattention", **SELECTION)
+    return CCAConfig.tiny(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model() -> CCALlama:
+    return CCALlama.from_config(config(), seed=7)
+
+
+@pytest.fixture(scope="module")
+def sequence() -> np.ndarray:
+    return np.random.default_rng(4242).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
+
+
+_FORWARDS: dict[int, tuple] = {}
+
+
+def forward(m: CCALlama, ids) -> np.ndarray:
+    """``m(ids)`` jitted (one compilation per model and shape), as numpy."""
+    if id(m) not in _FORWARDS:
+        graphdef, state = nnx.split(m)
+        _FORWARDS[id(m)] = (m, jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)), state)
+    _, fn, state = _FORWARDS[id(m)]
+    return np.asarray(fn(state, jnp.asarray(ids, jnp.int32)))
+
+
+def oracle_logits(m: CCALlama, ids) -> np.ndarray:
+    """The model's layers composed by hand around ``reattention_naive`` (the dense test oracle:
+    a keep-mask over all keys from an argsort of every score, positions from its running
+    count), with the model's llama3-scaled frequencies. Jitted."""
+    graphdef, state = nnx.split(m)
+    return np.asarray(jax.jit(lambda st, x: _oracle(nnx.merge(graphdef, st), x))(
+        state, jnp.asarray(ids, jnp.int32)))
+
+
+def _oracle(m: CCALlama, ids):
+    c = m.config
+    x = m.embed_tokens(ids)
+    b, t = ids.shape
+    for layer in m.layers:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).reshape(b, t, c.num_heads, c.head_dim)  # un-rotated
+        k = attn.k_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = attn.v_proj(h).reshape(b, t, c.num_kv_heads, c.head_dim)
+        o = reattention_reference.reattention_naive(q, k, v, sel=c.selection(),
+                                                    inv_freq=inverse_frequencies(c))
+        x = x + attn.o_proj(o.reshape(b, t, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return m.logits(m.norm(x))
+
+
+# ---------------------------------------------------------------------------- the forward
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_selecting_everything_equals_full_attention(heads, sequence, rel_err):
+    """With every middle key selected (top_k and the cap above the context) the gathered set is
+    the whole prefix in order, re-numbered 0..t: full attention. Likewise when the local window
+    covers the context. The restrictive selection really differs."""
+    hq, hkv = heads
+    restrictive = CCALlama.from_config(config(num_heads=hq, num_kv_heads=hkv), seed=3)
+    full = forward(restrictive.with_attention(attention="full"), sequence)
+    everything = forward(restrictive.with_attention(**EVERYTHING), sequence)
+    assert rel_err(everything, full) < TOL
+    if hkv == 2:
+        wide = forward(restrictive.with_attention(reattention_window=64), sequence)
+        assert rel_err(wide, full) < TOL
+    assert rel_err(forward(restrictive, sequence), full) > 1e-2
+
+
+def test_forward_equals_the_dense_oracle(model, sequence, rel_err):
+    assert rel_err(forward(model, sequence), oracle_logits(model, sequence)) < TOL
+    mha = CCALlama.from_config(config(num_kv_heads=4, reattention_chunk=5), seed=5)
+    assert rel_err(forward(mha, sequence[:, :31]), oracle_logits(mha, sequence[:, :31])) < TOL
+
+
+def test_forward_arguments_are_checked(model, sequence):
+    ids = jnp.asarray(sequence)
+    with pytest.raises(ValueError, match="custom positions"):
+        model(ids, positions=jnp.broadcast_to(jnp.arange(SEQ), ids.shape))
+    with pytest.raises(ValueError, match="does not run ReAttention"):
+        model.with_attention(implementation="cudnn")(ids)
+
+
+# ---------------------------------------------------------------------------- decode cache
+def test_cache_holds_the_unrotated_keys_and_values(model, sequence):
+    cache = model.init_cache(2, SEQ + 3)
+    assert all(isinstance(layer, ReAttentionCache) for layer in cache)
+    assert cache_bytes(model.config, SEQ + 3, 2) == sum(
+        x.nbytes for x in jax.tree_util.tree_leaves(cache))
+    _, cache = model.prefill(sequence, [SEQ, 29], cache)
+    np.testing.assert_array_equal(np.asarray(cache[0].lengths), [SEQ, 29])
+    layer = model.layers[0]
+    h = layer.input_layernorm(model.embed_tokens(jnp.asarray(sequence)))
+    k = np.asarray(layer.self_attn.k_proj(h)).reshape(2, SEQ, 2, 16)
+    v = np.asarray(layer.self_attn.v_proj(h)).reshape(2, SEQ, 2, 16)
+    np.testing.assert_allclose(np.asarray(cache[0].k[0, :SEQ]), k[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cache[0].v[1, :29]), v[1, :29], rtol=1e-6, atol=1e-6)
+    assert not np.asarray(cache[0].k[1, 29:]).any()  # padding never reaches the cache
+
+
+def test_decode_equals_the_forward_when_each_query_selects_alone(sequence, rel_err):
+    """reattention_chunk=1: every prefill row selects for itself, as every decode step does, so
+    prefill + cached decode steps give the rows of one forward."""
+    alone = CCALlama.from_config(config(reattention_chunk=1), seed=7)
+    want = forward(alone, sequence)
+    prompt = 17
+    logits, cache = alone.prefill(sequence[:, :prompt], None, alone.init_cache(2, SEQ))
+    got = [np.asarray(logits)]
+    for t in range(prompt, SEQ):
+        logits, cache = alone.decode_step(sequence[:, t], cache)
+        got.append(np.asarray(logits))
+    assert rel_err(np.stack(got, axis=1), want[:, prompt - 1:]) < TOL
+    np.testing.assert_array_equal(np.asarray(cache[1].lengths), [SEQ, SEQ])
+
+
+@pytest.mark.parametrize("chunk", [8, 16])
+def test_chunked_prefill_equals_one_pass(model, sequence, rel_err, chunk):
+    """Prefill chunks that are multiples of reattention_chunk (8) keep the selection chunks."""
+    one, cache_one = model.prefill(sequence, [SEQ, 27], model.init_cache(2, SEQ))
+    got, cache = model.prefill(sequence, [SEQ, 27], model.init_cache(2, SEQ), chunk_size=chunk)
+    assert rel_err(got, one) < TOL
+    for a, b in zip(cache, cache_one):
+        assert rel_err(a.k, b.k) < TOL and rel_err(a.v, b.v) < TOL
+        np.testing.assert_array_equal(np.asarray(a.lengths), np.asarray(b.lengths))
+    whole = forward(model, sequence)
+    assert rel_err(np.asarray(one)[0], whole[0, -1]) < TOL
+
+
+def test_padding_never_reaches_the_selection_logits_or_cache(model, sequence, rel_err):
+    """Row 1 holds 35 tokens and 5 of padding: in its last real chunk [32, 40) five padding
+    queries would otherwise outvote its three real ones (the cap is 3 of the 20 middle keys).
+    Equal to the prompt alone."""
+    lengths = [SEQ, 35]
+    for chunk in (None, 8):
+        logits, cache = model.prefill(sequence, lengths, model.init_cache(2, SEQ),
+                                      chunk_size=chunk)
+        for b, n in enumerate(lengths):
+            alone, cache_alone = model.prefill(sequence[b:b + 1, :n], None,
+                                               model.init_cache(1, SEQ))
+            assert rel_err(np.asarray(logits)[b], np.asarray(alone)[0]) < TOL
+            assert rel_err(cache[1].k[b, :n], cache_alone[1].k[0, :n]) < TOL
+    # In a plain forward the 5 tokens after position 34 are real and vote: row 34 changes.
+    assert rel_err(np.asarray(logits)[1], forward(model, sequence)[1, 34]) > 1e-2
+
+
+# ---------------------------------------------------------------------------- generation
+def recompute_greedy(m: CCALlama, ids, steps) -> np.ndarray:
+    """Each step: a whole forward over a fixed (B, T0 + steps) buffer (random tail), argmax at
+    the last filled row."""
+    ids = np.asarray(ids, np.int32)
+    t0 = ids.shape[1]
+    buf = np.random.default_rng(9).integers(0, VOCAB, (ids.shape[0], t0 + steps)).astype(np.int32)
+    buf[:, :t0] = ids
+    for pos in range(t0, t0 + steps):
+        buf[:, pos] = forward(m, buf)[:, pos - 1].argmax(-1)
+    return buf
+
+
+def test_generate_greedy_equals_recompute(sequence):
+    alone = CCALlama.from_config(config(reattention_chunk=1), seed=7)
+    prompt = sequence[:, :19]
+    want = recompute_greedy(alone, prompt, 12)
+    np.testing.assert_array_equal(np.asarray(generate(alone, prompt, 12)), want)
+    np.testing.assert_array_equal(np.asarray(generate(alone, prompt, 12, prefill_chunk=4)),
+                                  want)
+
+
+def test_generate_batch_and_sampling(model, sequence):
+    """Prompts of 27 and 38 tokens decoded together: each gets its own continuation (the
+    shorter one's last chunk [24, 32) holds 3 real and 5 padding queries). Sampling is
+    reproducible, stays in the vocabulary and differs from greedy."""
+    prompts = [sequence[0, 2:29].tolist(), sequence[1, :38].tolist()]
+    out = generate_batch(model, prompts, 8)
+    assert [len(o) for o in out] == [8, 8]
+    for prompt, new in zip(prompts, out):
+        assert new == np.asarray(generate(model, [prompt], 8))[0, len(prompt):].tolist()
+    kw = dict(temperature=0.8, top_k=20, seed=3)
+    sampled = generate_batch(model, prompts, 8, **kw)
+    assert sampled == generate_batch(model, prompts, 8, **kw)
+    assert all(0 <= t < VOCAB for row in sampled for t in row)
+    assert sampled != out
+
+
+def test_positions_stay_below_the_bound_past_the_pretrained_range(monkeypatch):
+    """max_position_embeddings 48, a 110-token context: generation is allowed (ReAttention
+    re-numbers), and every position RoPE sees, in the prefill and in each decode step, stays
+    below the selection's bound 31; the same lengths are refused for full attention and for a
+    selection whose bound exceeds the range."""
+    cfg = config(max_position_embeddings=48)
+    assert cfg.max_reattention_position() == 31
+    m = CCALlama.from_config(cfg, seed=1)
+    seen = []
+    original = reattention_reference.rope_cos_sin
+
+    def recording(positions, inv_freq):
+        jax.debug.callback(lambda p: seen.append(int(np.max(p))), jnp.max(positions))
+        return original(positions, inv_freq)
+
+    monkeypatch.setattr(reattention_reference, "rope_cos_sin", recording)
+    prompt = np.random.default_rng(5).integers(0, VOCAB, (1, 98)).astype(np.int32)
+    out = np.asarray(generate(m, prompt, 12))
+    jax.effects_barrier()
+    assert out.shape == (1, 110)
+    assert len(seen) >= 2 * 11  # both layers, prefill and every decode step
+    assert 24 <= max(seen) < 31 < 48
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(m.with_attention(attention="full"), prompt, 12)
+    with pytest.raises(ValueError, match="reach positions up to 109"):
+        generate(m.with_attention(reattention_window=96), prompt, 12)
+
+
+# ---------------------------------------------------------------------------- Pallas
+def test_pallas_model_matches_xla(sequence, rel_err):
+    """The Pallas kernels (interpreted on CPU) in the model, head dim 32: forward and decode."""
+    xla = CCALlama.from_config(config(num_heads=2, num_kv_heads=1, implementation="xla"), seed=2)
+    pallas = xla.with_attention(implementation="pallas")
+    ids = sequence[:, :21]
+    assert rel_err(forward(pallas, ids), forward(xla, ids)) < TOL
+    steps = {}
+    for name, m in (("xla", xla), ("pallas", pallas)):
+        _, cache = m.prefill(ids, [21, 15], m.init_cache(2, 24))
+        steps[name] = np.asarray(m.decode_step(sequence[:, 21], cache)[0])
+    assert rel_err(steps["pallas"], steps["xla"]) < TOL
+
+
+def test_init_cache_without_a_model():
+    cache = init_cache(config(), 3, 10)
+    assert isinstance(cache[0], ReAttentionCache) and cache[0].k.shape == (3, 10, 2, 16)
