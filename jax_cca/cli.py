@@ -14,6 +14,7 @@ stderr and exit with status 2; programming errors keep their traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -134,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt with a model",
                          description="Greedy (temperature 0) or sampled continuation of a prompt. "
-                                     "No KV cache yet: each new token re-runs the whole "
-                                     "sequence.")
+                                     "One prefill of the prompt, then one cached decode "
+                                     "step per new token (full: KV cache; CCA: core tokens + "
+                                     "local ring; ReAttention: un-rotated KV cache).")
     gen.add_argument("--model", required=True, metavar="DIR",
                      help="Hugging Face LLaMA directory or jax-cca checkpoint")
     prompt = gen.add_mutually_exclusive_group(required=True)
@@ -166,12 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     from jax_cca.finetune_cli import add_finetune_parser
 
     add_finetune_parser(sub)
+    from jax_cca.eval_cli import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 
-def _add_attention_args(p, *, default_attention, default_group, default_window):
+# ReAttention knobs: flag suffix -> (CCAConfig field, help). Unset: the model's (config) value.
+REATTENTION_ARGS = {
+    "sink": ("reattention_sink", "sink tokens always attended"),
+    "window": ("reattention_window", "local window"),
+    "top-k": ("reattention_top_k", "keys each query picks by position-free score"),
+    "max-selected": ("reattention_max_selected", "picked keys kept per chunk of queries"),
+    "span": ("reattention_span", "neighbours each kept key brings"),
+    "chunk": ("reattention_chunk", "queries sharing one selection in a prefill"),
+    "align": ("reattention_align", "alignment of the middle region"),
+}
+
+
+def _add_attention_args(p, *, default_attention, default_group, default_window,
+                        reattention: bool = True):
+    """--attention, the CCA knobs and (``reattention``) the ReAttention knobs."""
     keep = " (default: as stored in the model)"
-    p.add_argument("--attention", choices=("full", "cca"), default=default_attention,
+    p.add_argument("--attention", choices=("full", "cca", "reattention")[: 3 if reattention else 2],
+                   default=default_attention,
                    help=f"attention to run (default {default_attention})" if default_attention
                    else "attention to run" + keep)
     p.add_argument("--group-size", type=_int_at_least(1), default=default_group,
@@ -180,11 +199,22 @@ def _add_attention_args(p, *, default_attention, default_group, default_window):
     p.add_argument("--local-window", type=_int_at_least(1), default=default_window,
                    help=f"CCA local window w, a multiple of g (default {default_window})"
                    if default_window else "CCA local window w" + keep)
+    if not reattention:
+        return
+    from jax_cca.config import CCAConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(CCAConfig)}
+    for suffix, (field, text) in REATTENTION_ARGS.items():
+        low = 0 if suffix in ("sink", "window") else 1
+        p.add_argument(f"--reattention-{suffix}", dest=field, type=_int_at_least(low),
+                       default=None, metavar="N",
+                       help=f"ReAttention: {text} (default: the model's, else {defaults[field]})")
 
 
 def _overrides(args) -> dict:
     names = {"attention": "attention", "group_size": "group_size",
-             "local_window": "local_window", "dtype": "dtype"}
+             "local_window": "local_window", "dtype": "dtype",
+             **{field: field for field, _ in REATTENTION_ARGS.values()}}
     return {key: getattr(args, attr) for attr, key in names.items()
             if getattr(args, attr, None) is not None}
 
@@ -211,6 +241,10 @@ def _describe(config) -> str:
     att = config.attention
     if att == "cca":
         att += f" (g={config.group_size}, w={config.local_window})"
+    elif att == "reattention":
+        sel = config.selection()
+        att += (f" (sink={sel.sink_tokens}, window={sel.local_window}, top_k={sel.top_k}, "
+                f"max_selected={sel.max_selected}, span={sel.span}, chunk={sel.chunk_size})")
     return (f"{config.num_layers} layers, {config.num_heads} heads / {config.num_kv_heads} kv, "
             f"vocab {config.vocab_size}, {config.dtype}, attention {att}")
 
