@@ -29,28 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.cca import reference_torch, triton_interpret
+from kernels.cca import reference_torch
 from kernels.cca.tiles import Config, default_config  # noqa: F401  (Config is public here too)
+from kernels.triton_common import INTERPRET
+from kernels.triton_common import dot as _dot
+from kernels.triton_common import dot_mode as _dot_mode
 
-
-def _interpret_flag() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# triton.jit builds interpreted kernels iff TRITON_INTERPRET was set when it ran (this import).
-INTERPRET = _interpret_flag()
-if INTERPRET:
-    triton_interpret.patch_interpreter()
 
 LOG2E = math.log2(math.e)
 NEG: tl.constexpr = tl.constexpr(-0.7 * 3.4028234663852886e38)  # finite "minus infinity"
@@ -68,18 +58,6 @@ def _window_start(t, G: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _cdiv(a, b: tl.constexpr):
     return (a + (b - 1)) // b
-
-
-@triton.jit
-def _dot(a, b, DOT: tl.constexpr):
-    """float32-accumulated matmul. DOT (see ``_dot_mode``): 0 native 16-bit tensor-core dot,
-    1 float32 IEEE (no TF32), 2 16-bit operands upcast to float32 (Triton interpreter only)."""
-    if DOT == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    elif DOT == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -451,16 +429,6 @@ def _output(shape, dtype, device) -> torch.Tensor:
     if _POISON[-1]:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _dot_mode(x: torch.Tensor) -> int:
-    """1: float32 inputs, IEEE dots. 0: 16-bit inputs, native dots. 2: 16-bit inputs in the
-    interpreter, whose Triton 3.6 dot multiplies bfloat16 bit patterns as integers; upcasting
-    the operands is exact (products of 16-bit floats fit float32), accumulation is float32 as on
-    the GPU."""
-    if x.dtype == torch.float32:
-        return 1
-    return 2 if INTERPRET else 0
 
 
 def _pool_grid(n: int, b: int, hkv: int, g: int, rows: int):

@@ -1,7 +1,7 @@
 """Fixes to the Triton 3.6 interpreter (``TRITON_INTERPRET=1``) that the CCA kernels need on CPU.
 
-``kernels/cca/triton.py`` calls :func:`patch_interpreter` when it is imported in interpreter mode
-(never for compiled GPU kernels). Each fix is registered through the interpreter's own per-launch
+``kernels/triton_common.py`` (imported by every Triton kernel module) calls
+:func:`patch_interpreter` when it is imported in interpreter mode (never for compiled GPU kernels). Each fix is registered through the interpreter's own per-launch
 patch scope, so it is active only while an interpreted kernel runs.
 """
 

@@ -21,45 +21,23 @@ of ``kernels/cca/triton_interpret.py`` are applied then).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.cca import triton_interpret
 from kernels.reattention import reference_torch
 from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
                                         next_power_of_2, round_up, score_splits)
+from kernels.triton_common import INTERPRET
+from kernels.triton_common import dot as _dot
+from kernels.triton_common import dot_mode as _dot_mode
 
-
-def _interpret_flag() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-INTERPRET = _interpret_flag()
-if INTERPRET:
-    triton_interpret.patch_interpreter()
 
 LOG2E = 1.4426950408889634
 NEG: tl.constexpr = tl.constexpr(-0.7 * 3.4028234663852886e38)  # finite "minus infinity"
 POS: tl.constexpr = tl.constexpr(0.7 * 3.4028234663852886e38)  # padding columns of a top-k set
 INT_MAX: tl.constexpr = tl.constexpr(reference_torch.INT_MAX)
-
-
-@triton.jit
-def _dot(a, b, DOT: tl.constexpr):
-    """float32-accumulated matmul. DOT: 0 native 16-bit dot, 1 float32 IEEE (no TF32), 2 16-bit
-    operands upcast to float32 (the interpreter, whose bf16 dot is wrong)."""
-    if DOT == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    elif DOT == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 # ----------------------------------------------------------------------------- 1. scoring
@@ -230,12 +208,6 @@ def _output(shape, dtype, device) -> torch.Tensor:
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
         return torch.full(shape, -7, dtype=dtype, device=device)  # no valid position is < -1
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _dot_mode(x: torch.Tensor) -> int:
-    if x.dtype == torch.float32:
-        return 1
-    return 2 if INTERPRET else 0
 
 
 def _meta(*fields) -> torch.Tensor:
