@@ -59,6 +59,15 @@ def _valid_rows(n_valid: Int[Array, "B"], chunk: int) -> jax.Array:
     return jnp.arange(chunk)[None, :] < n_valid[:, None]
 
 
+def _append_positions(k_buf, v_buf, lengths, k, v, n_valid):
+    """(k_buf, v_buf, lengths) with the first ``n_valid[b]`` rows of the chunk written at
+    positions ``lengths[b] + i``; positions at or past the buffer's length are dropped."""
+    chunk, max_len = k.shape[1], k_buf.shape[1]
+    pos = lengths[:, None] + jnp.arange(chunk)
+    index = jnp.where(_valid_rows(n_valid, chunk), pos, max_len)
+    return _scatter_rows(k_buf, index, k), _scatter_rows(v_buf, index, v), lengths + n_valid
+
+
 @struct.dataclass
 class FullCache:
     """Keys (rotated) and values of every position: full attention's decode cache."""
@@ -77,11 +86,7 @@ class FullCache:
 
         Positions at or past ``max_len`` are dropped (size the cache for prompt + new tokens).
         """
-        chunk = k.shape[1]
-        pos = self.lengths[:, None] + jnp.arange(chunk)
-        index = jnp.where(_valid_rows(n_valid, chunk), pos, self.max_len)
-        return FullCache(_scatter_rows(self.k, index, k), _scatter_rows(self.v, index, v),
-                         self.lengths + n_valid)
+        return FullCache(*_append_positions(self.k, self.v, self.lengths, k, v, n_valid))
 
 
 @struct.dataclass
@@ -99,11 +104,7 @@ class ReAttentionCache:
     def append(self, k: Float[Array, "B C Hkv D"], v: Float[Array, "B C Hkv D"],
                n_valid: Int[Array, "B"]) -> "ReAttentionCache":
         """As :meth:`FullCache.append`, with un-rotated keys."""
-        chunk = k.shape[1]
-        pos = self.lengths[:, None] + jnp.arange(chunk)
-        index = jnp.where(_valid_rows(n_valid, chunk), pos, self.max_len)
-        return ReAttentionCache(_scatter_rows(self.k, index, k), _scatter_rows(self.v, index, v),
-                                self.lengths + n_valid)
+        return ReAttentionCache(*_append_positions(self.k, self.v, self.lengths, k, v, n_valid))
 
 
 @struct.dataclass

@@ -65,6 +65,18 @@ def check_attention_mask(mask, batch: int, length: int) -> None:
         raise ValueError("attention mask is not causal with right padding; " + advice)
 
 
+def _adopt_projections(module: nn.Module, attention: nn.Module) -> None:
+    """Give ``module`` the HF attention's settings and its q/k/v/o projections (shared, not
+    copied), so that the replacement keeps the trained weights."""
+    module.config = attention.config
+    module.layer_idx = attention.layer_idx
+    module.head_dim = attention.head_dim
+    module.scaling = attention.scaling
+    module.attention_dropout = attention.attention_dropout
+    module.is_causal = True
+    module.q_proj, module.k_proj = attention.q_proj, attention.k_proj
+    module.v_proj, module.o_proj = attention.v_proj, attention.o_proj
+
 class CCALlamaAttention(nn.Module):
     """Drop-in replacement for transformers' ``LlamaAttention`` computing CCA attention.
 
@@ -75,14 +87,7 @@ class CCALlamaAttention(nn.Module):
     def __init__(self, attention: nn.Module, *, group_size: int = 16, local_window: int = 1024,
                  pooling: str = "cca", implementation: str | None = None):
         super().__init__()
-        self.config = attention.config
-        self.layer_idx = attention.layer_idx
-        self.head_dim = attention.head_dim
-        self.scaling = attention.scaling
-        self.attention_dropout = attention.attention_dropout
-        self.is_causal = True
-        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
-        self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
+        _adopt_projections(self, attention)
         self.configure(group_size=group_size, local_window=local_window, pooling=pooling,
                        implementation=implementation)
 
@@ -225,14 +230,7 @@ class ReAttentionLlamaAttention(nn.Module):
     def __init__(self, attention: nn.Module, rotary: nn.Module, *, selection,
                  implementation: str | None = None):
         super().__init__()
-        self.config = attention.config
-        self.layer_idx = attention.layer_idx
-        self.head_dim = attention.head_dim
-        self.scaling = attention.scaling
-        self.attention_dropout = attention.attention_dropout
-        self.is_causal = True
-        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
-        self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
+        _adopt_projections(self, attention)
         self._rotary = (rotary,)  # a tuple: not registered as a submodule of every layer
         self.configure(selection=selection, implementation=implementation)
 
