@@ -24,8 +24,9 @@ class Config:
     dkdv_block_k: int | None = None
     dkdv_num_warps: int | None = None
     dkdv_num_stages: int | None = None
-    # GQA: the core-token dK/dV kernel splits each kv head's G query heads over this many
-    # programs (its gcd with G), with float32 partial sums (pallas_vjp.backward_dkdv).
+    # GQA, Pallas only (the Triton twin ignores it): the core-token dK/dV kernel splits each kv
+    # head's G query heads over this many programs (its gcd with G), with float32 partial sums
+    # (pallas_vjp.backward_dkdv). 1 until measured faster on the GPU (bench/tune_cca.py).
     dkdv_core_splits: int = 1
 
     def __post_init__(self):
