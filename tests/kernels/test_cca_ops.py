@@ -161,7 +161,9 @@ def test_gpu_32k_bf16_forward_and_gradients(shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [CCAShape(2, 4001, 8, 2, 64, 16, 256),
                                    CCAShape(1, 3001, 10, 2, 128, 64, 1024),
-                                   CCAShape(1, 2000, 8, 8, 128, 8, 8)], ids=lambda s: s.id)
+                                   CCAShape(1, 2000, 8, 8, 128, 8, 8),
+                                   # float32 pooling kernel with d = 128, g = 16 (256-row tiles)
+                                   CCAShape(1, 4001, 32, 8, 128, 16, 1024)], ids=lambda s: s.id)
 def test_gpu_fp32_forward_and_gradients(shape):
     q, k, v = make_qkv(shape, seed=7)
     kw = dict(group_size=shape.group_size, local_window=shape.local_window)
