@@ -7,7 +7,8 @@ Same tiling, loop ranges and masks as ``pallas.py`` (forward), ``pallas_vjp.py``
   one online softmax (base 2) over the visible core tiles, then the local-window tiles. Tiles
   every query of the program sees fully skip the mask; only edge tiles pay for it. Writes o and
   the base-2 log-sum-exp.
-* ``_dq_kernel``: the same walk, accumulating dQ.
+* ``_dq_kernel``: the same walk, accumulating dQ; it also computes delta = rowsum(dO * O) of its
+  rows and writes it out for the dK/dV kernels.
 * ``_dkdv_local_kernel`` / ``_dkdv_core_kernel``: one program per (key tile, batch, kv head),
   looping in-kernel over the G query heads sharing the kv head and over the query tiles that see
   the keys; dK, dV written once (no atomics).
@@ -180,7 +181,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_t, lo, hi, rows, sta
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, KC, VC, DO, LSE, DELTA, DQ,
+def _dq_kernel(Q, K, V, KC, VC, O, DO, LSE, DQ, DELTA,
                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sc_b, sc_t, sc_h,
                num_heads, heads_per_kv, t_pad, scale, scale2,
                G: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
@@ -201,7 +202,9 @@ def _dq_kernel(Q, K, V, KC, VC, DO, LSE, DELTA, DQ,
     do = tl.load(DO + q_offs)
     row_offs = (bi * num_heads + h) * t_pad + rows
     lse = tl.load(LSE + row_offs)
-    delta = tl.load(DELTA + row_offs)
+    # delta = rowsum(dO * O) of the program's rows, written out for the dK/dV kernels.
+    delta = tl.sum(tl.load(O + q_offs).to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + row_offs, delta)
     dq = tl.zeros((BQ, D), tl.float32)
 
     kc_base = KC + bi * sc_b + hk * sc_h
@@ -486,13 +489,14 @@ def attention_backward(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: fl
     b, t_pad, hq, d = q.shape
     hkv = k.shape[2]
     do = do.to(q.dtype).contiguous()
-    delta = torch.einsum("bthd,bthd->bht", o.float(), do.float()).contiguous()
+    delta = _output((b, hq, t_pad), torch.float32, q.device)
     bq, bk = config.bwd_block_q, config.bwd_block_k
     common = dict(G=g, W=w, BQ=bq, BK=bk, D=d, DOT=_dot_mode(q), num_warps=config.bwd_num_warps,
                   num_stages=config.bwd_num_stages)
     dq = _output(q.shape, q.dtype, q.device)
     _dq_kernel[(t_pad // bq, b, hq)](
-        q, k, v, kc, vc, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *kc.stride()[:3],
+        q, k, v, kc, vc, o, do, lse, dq, delta, *q.stride()[:3], *k.stride()[:3],
+        *kc.stride()[:3],
         hq, hq // hkv, t_pad, scale, scale * LOG2E, **common)
     bq, bk, num_warps, num_stages = config.dkdv
     common = dict(G=g, W=w, BQ=bq, BK=bk, D=d, DOT=_dot_mode(q), num_warps=num_warps,
