@@ -34,8 +34,23 @@ def test_bench_decode_quick_and_plot(tmp_path):
     cca = {r["T"]: r["cache_bytes"] for r in rows if r["attention"] == "cca"}
     full = {r["T"]: r["cache_bytes"] for r in rows if r["attention"] == "full"}
     assert all(cca[t] < full[t] for t in cca)
+    from bench import report
+
+    table = report.report(out)
+    assert "bench_decode" in table and "| 512 | full |" in table
     pytest.importorskip("matplotlib")
     png = tmp_path / "decode.png"
     proc = _run([str(REPO / "bench" / "plot_decode.py"), str(out), str(png)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert png.stat().st_size > 10_000
+
+
+def test_report_renders_the_committed_gpu_results():
+    from bench import report
+
+    cca = report.report(REPO / "bench" / "results" / "cca_h100_v4.json")
+    assert "NVIDIA H100" in cca and "| 128K | 32/32 |" in cca
+    parity = report.report(REPO / "bench" / "results" / "parity_h100.json")
+    assert "bench_parity" in parity and "triton 3.6.0" in parity
+    with pytest.raises(SystemExit, match="not a result"):
+        report.report(REPO / "bench" / "results" / "tune_cca_T131072_bwd_h100.json")

@@ -1,0 +1,131 @@
+"""Markdown tables from benchmark JSON files (bench/results/): the tables of docs/benchmarks.md.
+
+    python bench/report.py bench/results/cca_h100_v4.json bench/results/parity_h100.json ...
+
+Each file's kind is recognised from its content (bench_cca, bench_parity, bench_decode,
+bench_train, bench_reattention); each gets a header line with its device, versions and date, then
+its table. Files of another kind are refused with their name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+GiB = 2**30
+
+
+def _k(t: int) -> str:
+    return f"{t // 1024}K" if t >= 1024 and t % 1024 == 0 else str(t)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _env_line(env: dict) -> str:
+    keys = ("device", "jax", "jaxlib", "torch", "triton", "python", "date")
+    return ", ".join(f"{k} {env[k]}" for k in keys if env.get(k))
+
+
+def cca_table(data: dict) -> str:
+    rows = []
+    for r in data["rows"]:
+        if "speedup_fwd" not in r:
+            rows.append([r["shape"], "error"] + [""] * 11)
+            continue
+        c, u = r["cca"], r["cudnn"]
+        rows.append([_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", f"{u['fwd_ms']:.2f}",
+                     f"{c['fwd_ms']:.2f}", f"**{r['speedup_fwd']:.2f}x**",
+                     f"{u['fwd_bwd_ms']:.2f}", f"{c['fwd_bwd_ms']:.2f}",
+                     f"**{r['speedup_fwd_bwd']:.2f}x**", f"{c['fwd_tflops']:.0f}",
+                     f"{c['fwd_bwd_tflops']:.0f}", f"{u['fwd_tflops']:.0f}",
+                     f"{c['fwd_floor_ms']:.2f}",
+                     f"{c['fwd_bwd_temp_bytes'] / 2**20:.0f} / {u['fwd_bwd_temp_bytes'] / 2**20:.0f}"])
+    return _table(["T", "Hq/Hkv", "cuDNN fwd ms", "CCA fwd ms", "fwd speed-up", "cuDNN f+b ms",
+                   "CCA f+b ms", "f+b speed-up", "CCA fwd TF/s", "CCA f+b TF/s",
+                   "cuDNN fwd TF/s", "CCA fwd floor ms", "temp MiB CCA / cuDNN"], rows)
+
+
+def parity_table(data: dict) -> str:
+    rows = []
+    for r in data["rows"]:
+        if "ratio_fwd" not in r:
+            rows.append([r.get("shape", "?"), "error"] + [""] * 7)
+            continue
+        t, p = r["triton"], r["pallas"]
+        err = max(r["rel_err_triton_vs_pallas"].values())
+        rows.append([_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", f"{t['fwd_ms']:.2f}",
+                     f"{p['fwd_ms']:.2f}", f"{r['ratio_fwd']:.2f}", f"{t['fwd_bwd_ms']:.2f}",
+                     f"{p['fwd_bwd_ms']:.2f}", f"{r['ratio_fwd_bwd']:.2f}", f"{err:.1e}"])
+    return _table(["T", "Hq/Hkv", "Triton fwd ms", "Pallas fwd ms", "P/T fwd", "Triton f+b ms",
+                   "Pallas f+b ms", "P/T f+b", "rel err"], rows)
+
+
+def decode_table(data: dict) -> str:
+    rows = []
+    for r in data["batch1"]:
+        fits = r.get("decode_fits") and r.get("decode_ms") is not None
+        rows.append([_k(r["T"]), r["attention"],
+                     f"{r['prefill_s']:.2f} (floor {r['prefill_floor_s']:.2f})"
+                     if r.get("prefill_s") else "does not fit",
+                     f"{r['decode_ms']:.2f} (bound {r['decode_bound_ms']:.2f})" if fits
+                     else "does not fit",
+                     f"{r['cache_bytes'] / GiB:.2f}", f"{r['memory_bound_bytes'] / GiB:.2f}"])
+    table = _table(["T", "attention", "prefill s", "decode ms/token, batch 1", "cache GiB",
+                    "weights + cache GiB"], rows)
+    search = data.get("batch_search") or []
+    if search:
+        srows = [[_k(s["T"]), s["attention"], str(s.get("largest_batch") or "none fits"),
+                  f"{s['tokens_per_s']:.0f}" if s.get("tokens_per_s") else "-"] for s in search]
+        table += "\n\n" + _table(["T", "attention", "largest batch", "decode tokens/s"], srows)
+    return table
+
+
+def train_table(data: dict) -> str:
+    rows = [[v["attention"], f"{data['seq_len']}", f"{v['step_ms']:.1f}",
+             f"{v['tokens_per_s']:.0f}"] for v in data["variants"] if "step_ms" in v]
+    n = data["num_params"]
+    size = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+    line = (f"model: {data['model']['num_layers']} layers, hidden {data['model']['hidden_size']}, "
+            f"{size} parameters; {data['train']}")
+    return line + "\n\n" + _table(["attention", "seq len", "step ms", "tokens/s"], rows)
+
+
+def reattention_table(data: dict) -> str:
+    rows = []
+    for r in data["prefill"]:
+        rows.append([_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", str(r["attended"]),
+                     f"{r['reattention']['median_ms']:.2f}",
+                     f"{r['cudnn_attended']['median_ms']:.2f}",
+                     f"{r['cudnn_causal']['median_ms']:.2f}",
+                     f"{r['overhead_vs_attended']:.2f}x", f"{r['ratio_vs_causal']:.2f}x"])
+    return _table(["T", "Hq/Hkv", "attended keys", "ReAttention ms", "cuDNN at attended length ms",
+                   "cuDNN causal at T ms", "vs attended", "vs causal"], rows)
+
+
+KINDS = [  # (name, recogniser, table)
+    ("bench_cca", lambda d: "rows" in d and any("cudnn" in r for r in d["rows"]), cca_table),
+    ("bench_parity", lambda d: "rows" in d and any("triton" in r for r in d["rows"]),
+     parity_table),
+    ("bench_decode", lambda d: "batch1" in d, decode_table),
+    ("bench_train", lambda d: "variants" in d and "seq_len" in d, train_table),
+    ("bench_reattention", lambda d: "prefill" in d and "selection" in d, reattention_table),
+]
+
+
+def report(path: str | Path) -> str:
+    data = json.loads(Path(path).read_text())
+    for name, recognise, table in KINDS:
+        if recognise(data):
+            env = data.get("env") or data.get("environment") or {}
+            return f"`{Path(path).name}` ({name}; {_env_line(env)}):\n\n{table(data)}\n"
+    raise SystemExit(f"{path}: not a result of any of {', '.join(k[0] for k in KINDS)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    print("\n".join(report(p) for p in sys.argv[1:]))
