@@ -1,9 +1,10 @@
 """Plumbing shared by the plain Triton kernels (``kernels/*/triton.py``): whether ``triton.jit``
-builds interpreted kernels in this process, the interpreter fixes, and the float32-accumulated dot
-with its three modes. Imports torch and triton: import it only from those Triton modules."""
+builds interpreted kernels in this process, the interpreter fixes, the float32-accumulated dot
+with its three modes, and the output buffers that tests can have poisoned. Imports torch and triton: import it only from those Triton modules."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -48,3 +49,30 @@ def dot_mode(x: torch.Tensor) -> int:
     if x.dtype == torch.float32:
         return 1
     return 2 if INTERPRET else 0
+
+
+_POISON = [False]
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Within this context every kernel output buffer starts filled with NaN (integer outputs:
+    their most negative value, never a valid index), so a tile a kernel forgot to write fails any
+    comparison. For tests."""
+    _POISON.append(True)
+    try:
+        yield
+    finally:
+        _POISON.pop()
+
+
+def poisoning() -> bool:
+    return _POISON[-1]
+
+
+def output(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised kernel output, or a poisoned one inside :func:`poison_outputs`."""
+    if not _POISON[-1]:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, dtype=dtype, device=device)

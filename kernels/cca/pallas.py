@@ -28,26 +28,13 @@ from jaxtyping import Array, Float
 
 from kernels.cca import pallas_pool, pallas_vjp, reference
 from kernels.cca.pallas_common import (
-    LOG2E, NEG, Config, call, cdiv, default_config, dot, heavy_first, pad_to, poison_outputs,
-    resolve_interpret, window_start)
+    LOG2E, NEG, Config, call, cdiv, default_config, dot, heavy_first, online_softmax_update,
+    pad_to, poison_outputs, resolve_interpret, window_start)
 
 
 def _online_softmax_step(carry, q, keys, values, scale2, mask):
-    """One key tile of the online softmax in base 2. ``mask`` None means every key is visible.
-
-    The scale is applied inside the exponent (one fused multiply-add per score) and to the row
-    maximum, instead of scaling the whole score tile first."""
-    acc, m, l = carry
-    s = dot(q, keys, trans_b=True)  # (BQ, BK) unscaled scores
-    if mask is not None:
-        s = jnp.where(mask, s, NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale2)
-    p = jnp.exp2(s * scale2 - m_new[:, None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp2(m - m_new)
-    acc = acc * alpha[:, None] + dot(p.astype(values.dtype), values)
-    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+    """One key tile of the online softmax in base 2 (``online_softmax_update`` of q keys^T)."""
+    return online_softmax_update(carry, dot(q, keys, trans_b=True), values, scale2, mask)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, *,

@@ -40,6 +40,24 @@ def dot(a, b, *, trans_a=False, trans_b=False):
     return pltriton.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
+def online_softmax_update(carry, s, values, scale2: float, mask):
+    """One key tile of a base-2 online softmax, given the tile's unscaled scores ``s`` (BQ, BK):
+    carry (acc (BQ, D), row max m, row sum l) float32; ``mask`` None means every key is visible.
+
+    The scale is applied inside the exponent (one fused multiply-add per score) and to the row
+    maximum, instead of scaling the whole score tile first."""
+    acc, m, l = carry
+    if mask is not None:
+        s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale2)
+    p = jnp.exp2(s * scale2 - m_new[:, None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp2(m - m_new)
+    acc = acc * alpha[:, None] + dot(p.astype(values.dtype), values)
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+
 def pad_to(x, axis: int, multiple: int):
     size = x.shape[axis]
     padded = -(-max(size, 1) // multiple) * multiple

@@ -42,9 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from kernels.cca.pallas import _online_softmax_step
 from kernels.cca.pallas_common import (
-    LOG2E, NEG, call, cdiv, pad_to, resolve_interpret, window_start)
+    LOG2E, NEG, call, cdiv, dot, online_softmax_update, pad_to, resolve_interpret, window_start)
 
 TARGET_PROGRAMS = 512  # about 4 programs per SM of an H100 (132 SMs)
 MIN_BLOCK = 16  # rows of a pl.dot operand
@@ -125,8 +124,8 @@ def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits:
                 held = (t - 1) - lax.rem(t - 1 - cols + ring, ring)
                 mask = mask & (held >= start)
             sl = pl.ds(base, bk)
-            return _online_softmax_step(carry, q, k_ref[sl, :], v_ref[sl, :], scale2,
-                                        mask[None, :])
+            scores = dot(q, k_ref[sl, :], trans_b=True)
+            return online_softmax_update(carry, scores, v_ref[sl, :], scale2, mask[None, :])
 
         lo_block = jnp.clip(first - offset, 0, nb)
         hi_block = jnp.clip(first + per - offset, 0, nb)

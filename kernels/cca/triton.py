@@ -28,7 +28,6 @@ interpreter fixes this needs are in ``triton_interpret.py``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -41,6 +40,9 @@ from kernels.cca.tiles import Config, default_config  # noqa: F401  (Config is p
 from kernels.triton_common import INTERPRET
 from kernels.triton_common import dot as _dot
 from kernels.triton_common import dot_mode as _dot_mode
+from kernels.triton_common import output as _output
+from kernels.triton_common import poison_outputs  # noqa: F401  (public here too)
+from kernels.triton_common import poisoning
 
 
 LOG2E = math.log2(math.e)
@@ -414,26 +416,6 @@ def _pool_backward_kernel(Q, K, V, DKC, DVC, DQ, DK, DV,
 
 
 # ------------------------------------------------------------------------------ launchers
-_POISON = [False]
-
-
-@contextlib.contextmanager
-def poison_outputs():
-    """Within this context every kernel output buffer starts filled with NaN, so a tile a kernel
-    forgot to write fails any comparison. For tests."""
-    _POISON.append(True)
-    try:
-        yield
-    finally:
-        _POISON.pop()
-
-
-def _output(shape, dtype, device) -> torch.Tensor:
-    if _POISON[-1]:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _pool_grid(n: int, b: int, hkv: int, g: int, rows: int):
     gp = triton.next_power_of_2(g)
     bn = max(1, rows // gp)
@@ -447,7 +429,7 @@ def pool_forward(q, k, v, *, n: int, g: int, scale: float, n_pad: int):
     hkv = k.shape[2]
     kc = torch.zeros((b, n_pad, hkv, d), dtype=k.dtype, device=k.device)
     vc = torch.zeros_like(kc)
-    if _POISON[-1]:  # only the rows the kernel must write
+    if poisoning():  # only the rows the kernel must write
         kc[:, :n] = float("nan")
         vc[:, :n] = float("nan")
     if n > 0:

@@ -35,8 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot, pad_to,  # noqa: F401
-                                       poison_outputs, resolve_interpret)
+from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
+                                       online_softmax_update, pad_to, poison_outputs,
+                                       resolve_interpret)
 from kernels.reattention import reference
 from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
                                         next_power_of_2, round_up, score_splits)
@@ -144,18 +145,10 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool):
 
 # ----------------------------------------------------------------------------- 3. attention
 def _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask):
-    """One key tile of the online softmax (base 2); ``mask`` None: every key visible."""
-    acc, m, l = carry
+    """One key tile of the online softmax (base 2) with RoPE fused as two half-width dots;
+    ``mask`` None: every key visible."""
     s = dot(qr1, kr1, trans_b=True) + dot(qr2, kr2, trans_b=True)
-    if mask is not None:
-        s = jnp.where(mask, s, NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale2)
-    p = jnp.exp2(s * scale2 - m_new[:, None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp2(m - m_new)
-    acc = acc * alpha[:, None] + dot(p.astype(values.dtype), values)
-    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+    return online_softmax_update(carry, s, values, scale2, mask)
 
 
 def _rotate(x1, x2, cos, sin, dtype):

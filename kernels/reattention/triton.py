@@ -20,7 +20,6 @@ of ``kernels/cca/triton_interpret.py`` are applied then).
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
@@ -32,6 +31,8 @@ from kernels.reattention.params import (Config, Geometry, Selection, default_con
 from kernels.triton_common import INTERPRET
 from kernels.triton_common import dot as _dot
 from kernels.triton_common import dot_mode as _dot_mode
+from kernels.triton_common import output as _output
+from kernels.triton_common import poison_outputs  # noqa: F401  (public here too)
 
 
 LOG2E = 1.4426950408889634
@@ -189,27 +190,6 @@ def _attend_kernel(META, Q, K, V, GLIST, COS, SIN, O,
 
 
 # ----------------------------------------------------------------------------- launchers
-_POISON = [False]
-
-
-@contextlib.contextmanager
-def poison_outputs():
-    """Within this context every kernel output buffer starts filled with NaN (tests)."""
-    _POISON.append(True)
-    try:
-        yield
-    finally:
-        _POISON.pop()
-
-
-def _output(shape, dtype, device) -> torch.Tensor:
-    if _POISON[-1]:
-        if dtype.is_floating_point:
-            return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        return torch.full(shape, -7, dtype=dtype, device=device)  # no valid position is < -1
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _meta(*fields) -> torch.Tensor:
     m = torch.stack(fields, dim=-1).to(torch.int32)
     return torch.nn.functional.pad(m, (0, 8 - m.shape[-1])).contiguous()
