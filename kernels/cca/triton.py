@@ -256,6 +256,32 @@ def _dkdv_tiles(dk, dv, keys, values, cols, q_base, do_base, row_base, stride_t,
 
 
 @triton.jit
+def _dkdv_heads(K, V, DK, DV, Q, DO, LSE, DELTA, offs, cols, bi, hk, sq_b, sq_t, sq_h,
+                num_heads, heads_per_kv, t_pad, scale, scale2, r0, r1, r2, r3,
+                G: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                D: tl.constexpr, CORE: tl.constexpr, DOT: tl.constexpr):
+    """dK, dV of one key tile (rows ``offs``) over the G query heads of kv head ``hk``: query
+    tiles [r0, r1) masked, [r1, r2) unmasked, [r2, r3) masked. Written once (no atomics)."""
+    keys = tl.load(K + offs)
+    values = tl.load(V + offs)
+    dk = tl.zeros((BK, D), tl.float32)
+    dv = tl.zeros((BK, D), tl.float32)
+    for gi in range(0, heads_per_kv):
+        h = hk * heads_per_kv + gi
+        q_base = Q + bi * sq_b + h * sq_h
+        do_base = DO + bi * sq_b + h * sq_h
+        row_base = (bi * num_heads + h) * t_pad
+        dk, dv = _dkdv_tiles(dk, dv, keys, values, cols, q_base, do_base, row_base, sq_t, r0,
+                             r1, scale2, G, W, BQ, D, True, CORE, DOT, LSE, DELTA)
+        dk, dv = _dkdv_tiles(dk, dv, keys, values, cols, q_base, do_base, row_base, sq_t, r1,
+                             r2, scale2, G, W, BQ, D, False, CORE, DOT, LSE, DELTA)
+        dk, dv = _dkdv_tiles(dk, dv, keys, values, cols, q_base, do_base, row_base, sq_t, r2,
+                             r3, scale2, G, W, BQ, D, True, CORE, DOT, LSE, DELTA)
+    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
 def _dkdv_local_kernel(Q, DO, LSE, DELTA, K, V, DK, DV,
                        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
                        num_heads, heads_per_kv, t_pad, scale, scale2,
@@ -265,10 +291,7 @@ def _dkdv_local_kernel(Q, DO, LSE, DELTA, K, V, DK, DV,
     bi = tl.program_id(1).to(tl.int64)
     hk = tl.program_id(2)
     cols = k0 + tl.arange(0, BK)
-    dims = tl.arange(0, D)
-    kv_offs = bi * sk_b + hk * sk_h + cols[:, None] * sk_t + dims[None, :]
-    keys = tl.load(K + kv_offs)
-    values = tl.load(V + kv_offs)
+    offs = bi * sk_b + hk * sk_h + cols[:, None] * sk_t + tl.arange(0, D)[None, :]
     nq = t_pad // BQ
     q_lo = k0 // BQ
     t_hi = (k0 + BK - 1) // G * G + G + W - 2  # last query that sees the tile's last key
@@ -276,22 +299,9 @@ def _dkdv_local_kernel(Q, DO, LSE, DELTA, K, V, DK, DV,
     # Query tiles whose every query sees every key: t0 >= k0 + BK - 1, start(t0 + BQ - 1) <= k0.
     m0 = tl.minimum(tl.maximum(_cdiv(k0 + BK - 1, BQ), q_lo), q_hi)
     m1 = tl.minimum(tl.maximum((k0 // G * G + G + W - 1) // BQ, m0), q_hi)
-
-    dk = tl.zeros((BK, D), tl.float32)
-    dv = tl.zeros((BK, D), tl.float32)
-    for gi in range(0, heads_per_kv):
-        h = hk * heads_per_kv + gi
-        q_base = Q + bi * sq_b + h * sq_h
-        do_base = DO + bi * sq_b + h * sq_h
-        row_base = (bi * num_heads + h) * t_pad
-        dk, dv = _dkdv_tiles(dk, dv, keys, values, cols, q_base, do_base, row_base, sq_t, q_lo,
-                             m0, scale2, G, W, BQ, D, True, False, DOT, LSE, DELTA)
-        dk, dv = _dkdv_tiles(dk, dv, keys, values, cols, q_base, do_base, row_base, sq_t, m0,
-                             m1, scale2, G, W, BQ, D, False, False, DOT, LSE, DELTA)
-        dk, dv = _dkdv_tiles(dk, dv, keys, values, cols, q_base, do_base, row_base, sq_t, m1,
-                             q_hi, scale2, G, W, BQ, D, True, False, DOT, LSE, DELTA)
-    tl.store(DK + kv_offs, (dk * scale).to(DK.dtype.element_ty))
-    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty))
+    _dkdv_heads(K, V, DK, DV, Q, DO, LSE, DELTA, offs, cols, bi, hk, sq_b, sq_t, sq_h,
+                num_heads, heads_per_kv, t_pad, scale, scale2, q_lo, m0, m1, q_hi,
+                G, W, BQ, BK, D, False, DOT)
 
 
 @triton.jit
@@ -304,28 +314,14 @@ def _dkdv_core_kernel(Q, DO, LSE, DELTA, KC, VC, DKC, DVC,
     bi = tl.program_id(1).to(tl.int64)
     hk = tl.program_id(2)
     js = j0 + tl.arange(0, BK)
-    dims = tl.arange(0, D)
-    c_offs = bi * sc_b + hk * sc_h + js[:, None] * sc_t + dims[None, :]
-    keys = tl.load(KC + c_offs)
-    values = tl.load(VC + c_offs)
+    offs = bi * sc_b + hk * sc_h + js[:, None] * sc_t + tl.arange(0, D)[None, :]
     nq = t_pad // BQ
-    # Core j is seen by every query t >= (j + 1) * g + w - 1.
+    # Core j is seen by every query t >= (j + 1) * g + w - 1; from m0 on by the whole tile.
     q_lo = tl.minimum(nq, ((j0 + 1) * G + W - 1) // BQ)
     m0 = tl.minimum(tl.maximum(_cdiv((j0 + BK) * G + W - 1, BQ), q_lo), nq)
-
-    dk = tl.zeros((BK, D), tl.float32)
-    dv = tl.zeros((BK, D), tl.float32)
-    for gi in range(0, heads_per_kv):
-        h = hk * heads_per_kv + gi
-        q_base = Q + bi * sq_b + h * sq_h
-        do_base = DO + bi * sq_b + h * sq_h
-        row_base = (bi * num_heads + h) * t_pad
-        dk, dv = _dkdv_tiles(dk, dv, keys, values, js, q_base, do_base, row_base, sq_t, q_lo,
-                             m0, scale2, G, W, BQ, D, True, True, DOT, LSE, DELTA)
-        dk, dv = _dkdv_tiles(dk, dv, keys, values, js, q_base, do_base, row_base, sq_t, m0, nq,
-                             scale2, G, W, BQ, D, False, True, DOT, LSE, DELTA)
-    tl.store(DKC + c_offs, (dk * scale).to(DKC.dtype.element_ty))
-    tl.store(DVC + c_offs, dv.to(DVC.dtype.element_ty))
+    _dkdv_heads(KC, VC, DKC, DVC, Q, DO, LSE, DELTA, offs, js, bi, hk, sq_b, sq_t, sq_h,
+                num_heads, heads_per_kv, t_pad, scale, scale2, q_lo, m0, nq, nq,
+                G, W, BQ, BK, D, True, DOT)
 
 
 # ------------------------------------------------------------------------------ pooling
