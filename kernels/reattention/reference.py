@@ -32,6 +32,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jax_cca.rope import apply_rope, rope_cos_sin
+from kernels.cca.reference import _masked_softmax_weights
 from kernels.reattention.params import Geometry, Selection, geometry
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -245,13 +246,6 @@ def rotate(x: Float[Array, "B H N D"], positions: Int[Array, "B H N"], inv_freq)
     return apply_rope(x.reshape(b * h, n, 1, d), cos, sin).reshape(b, h, n, d)
 
 
-def _masked_softmax(scores, mask):
-    scores = jnp.where(mask, scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(scores - m), 0.0)
-    return p / jnp.sum(p, axis=-1, keepdims=True)
-
-
 def attend_gathered(
     q_rows: Float[Array, "B Hkv R D"],
     t_rows: Int[Array, "B R"],
@@ -290,7 +284,8 @@ def attend_gathered(
         jnp.broadcast_to((j[:, None, :] <= t_rows[:, :, None])[:, None],
                          (b, hkv, t_rows.shape[1], tail)),
     ], axis=-1)
-    return jnp.einsum("bhrn,bhnd->bhrd", _masked_softmax(scores, mask), values, precision=HIGHEST)
+    weights = _masked_softmax_weights(scores, mask)
+    return jnp.einsum("bhrn,bhnd->bhrd", weights, values, precision=HIGHEST)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -465,7 +460,7 @@ def reattention_naive(
         q_rot = rotate(q_c[None, None], t_pos[None, None], inv_freq)[0, 0]
         s = jnp.einsum("rd,sd->rs", q_rot, k_rot, precision=HIGHEST) * scale
         mask = kept[None, :] & (pos[None, :] <= t[:, None])
-        return jnp.einsum("rs,sd->rd", _masked_softmax(s, mask), values, precision=HIGHEST)
+        return jnp.einsum("rs,sd->rd", _masked_softmax_weights(s, mask), values, precision=HIGHEST)
 
     over_chunks = jax.vmap(one, in_axes=(0, None, None, 0, 0, 0, 0, 0))
     over_heads = jax.vmap(over_chunks, in_axes=(0, 0, 0, 0, 0, None, None, None))
