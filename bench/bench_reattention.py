@@ -191,6 +191,14 @@ def main(argv=None) -> int:
     if args.quick:
         results["selection"] = dataclasses.asdict(QUICK_SEL)
     started = time.perf_counter()
+    out = Path(args.out) if args.out else (
+        Path(__file__).parent / "results" / f"reattention_{env['device'].replace(' ', '_')}.json")
+
+    def save():  # after every row, so a run cut short keeps what it measured
+        results["wall_s"] = time.perf_counter() - started
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+
     for t in lengths:
         for case in cases(t):
             try:
@@ -200,6 +208,7 @@ def main(argv=None) -> int:
                 row = {"case": case.id, "error": traceback.format_exc()[-2000:]}
             print(json.dumps(row), flush=True)
             results["prefill"].append(row)
+            save()
         for case in cases(t)[1:]:  # decode at the same context, GQA layout
             try:
                 row = bench_decode(case, dtype, baseline, interpret, t)
@@ -207,6 +216,7 @@ def main(argv=None) -> int:
                 row = {"case": case.id, "error": traceback.format_exc()[-2000:]}
             print(json.dumps(row), flush=True)
             results["decode"].append(row)
+            save()
     one_b = Case(1, 1, 32, ONE_B["kv_heads"], ONE_B["head_dim"], QUICK_SEL if args.quick
                  else Selection())
     try:
@@ -223,11 +233,7 @@ def main(argv=None) -> int:
         "note": "ReAttention keeps the full un-rotated cache (like full attention); the decode "
                 "row above measures one layer's step over it, temp bytes included",
     }
-    results["wall_s"] = time.perf_counter() - started
-    out = Path(args.out) if args.out else (
-        Path(__file__).parent / "results" / f"reattention_{env['device'].replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    save()
     print("saved", out)
     print(f"{'case':60s} {'attended':>8s} {'reatt ms':>9s} {'causal ms':>9s} {'x':>6s} "
           f"{'attnd ms':>9s} {'overhead':>8s}")

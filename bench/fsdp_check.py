@@ -23,6 +23,7 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from bench.common import environment  # noqa: E402
 from jax_cca import CCAConfig, CCALlama  # noqa: E402
 from jax_cca.data import SyntheticRetrieval  # noqa: E402
 from jax_cca.train import TrainConfig, Trainer, make_mesh  # noqa: E402
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         else [(1, len(devices))]
     ref_losses, ref_params = run(Trainer(config, train_config, make_mesh(1, 1, 1, devices[:1])),
                                  model, batches)
-    results = {"devices": [str(d) for d in devices], "platform": devices[0].platform,
+    results = {"environment": environment(),
+               "devices": [str(d) for d in devices], "platform": devices[0].platform,
                "jax": jax.__version__, "config": json.loads(config.to_json()),
                "seq_len": seq_len, "batch": batch, "accum_steps": train_config.accum_steps,
                "steps": STEPS, "reference_losses": ref_losses, "tol": args.tol, "meshes": []}

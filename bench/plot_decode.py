@@ -3,18 +3,23 @@ each with its HBM-bandwidth bound; one or more JSON files (e.g. an H100 run and 
 the full-attention lengths that do not fit on the H100).
 
     python bench/plot_decode.py bench/results/decode_h100.json [more.json ...] docs/img/decode.png
+    python bench/plot_decode.py --bandwidth-gbps 4300 decode_h200*.json docs/img/decode_h200.png
+
+The bound is each row's bytes read over the copy bandwidth measured in that run, or over
+``--bandwidth-gbps`` when given (for runs whose measured rate is known to be understated).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 STYLE = {"cca": ("tab:blue", "CCA (g=16, w=1024)"), "full": ("tab:gray", "full attention")}
 
 
-def decode_points(paths: list[str]) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
+def decode_points(paths: list[str], bandwidth_gbps: float | None = None
+                  ) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
     """(attention, device) -> sorted (T, decode ms, bound ms) of the batch-1 rows that ran."""
     points: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
     for path in paths:
@@ -24,18 +29,20 @@ def decode_points(paths: list[str]) -> dict[tuple[str, str], list[tuple[int, flo
             if not row.get("decode_fits") or row.get("decode_ms") is None:
                 continue
             key = (row["attention"], device)
-            points.setdefault(key, []).append(
-                (row["T"], row["decode_ms"], row["decode_bound_ms"]))
+            bound = (row["decode_bytes_read"] / bandwidth_gbps / 1e6 if bandwidth_gbps
+                     else row["decode_bound_ms"])
+            points.setdefault(key, []).append((row["T"], row["decode_ms"], bound))
     return {key: sorted(rows) for key, rows in points.items()}
 
 
-def main(sources: list[str], dst: str) -> None:
+def main(sources: list[str], dst: str, bandwidth_gbps: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = decode_points(sources)
+    points = decode_points(sources, bandwidth_gbps)
+    rate = f"{bandwidth_gbps / 1000:.1f} TB/s" if bandwidth_gbps else "measured copy bandwidth"
     if not points:
         raise SystemExit(f"no decode rows that ran in {', '.join(sources)}")
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -47,7 +54,7 @@ def main(sources: list[str], dst: str) -> None:
         t = [r[0] / 1024 for r in rows]
         ax.plot(t, [r[1] for r in rows], color=color, marker=marker, label=label + suffix)
         ax.plot(t, [r[2] for r in rows], color=color, marker=marker, linestyle=":",
-                alpha=0.6, label=f"bound (bytes / copy bandwidth){suffix}")
+                alpha=0.6, label=f"bound (bytes / {rate}){suffix}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (K tokens)")
     ax.set_ylabel("decode ms / token (batch 1)")
@@ -61,6 +68,10 @@ def main(sources: list[str], dst: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        raise SystemExit(__doc__)
-    main(sys.argv[1:-1], sys.argv[-1])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", nargs="+", help="bench_decode.py JSON files")
+    ap.add_argument("dst", help="the PNG to write")
+    ap.add_argument("--bandwidth-gbps", type=float, default=None,
+                    help="bound = bytes read / this rate (default: each run's measured copy rate)")
+    args = ap.parse_args()
+    main(args.sources, args.dst, args.bandwidth_gbps)

@@ -7,7 +7,7 @@ fail past the training length) and with ReAttention (training-free; expected to 
     PYTHONPATH=. python bench/replicate_reattention.py --report JSON   # docs/results.md only
 
 Same structure and options as ``bench/replicate_cca.py`` (whose helpers it uses): pretraining on
-the synthetic retrieval mix with a length curriculum (default ``256:400,1024:600``), then
+the synthetic retrieval mix with a length curriculum (default ``256:600,1024:2400``), then
 ``jax_cca.eval`` on passkey and multi-key needle retrieval at ``--lengths`` (default 1K, 8K, 16K,
 32K, 64K: the training length, then 8x to 64x). ReAttention runs the same weights with
 ``attention="reattention"`` and the selection given by the ``--re-*`` options, sized so that
@@ -58,7 +58,7 @@ SELECTION = {"sink": "reattention_sink", "window": "reattention_window",
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, curriculum="256:400,1024:600",
+    add_common_args(p, curriculum="256:600,1024:2400",
                     lengths=[1024, 8192, 16384, 32768, 65536], tasks=["passkey", "multikey"])
     defaults = dict(sink=16, window=256, top_k=4, max_selected=16, span=32, chunk=128, align=64)
     for name, value in defaults.items():
@@ -114,20 +114,21 @@ def run(args) -> Path:
                   task_options=TaskOptions(key_words=record["stages"][-1]["key_words"]),
                   memory_lengths=[max(args.lengths)], progress=True)
     runs = []
+    protocol = {**{k: (str(v) if isinstance(v, Path) else v)
+                   for k, v in vars(args).items() if k != "curriculum"},
+                "curriculum": [[s.seq_len, s.steps] for s in args.curriculum],
+                "train_length": train_len, "position_bound": bound}
     for method, method_options in (("full", {}), ("reattention", options)):
         start = time.perf_counter()
         runs += evaluate_methods(model, [(method, method_options)],
                                  on_skip=lambda m, why: print(f"skipping {m}: {why}",
                                                               file=sys.stderr), **common)
         print(f"{method}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    path = save_report(args.out, runs, environment=environment(),
-                       protocol={**{k: (str(v) if isinstance(v, Path) else v)
-                                    for k, v in vars(args).items() if k != "curriculum"},
-                                 "curriculum": [[s.seq_len, s.steps] for s in args.curriculum],
-                                 "train_length": train_len, "position_bound": bound},
-                       model_config=json.loads(full.config.to_json()), training=[record],
-                       eval_key_words=common["task_options"].key_words,
-                       total_seconds=time.perf_counter() - begin)
+        # after every method, so a run cut short keeps what it evaluated
+        path = save_report(args.out, runs, environment=environment(), protocol=protocol,
+                           model_config=json.loads(full.config.to_json()), training=[record],
+                           eval_key_words=common["task_options"].key_words,
+                           total_seconds=time.perf_counter() - begin)
     for task in args.tasks:
         print(f"\n{task} (exact match over depths and samples):\n{em_table(runs, task)}")
     print(f"\n{speed_table(runs)}\n\nresults: {path} ({time.perf_counter() - begin:.0f} s)")

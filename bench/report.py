@@ -3,7 +3,7 @@
     python bench/report.py bench/results/cca_h100_v4.json bench/results/parity_h100.json ...
 
 Each file's kind is recognised from its content (bench_cca, bench_parity, bench_decode,
-bench_train, bench_reattention); each gets a header line with its device, versions and date, then
+bench_train, bench_reattention, fsdp_check); each gets a header line with its device, versions and date, then
 its table. Files of another kind are refused with their name.
 """
 
@@ -97,13 +97,43 @@ def train_table(data: dict) -> str:
 def reattention_table(data: dict) -> str:
     rows = []
     for r in data["prefill"]:
+        if "reattention" not in r:
+            rows.append([r.get("case", "?"), "error"] + [""] * 6)
+            continue
         rows.append([_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", str(r["attended"]),
                      f"{r['reattention']['median_ms']:.2f}",
                      f"{r['cudnn_attended']['median_ms']:.2f}",
                      f"{r['cudnn_causal']['median_ms']:.2f}",
-                     f"{r['overhead_vs_attended']:.2f}x", f"{r['ratio_vs_causal']:.2f}x"])
-    return _table(["T", "Hq/Hkv", "attended keys", "ReAttention ms", "cuDNN at attended length ms",
-                   "cuDNN causal at T ms", "vs attended", "vs causal"], rows)
+                     f"{r['overhead_vs_attended'] + 1:.2f}x", f"{r['ratio_vs_causal']:.2f}x"])
+    table = _table(["T", "Hq/Hkv", "attended keys", "ReAttention ms",
+                    "cuDNN at attended length ms", "cuDNN causal at T ms",
+                    "time / cuDNN at attended length", "time / cuDNN causal at T"], rows)
+    drows = []
+    for r in data.get("decode") or []:
+        if "reattention" not in r:
+            drows.append([_k(r.get("context", 0)), r.get("case", "?"), "error", "", ""])
+            continue
+        full = {k[: -len("_full")]: v.get("median_ms") for k, v in r.items()
+                if k.endswith("_full") and isinstance(v, dict)}
+        drows.append([_k(r["context"]), f"{r['Hq']}/{r['Hkv']}, d = {r['D']}",
+                      f"{r['reattention']['median_ms']:.3f}",
+                      ", ".join(f"{k} {v:.3f}" for k, v in full.items() if v is not None),
+                      f"{r['kv_cache_bytes_one_layer'] / GiB:.2f}"])
+    if drows:
+        table += "\n\n" + _table(["context", "heads", "ReAttention decode step ms (one layer)",
+                                   "full attention ms", "KV cache GiB (one layer)"], drows)
+    return table
+
+
+def fsdp_table(data: dict) -> str:
+    rows = [[" x ".join(f"{k} {v}" for k, v in m["mesh"].items()), f"{m['loss_rel_err']:.1e}",
+             f"{m['params_rel_err']:.1e}", f"{m['split_params']} / {m['num_params']}",
+             "yes" if m["ok"] else "NO"] for m in data["meshes"]]
+    line = (f"devices: {', '.join(data['devices'])}; {data['steps']} AdamW steps, batch "
+            f"{data['batch']} x {data['seq_len']} tokens, accumulation {data['accum_steps']}; "
+            f"against one device, tolerance {data['tol']:g}")
+    return line + "\n\n" + _table(["mesh", "loss rel err", "params rel err",
+                                    "params split", "equal"], rows)
 
 
 KINDS = [  # (name, recogniser, table)
@@ -113,6 +143,7 @@ KINDS = [  # (name, recogniser, table)
     ("bench_decode", lambda d: "batch1" in d, decode_table),
     ("bench_train", lambda d: "variants" in d and "seq_len" in d, train_table),
     ("bench_reattention", lambda d: "prefill" in d and "selection" in d, reattention_table),
+    ("fsdp_check", lambda d: "meshes" in d and "reference_losses" in d, fsdp_table),
 ]
 
 
@@ -126,6 +157,6 @@ def report(path: str | Path) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         raise SystemExit(__doc__)
     print("\n".join(report(p) for p in sys.argv[1:]))
