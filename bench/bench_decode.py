@@ -19,15 +19,19 @@ length T and attention, in two phases:
    **memory**: XLA's memory analysis of each compiled function (arguments + temporaries +
    outputs - aliased) and the device's ``peak_bytes_in_use`` after the row (process-wide; JAX
    cannot reset it).
-2. unless ``--skip-batch-search``: decode tokens/s at the largest batch that fits. Batch sizes
-   are powers of two, starting at the largest one the free memory predicts (weights + cache
-   bytes), doubling while a batch fits and halving while it does not; out-of-memory is recorded
-   as "does not fit". These steps run on a cache whose lengths are set to T without a prefill
+2. unless ``--skip-batch-search``: decode tokens/s at the largest batch that fits. Phase 1 then
+   runs in a child process and every attempt of this search in a child of its own, so that an
+   attempt that runs out of memory leaves nothing behind (in one process it did: every later
+   attempt failed, even batch 1). The search starts at the batch the free memory predicts
+   (weights + cache bytes), steps down by ~15% while an attempt does not fit, and once one fits
+   tries ~15% more to show the boundary (``MAX_ATTEMPTS`` at most); out-of-memory is recorded as
+   "does not fit". These steps run on a cache whose lengths are set to T without a prefill
    (the kernel reads the same rows whatever they hold; a prefill of B x 128K tokens would take
    minutes).
 
 Bounds next to every figure: decode = (bytes of weights read + bytes of cache read per token) /
-measured copy bandwidth (``bench.common.measure_peaks``: read + write bytes of a 1 GiB copy);
+measured bandwidth (``bench.common.measure_peaks``: the larger of a 1 GiB copy's read + write
+rate and a 1 GiB sum's read rate, timed over back-to-back calls);
 prefill = FLOPs (linear layers + the attention each query must do) / measured bf16 matmul rate;
 memory = weights + cache bytes (``jax_cca.cache.cache_bytes``).
 """
@@ -44,7 +48,9 @@ import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -201,6 +207,7 @@ def synthetic_cache(config: CCAConfig, batch: int, max_len: int, t: int):
 
 
 PIPELINE = 8  # steps dispatched back to back per timed chunk
+MAX_ATTEMPTS = 5  # batch sizes tried per (attention, T)
 
 
 def time_decode(compiled, state, tokens, cache, steps: int, warmup: int = 2):
@@ -234,7 +241,7 @@ def time_decode(compiled, state, tokens, cache, steps: int, warmup: int = 2):
 # ------------------------------------------------------------------------------ phase 1
 def bench_batch1(config, graphdef, state, t: int, args, peaks) -> dict:
     max_len = t + 2 * args.decode_steps + 8
-    bw = peaks["copy_gbps"] * 1e9
+    bw = peaks.get("bandwidth_gbps", peaks["copy_gbps"]) * 1e9
     row = {"attention": config.attention, "T": t, "max_len": max_len,
            "decode_implementation": decode.decode_implementation(config),
            "cache_bytes": cache_bytes(config, max_len), "weight_bytes": nbytes(state)}
@@ -312,7 +319,7 @@ def try_batch(config, graphdef, state, t: int, batch: int, args, peaks) -> dict:
         ms, synced, cache = time_decode(compiled, state, tokens, cache, args.batch_steps)
         read = (weight_bytes_read(config, state, batch)
                 + batch * cache_bytes_read(config, t, max_len))
-        bound_ms = read / (peaks["copy_gbps"] * 1e9) * 1e3
+        bound_ms = read / (peaks.get("bandwidth_gbps", peaks["copy_gbps"]) * 1e9) * 1e3
         res.update(fits=True, decode_ms=ms, decode_ms_synced=synced,
                    tokens_per_s=batch * 1e3 / ms, bound_ms=bound_ms,
                    bound_tokens_per_s=batch * 1e3 / bound_ms)
@@ -323,32 +330,73 @@ def try_batch(config, graphdef, state, t: int, batch: int, args, peaks) -> dict:
     return res
 
 
-def batch_search(config, graphdef, state, t: int, args, peaks) -> dict:
+def attempt_in_child(attention: str, t: int, batch: int, args, bandwidth_gbps: float) -> dict:
+    """One try_batch in a fresh process: an out-of-memory attempt cannot leave memory behind
+    for the next one (in one process it did: every later attempt failed, even batch 1)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "attempt.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--try-batch",
+               f"{attention},{t},{batch}", "--bandwidth-gbps", str(bandwidth_gbps),
+               "--out", str(out), "--batch-steps", str(args.batch_steps),
+               "--decode-steps", str(args.decode_steps)] + (["--quick"] if args.quick else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=args.attempt_timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"batch": batch, "fits": None,
+                    "error": f"attempt did not finish in {args.attempt_timeout_s:.0f} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"batch": batch, "fits": None,
+                "error": f"attempt exited {proc.returncode}: {proc.stderr[-1500:]}"}
+
+
+def batch_search(config: CCAConfig, t: int, args, free_bytes: int | None,
+                 bandwidth_gbps: float) -> dict:
+    """The largest batch that fits, each attempt in its own process: start from the batch the
+    free memory predicts, step down by ~15% while an attempt runs out of memory, and once one
+    fits try ~15% more to show the boundary (at most ``MAX_ATTEMPTS`` attempts)."""
     max_len = t + 2 * args.decode_steps + 8
-    mem = device_memory()
     per_seq = cache_bytes(config, max_len, 1)
-    if mem and "bytes_limit" in mem:
-        free = mem["bytes_limit"] - mem["bytes_in_use"]
-        predicted = max(1, int(free * 0.97) // per_seq)
-    else:
-        predicted = args.max_batch
-    batch = 1 << (min(predicted, args.max_batch).bit_length() - 1)
+    predicted = max(1, int(free_bytes * 0.97) // per_seq) if free_bytes else args.max_batch
+    batch = min(predicted, args.max_batch)
     tried: dict[int, dict] = {}
-    while batch not in tried and 1 <= batch <= args.max_batch and len(tried) < 6:
-        res = try_batch(config, graphdef, state, t, batch, args, peaks)
+    while 1 <= batch <= args.max_batch and batch not in tried and len(tried) < MAX_ATTEMPTS:
+        res = attempt_in_child(config.attention, t, batch, args, bandwidth_gbps)
         tried[batch] = res
         print(f"  {config.attention} T={t} batch {batch}: "
               f"{'fits' if res['fits'] else res.get('error', '')[:120]}"
               + (f" {res['tokens_per_s']:.1f} tok/s" if res.get("fits") else ""), flush=True)
         if res["fits"] is None:  # an error other than out of memory: stop searching
             break
-        batch = batch * 2 if res["fits"] else batch // 2
+        fits = [b for b, r in tried.items() if r["fits"]]
+        if res["fits"]:
+            if any(b > batch for b in tried):  # the next size up was tried and failed
+                break
+            batch = max(batch + 1, int(batch * 1.15))
+        else:
+            if fits:  # a smaller one fits already: the boundary is found
+                break
+            batch = min(batch - 1, int(batch * 0.85))
     fits = [b for b, r in tried.items() if r["fits"]]
     best = max(fits) if fits else None
     return {"attention": config.attention, "T": t, "predicted_batch": predicted,
-            "largest_batch": best, "capped": bool(best and best * 2 > args.max_batch),
+            "largest_batch": best, "capped": bool(best and best >= args.max_batch),
             "tokens_per_s": tried[best]["tokens_per_s"] if best else None,
             "tried": [tried[b] for b in sorted(tried)]}
+
+
+def child_attempt(args) -> int:
+    """--try-batch ATT,T,B: build the model, run one try_batch, write its JSON to --out."""
+    attention, t, batch = args.try_batch.split(",")
+    t, batch = int(t), int(batch)
+    config = base_config(args.quick, t + 2 * args.decode_steps + 8).replace(attention=attention)
+    state = jax.block_until_ready(random_state(config))
+    peaks = {"bandwidth_gbps": args.bandwidth_gbps, "copy_gbps": args.bandwidth_gbps}
+    res = try_batch(config, graphdef_of(config), state, t, batch, args, peaks)
+    res["device_memory"] = device_memory()
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
 
 
 # ------------------------------------------------------------------------------ main
@@ -390,6 +438,10 @@ def main(argv=None) -> int:
                     help="timed steps per batch size of the search (default 10)")
     ap.add_argument("--max-batch", type=int, default=None, help="largest batch tried (256)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/ or $OUT)")
+    ap.add_argument("--attempt-timeout-s", type=float, default=300.0,
+                    help="limit of one batch-search attempt (each runs in its own process)")
+    ap.add_argument("--try-batch", default=None, help=argparse.SUPPRESS)  # ATT,T,B: child mode
+    ap.add_argument("--bandwidth-gbps", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
     lengths = [int(x) for x in (args.lengths or ("256,512" if q else
@@ -404,6 +456,10 @@ def main(argv=None) -> int:
     args.batch_steps = args.batch_steps or (3 if q else 10)
     args.max_batch = args.max_batch or (4 if q else 256)
 
+    if args.try_batch:
+        return child_attempt(args)
+    if not args.skip_batch_search:
+        return phase1_then_search(args, lengths, attentions)
     t_start = time.perf_counter()
     env = environment()
     peaks = measure_peaks(size=512, copy_bytes=2**24) if q else measure_peaks()
@@ -419,33 +475,61 @@ def main(argv=None) -> int:
                "weight_bytes": nbytes(state), "init_s": init_s,
                "device_memory_after_init": device_memory(), "batch1": [], "batch_search": []}
     print(f"weights {results['weight_bytes'] / 2**30:.2f} GiB, init {init_s:.1f} s", flush=True)
-    name = "decode_quick" if q else "decode_" + env["device"].replace(" ", "_")
-
-    def save():  # after every row, so a run cut short keeps what it measured
-        results["total_s"] = time.perf_counter() - t_start
-        if not args.out:
-            return save_results(name, results)
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
-        return path
-
     for a in attentions:  # CCA first, lengths ascending: the process-wide peak grows row by row
         for t in lengths:
             row = bench_batch1(configs[a], graphdefs[a], state, t, args, peaks)
             print({k: v for k, v in row.items() if not isinstance(v, dict)}, flush=True)
             results["batch1"].append(row)
-            save()
-    if not args.skip_batch_search:
-        for a in attentions:
-            for t in lengths:
-                results["batch_search"].append(
-                    batch_search(configs[a], graphdefs[a], state, t, args, peaks))
-                save()
-    path = save()
+            write(results, args, t_start)  # after every row: a run cut short keeps its rows
+    path = write(results, args, t_start)
     print(summary(results))
     print(f"saved {path} ({results['total_s']:.0f} s)")
     return 0
+
+
+def write(results: dict, args, t_start: float) -> Path:
+    results["total_s"] = time.perf_counter() - t_start
+    if not args.out:
+        name = "decode_quick" if results["quick"] else \
+            "decode_" + results["env"]["device"].replace(" ", "_")
+        return save_results(name, results)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+def phase1_then_search(args, lengths: list[int], attentions: list[str]) -> int:
+    """Phase 1 in one child process, then every batch-search attempt in a child of its own.
+    This process never touches the device: the memory JAX takes up front in a process stays
+    taken until it exits, and each child needs all of it."""
+    t_start = time.perf_counter()
+    common = ["--lengths", ",".join(map(str, lengths)), "--attention", ",".join(attentions),
+              "--prefill-reps", str(args.prefill_reps), "--decode-steps", str(args.decode_steps),
+              "--batch-steps", str(args.batch_steps), "--max-batch", str(args.max_batch)]
+    with tempfile.TemporaryDirectory() as tmp:
+        phase1 = Path(tmp) / "phase1.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *common, "--skip-batch-search",
+               "--out", str(phase1)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd)  # its output streams through
+        if not phase1.exists():
+            print(f"phase 1 wrote no results (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        results = json.loads(phase1.read_text())
+    mem = results.get("device_memory_after_init") or {}
+    free = mem["bytes_limit"] - mem["bytes_in_use"] if "bytes_limit" in mem else None
+    peaks = results["peaks"]
+    bandwidth = peaks.get("bandwidth_gbps", peaks["copy_gbps"])
+    config = base_config(args.quick, max(lengths) + 2 * args.decode_steps + 8)
+    for a in attentions:
+        for t in lengths:
+            results["batch_search"].append(
+                batch_search(config.replace(attention=a), t, args, free, bandwidth))
+            write(results, args, t_start)
+    path = write(results, args, t_start)  # total_s: phase 1 and the search
+    print(summary(results))
+    print(f"saved {path} ({results['total_s']:.0f} s)")
+    return 0 if proc.returncode == 0 else proc.returncode
 
 
 if __name__ == "__main__":
