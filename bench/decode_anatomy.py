@@ -1,0 +1,160 @@
+"""Where a decode step's time goes beyond its bytes: ablations for one GPU call.
+
+    PYTHONPATH=. python bench/decode_anatomy.py --out $OUT/anatomy.json     # H100/H200, ~4 min
+    PYTHONPATH=. python bench/decode_anatomy.py --quick --out /tmp/a.json   # tiny, CPU, < 1 min
+
+The decode benchmark (LLaMA-2-7B shapes, batch 1) found about 2.2 ms per step on top of the bytes
+read, the same for CCA and full attention, so a cost per kernel or per layer rather than per byte.
+This script separates it, at one context length (``--context``, default 128K) and attention
+(``--attention``, default cca):
+
+* layers: the step of models of 1, 8 and 32 layers (same shapes otherwise). A straight line through
+  (layers, ms) gives the per-layer cost and the fixed cost (embedding, final norm, LM head, the
+  step's dispatch); the per-layer cost over the per-layer bytes at ``--bandwidth-gbps`` shows
+  how far each layer is from its bandwidth bound.
+* XLA flags: the 32-layer step again in a fresh process per flag set (XLA reads its flags once),
+  e.g. CUDA-graph command buffers off, on for every command type, on from the first kernel. A flag
+  this XLA does not know fails that process; the failure is recorded and the rest runs.
+* kernels: how many kernels (fusions, custom calls, library calls) the compiled step launches.
+
+Timing as in ``bench/bench_decode.py`` (steps dispatched back to back, the median per step).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.bench_decode import (base_config, cache_bytes_read, decode_fn, graphdef_of,  # noqa: E402
+                                random_state, synthetic_cache, time_decode, weight_bytes_read)
+from bench.common import environment  # noqa: E402
+
+FLAG_SETS = {
+    "command buffers off": "--xla_gpu_enable_command_buffer=",
+    "command buffers, every type": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,"
+                                   "CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL",
+    "command buffers from one kernel": "--xla_gpu_graph_min_graph_size=1",
+}
+KERNEL_OPS = ("fusion", "custom-call", "cublas", "gemm", "dot")
+
+
+def kernel_counts(hlo: str) -> dict:
+    """Launch-like instructions of the compiled step's entry and fused computations."""
+    counts = {op: len(re.findall(rf"= [^=]*? {op}\(", hlo)) for op in ("fusion", "custom-call")}
+    counts["triton custom calls"] = hlo.count("__gpu$xla.gpu.triton")
+    counts["cublas calls"] = hlo.count("__cublas$")
+    return counts
+
+
+def measure(layers: int, args) -> dict:
+    """One decode step of a model with ``layers`` layers at context ``args.context``."""
+    max_len = args.context + 2 * args.steps + 8
+    config = base_config(args.quick, max_len).replace(attention=args.attention,
+                                                      num_layers=layers)
+    state = jax.block_until_ready(random_state(config))
+    cache = synthetic_cache(config, 1, max_len, args.context)
+    tokens = jnp.zeros((1,), jnp.int32)
+    compiled = decode_fn(graphdef_of(config)).lower(state, tokens, cache).compile()
+    ms, synced, cache = time_decode(compiled, state, tokens, cache, args.steps)
+    read = weight_bytes_read(config, state, 1) + cache_bytes_read(config, args.context, max_len)
+    row = {"layers": layers, "decode_ms": ms, "decode_ms_synced": synced, "bytes_read": read,
+           "bound_ms": read / (args.bandwidth_gbps * 1e6), "kernels": kernel_counts(
+               compiled.as_text() or "")}
+    del cache, state
+    return row
+
+
+def fit(rows: list[dict]) -> dict:
+    """ms = fixed + per_layer * layers, least squares."""
+    x = np.array([r["layers"] for r in rows], float)
+    y = np.array([r["decode_ms"] for r in rows], float)
+    per_layer, fixed = np.polyfit(x, y, 1) if len(rows) > 1 else (float("nan"), float("nan"))
+    return {"per_layer_ms": float(per_layer), "fixed_ms": float(fixed)}
+
+
+def in_child(flags: str, layers: int, args) -> dict:
+    """:func:`measure` in a fresh process whose XLA_FLAGS carry ``flags``: XLA reads its flags
+    once, and the memory JAX takes in a process stays taken until it exits (so this process
+    never touches the device)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-layers",
+               str(layers), "--context", str(args.context), "--attention",
+               args.attention, "--steps", str(args.steps), "--bandwidth-gbps",
+               str(args.bandwidth_gbps), "--out", str(out)] + (["--quick"] if args.quick else [])
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        except subprocess.TimeoutExpired:
+            return {"flags": flags, "layers": layers, "error": "did not finish in 240 s"}
+        if out.exists():
+            return {"flags": flags, **json.loads(out.read_text())}
+        return {"flags": flags, "layers": layers,
+                "error": f"exit {proc.returncode}: {proc.stderr[-1200:]}"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=None, help="tokens held (default 131072)")
+    ap.add_argument("--attention", default="cca", choices=("cca", "full"))
+    ap.add_argument("--layers", default=None, help="layer counts (default 1,8,32; quick: 1,2)")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--bandwidth-gbps", type=float, default=4300.0,
+                    help="for the bound (default: the H200's device copy rate seen with torch)")
+    ap.add_argument("--no-flags", action="store_true", help="skip the XLA flag variants")
+    ap.add_argument("--quick", action="store_true", help="tiny model (CPU check)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child-layers", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.context = args.context or (512 if args.quick else 131072)
+    args.layer_counts = [int(x) for x in (args.layers or ("1,2" if args.quick else "1,8,32"))
+                         .split(",")]
+    if args.child_layers:
+        row = {"env": environment(), **measure(args.child_layers, args)}
+        Path(args.out).write_text(json.dumps(row))
+        return 0
+    results = {"context": args.context, "attention": args.attention,
+               "bandwidth_gbps": args.bandwidth_gbps, "layers": [], "flags": []}
+    out = Path(args.out) if args.out else None
+
+    def save():
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
+
+    for n in args.layer_counts:
+        row = in_child("", n, args)
+        results.setdefault("env", row.pop("env", None))
+        row.pop("env", None)
+        results["layers"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    results["fit"] = fit([r for r in results["layers"] if "decode_ms" in r])
+    print(json.dumps(results["fit"]), flush=True)
+    save()
+    if not args.no_flags:
+        for name, flags in FLAG_SETS.items():
+            results["flags"].append({"name": name, **in_child(flags, args.layer_counts[-1],
+                                                              args)})
+            results["flags"][-1].pop("env", None)
+            print(json.dumps({k: v for k, v in results["flags"][-1].items()
+                              if k != "kernels"}), flush=True)
+            save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
