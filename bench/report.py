@@ -1,6 +1,7 @@
 """Markdown tables from benchmark JSON files (bench/results/): the tables of docs/benchmarks.md.
 
     python bench/report.py bench/results/cca_h100_v4.json bench/results/parity_h100.json ...
+    python bench/report.py --all          # every result file in bench/results/ of a known kind
 
 Each file's kind is recognised from its content (bench_cca, bench_parity, bench_decode,
 bench_train, bench_reattention, fsdp_check); each gets a header line with its device, versions and date, then
@@ -156,7 +157,25 @@ def report(path: str | Path) -> str:
     raise SystemExit(f"{path}: not a result of any of {', '.join(k[0] for k in KINDS)}")
 
 
+def report_all(folder: Path = Path(__file__).parent / "results") -> str:
+    """Every file of ``folder`` that is of a known kind, by name; the others listed at the end."""
+    parts, other = [], []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        if any(recognise(data) for _, recognise, _ in KINDS):
+            parts.append(report(path))
+        else:
+            other.append(path.name)
+    if other:
+        parts.append("Not tables of this script (sweeps, evaluation reports): "
+                     + ", ".join(other) + "\n")
+    return "\n".join(parts)
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         raise SystemExit(__doc__)
-    print("\n".join(report(p) for p in sys.argv[1:]))
+    if sys.argv[1:] == ["--all"]:
+        print(report_all())
+    else:
+        print("\n".join(report(p) for p in sys.argv[1:]))

@@ -38,3 +38,12 @@ def test_fsdp_table_flags_an_unequal_mesh():
     assert "| yes |" in report.fsdp_table(data)
     data["meshes"][0]["ok"] = False
     assert "| NO |" in report.fsdp_table(data)
+
+
+def test_all_renders_every_known_result_and_lists_the_rest():
+    text = report.report_all()
+    for name in ("cca_h100_v4.json", "decode_h200_64k_128k.json", "train_h200.json",
+                 "fsdp_h200x2.json", "reattention_h200.json", "parity_h100_v5.json"):
+        assert f"`{name}`" in text
+    tail = text.rsplit("Not tables of this script", 1)[1]
+    assert "tune_cca_T131072_fwd_h100.json" in tail and "replicate_cca_h200.json" in tail
