@@ -34,6 +34,10 @@ def test_bench_decode_quick_and_plot(tmp_path):
     cca = {r["T"]: r["cache_bytes"] for r in rows if r["attention"] == "cca"}
     full = {r["T"]: r["cache_bytes"] for r in rows if r["attention"] == "full"}
     assert all(cca[t] < full[t] for t in cca)
+    search = {(r["attention"], r["T"]): r for r in data["batch_search"]}
+    assert set(search) == {(a, t) for a in ("cca", "full") for t in (256, 512)}
+    assert all(r["largest_batch"] and r["tried"] for r in search.values())
+    assert {"read_gbps", "bandwidth_gbps"} <= set(data["peaks"])
     from bench import report
 
     table = report.report(out)
@@ -54,3 +58,38 @@ def test_report_renders_the_committed_gpu_results():
     assert "bench_parity" in parity and "triton 3.6.0" in parity
     with pytest.raises(SystemExit, match="not a result"):
         report.report(REPO / "bench" / "results" / "tune_cca_T131072_bwd_h100.json")
+
+
+def test_decode_1m_quick(tmp_path):
+    """A tiny tied-embedding model decodes over a random un-rotated cache with ReAttention and
+    with full attention."""
+    out = tmp_path / "d1m.json"
+    proc = _run([str(REPO / "bench" / "decode_1m.py"), "--quick", "--steps", "8", "--out",
+                 str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["env"]["platform"] == "cpu" and data["config"]["tie_word_embeddings"]
+    rows = {r["attention"]: r for r in data["rows"]}
+    assert set(rows) == {"reattention", "full"}
+    for row in rows.values():
+        assert row["fits"] and row["context"] == 2048 and row["decode_ms"] > 0
+        assert row["cache_gib"] > 0
+
+
+def test_decode_anatomy_quick(tmp_path):
+    """Every measurement in a child process, a line through the layer counts, each XLA flag set
+    recorded."""
+    out = tmp_path / "anatomy.json"
+    proc = _run([str(REPO / "bench" / "decode_anatomy.py"), "--quick", "--steps", "8", "--out",
+                 str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["env"]["platform"] == "cpu"
+    assert [r["layers"] for r in data["layers"]] == [1, 2]
+    assert all(r["decode_ms"] > 0 and r["kernels"]["fusion"] > 0 for r in data["layers"])
+    assert data["layers"][1]["bytes_read"] > data["layers"][0]["bytes_read"]
+    assert set(data["fit"]) == {"per_layer_ms", "fixed_ms"}
+    from bench.decode_anatomy import FLAG_SETS
+
+    assert [f["name"] for f in data["flags"]] == list(FLAG_SETS)
+    assert all("decode_ms" in f or "error" in f for f in data["flags"])
