@@ -60,7 +60,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import environment, measure_peaks, save_results  # noqa: E402
+from bench.common import (environment, json_from_child, measure_peaks,  # noqa: E402
+                          save_results)
 from jax_cca import CCAConfig, CCALlama, decode  # noqa: E402
 from jax_cca.cache import cache_bytes, init_cache, ring_size  # noqa: E402
 from kernels.cca import reference  # noqa: E402
@@ -333,22 +334,12 @@ def try_batch(config, graphdef, state, t: int, batch: int, args, peaks) -> dict:
 def attempt_in_child(attention: str, t: int, batch: int, args, bandwidth_gbps: float) -> dict:
     """One try_batch in a fresh process: an out-of-memory attempt cannot leave memory behind
     for the next one (in one process it did: every later attempt failed, even batch 1)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "attempt.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--try-batch",
-               f"{attention},{t},{batch}", "--bandwidth-gbps", str(bandwidth_gbps),
-               "--out", str(out), "--batch-steps", str(args.batch_steps),
-               "--decode-steps", str(args.decode_steps)] + (["--quick"] if args.quick else [])
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  timeout=args.attempt_timeout_s)
-        except subprocess.TimeoutExpired:
-            return {"batch": batch, "fits": None,
-                    "error": f"attempt did not finish in {args.attempt_timeout_s:.0f} s"}
-        if out.exists():
-            return json.loads(out.read_text())
-        return {"batch": batch, "fits": None,
-                "error": f"attempt exited {proc.returncode}: {proc.stderr[-1500:]}"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--try-batch",
+           f"{attention},{t},{batch}", "--bandwidth-gbps", str(bandwidth_gbps),
+           "--batch-steps", str(args.batch_steps), "--decode-steps", str(args.decode_steps)
+           ] + (["--quick"] if args.quick else [])
+    res = json_from_child(cmd, timeout=args.attempt_timeout_s)
+    return res if "batch" in res else {"batch": batch, "fits": None, **res}
 
 
 def batch_search(config: CCAConfig, t: int, args, free_bytes: int | None,
@@ -508,7 +499,8 @@ def phase1_then_search(args, lengths: list[int], attentions: list[str]) -> int:
               "--prefill-reps", str(args.prefill_reps), "--decode-steps", str(args.decode_steps),
               "--batch-steps", str(args.batch_steps), "--max-batch", str(args.max_batch)]
     with tempfile.TemporaryDirectory() as tmp:
-        phase1 = Path(tmp) / "phase1.json"
+        # Straight into --out when given, so that phase 1's rows survive a run cut short.
+        phase1 = Path(args.out) if args.out else Path(tmp) / "phase1.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *common, "--skip-batch-search",
                "--out", str(phase1)] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd)  # its output streams through

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import environment, save_results, time_fn  # noqa: E402
+from bench.common import environment, save_results  # noqa: E402
 from kernels.cca import pallas  # noqa: E402
 from kernels.cca import triton as cca_triton  # noqa: E402
 from kernels.cca.shapes import gpu_shapes  # noqa: E402

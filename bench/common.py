@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,6 +81,24 @@ def measure_peaks(size: int = 8192, copy_bytes: int = 2**30) -> dict:
     return {"matmul_tflops": 2 * size**3 / t_mm / 1e9, "copy_gbps": copy_gbps,
             "read_gbps": read_gbps, "bandwidth_gbps": max(copy_gbps, read_gbps),
             "method": "best of 5 rounds of 20 back-to-back calls, one wait per round"}
+
+
+def json_from_child(cmd: list[str], *, timeout: float, env: dict | None = None) -> dict:
+    """Runs ``cmd + ["--out", FILE]`` in a fresh process and returns the JSON it wrote to FILE,
+    or ``{"error": why}`` when it timed out or wrote nothing (with its stderr's tail). A fresh
+    process is how the benchmarks isolate runs: XLA reads its flags once per process, and the
+    device memory a JAX process takes stays taken (an out-of-memory attempt included) until it
+    exits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        try:
+            proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"did not finish in {timeout:.0f} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
 
 
 def save_results(name: str, payload: dict) -> Path:

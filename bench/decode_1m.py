@@ -25,14 +25,14 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.bench_decode import decode_fn, graphdef_of, nbytes, random_state, time_decode  # noqa: E402
+from bench.bench_decode import (decode_fn, device_memory, failure, graphdef_of,  # noqa: E402
+                                nbytes, random_state, time_decode)
 from bench.common import environment  # noqa: E402
 from jax_cca import CCAConfig  # noqa: E402
 from jax_cca.cache import cache_bytes, init_layer_cache  # noqa: E402
@@ -63,13 +63,6 @@ def random_cache(config: CCAConfig, max_len: int, held: int, seed: int):
     return tuple(make(k) for k in keys)
 
 
-def peak_gib() -> float | None:
-    try:
-        return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
-    except Exception:
-        return None
-
-
 def bench(config: CCAConfig, state, context: int, steps: int) -> dict:
     max_len = context + 2 * steps + 8
     row = {"attention": config.attention, "context": context,
@@ -86,10 +79,9 @@ def bench(config: CCAConfig, state, context: int, steps: int) -> dict:
         row.update(decode_ms=ms, decode_ms_synced=synced, tokens_per_s=1e3 / ms, fits=True)
         del cache
     except Exception as err:  # noqa: BLE001 - out of memory is a result
-        row.update(fits=False, error=traceback.format_exc()[-1500:] if "RESOURCE_EXHAUSTED"
-                   not in str(err) else str(err).splitlines()[0][:300])
+        row.update(failure(err))
     gc.collect()
-    row["peak_gib_so_far"] = peak_gib()
+    row["device_memory"] = device_memory()
     return row
 
 

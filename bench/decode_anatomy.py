@@ -29,9 +29,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from bench.bench_decode import (base_config, cache_bytes_read, decode_fn, graphdef_of,  # noqa: E402
                                 random_state, synthetic_cache, time_decode, weight_bytes_read)
-from bench.common import environment  # noqa: E402
+from bench.common import environment, json_from_child  # noqa: E402
 
 FLAG_SETS = {
     "command buffers off": "--xla_gpu_enable_command_buffer=",
@@ -89,21 +87,12 @@ def in_child(flags: str, layers: int, args) -> dict:
     """:func:`measure` in a fresh process whose XLA_FLAGS carry ``flags``: XLA reads its flags
     once, and the memory JAX takes in a process stays taken until it exits (so this process
     never touches the device)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-layers",
-               str(layers), "--context", str(args.context), "--attention",
-               args.attention, "--steps", str(args.steps), "--bandwidth-gbps",
-               str(args.bandwidth_gbps), "--out", str(out)] + (["--quick"] if args.quick else [])
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        except subprocess.TimeoutExpired:
-            return {"flags": flags, "layers": layers, "error": "did not finish in 240 s"}
-        if out.exists():
-            return {"flags": flags, **json.loads(out.read_text())}
-        return {"flags": flags, "layers": layers,
-                "error": f"exit {proc.returncode}: {proc.stderr[-1200:]}"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-layers", str(layers),
+           "--context", str(args.context), "--attention", args.attention, "--steps",
+           str(args.steps), "--bandwidth-gbps", str(args.bandwidth_gbps)
+           ] + (["--quick"] if args.quick else [])
+    return {"flags": flags, "layers": layers, **json_from_child(cmd, timeout=240, env=env)}
 
 
 def main(argv=None) -> int:

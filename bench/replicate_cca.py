@@ -440,10 +440,10 @@ def run(args) -> Path:
                                       "local_window": args.local_window}, "streaming")]
     if args.with_unfinetuned:
         plan.append((full_eval, "cca", cca_options, "cca-no-ft"))
-    runs = []
+    runs, env = [], environment()
 
     def save():  # after every method, so a run cut short keeps what it evaluated
-        return save_report(args.out, runs, environment=environment(), protocol=_protocol(args),
+        return save_report(args.out, runs, environment=env, protocol=_protocol(args),
                            model_config=json.loads(full.config.to_json()), training=records,
                            eval_key_words=key_words, total_seconds=time.perf_counter() - begin)
 

@@ -113,7 +113,7 @@ def run(args) -> Path:
                   samples=args.samples, batch_size=args.batch_size, seed=args.seed + 7,
                   task_options=TaskOptions(key_words=record["stages"][-1]["key_words"]),
                   memory_lengths=[max(args.lengths)], progress=True)
-    runs = []
+    runs, env = [], environment()
     protocol = {**{k: (str(v) if isinstance(v, Path) else v)
                    for k, v in vars(args).items() if k != "curriculum"},
                 "curriculum": [[s.seq_len, s.steps] for s in args.curriculum],
@@ -125,7 +125,7 @@ def run(args) -> Path:
                                                               file=sys.stderr), **common)
         print(f"{method}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
         # after every method, so a run cut short keeps what it evaluated
-        path = save_report(args.out, runs, environment=environment(), protocol=protocol,
+        path = save_report(args.out, runs, environment=env, protocol=protocol,
                            model_config=json.loads(full.config.to_json()), training=[record],
                            eval_key_words=common["task_options"].key_words,
                            total_seconds=time.perf_counter() - begin)

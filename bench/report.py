@@ -148,24 +148,31 @@ KINDS = [  # (name, recogniser, table)
 ]
 
 
-def report(path: str | Path) -> str:
-    data = json.loads(Path(path).read_text())
+def _render(path: Path, data: dict) -> str | None:
+    """The file's header line and table, or None when it is of no known kind."""
     for name, recognise, table in KINDS:
         if recognise(data):
             env = data.get("env") or data.get("environment") or {}
-            return f"`{Path(path).name}` ({name}; {_env_line(env)}):\n\n{table(data)}\n"
-    raise SystemExit(f"{path}: not a result of any of {', '.join(k[0] for k in KINDS)}")
+            return f"`{path.name}` ({name}; {_env_line(env)}):\n\n{table(data)}\n"
+    return None
+
+
+def report(path: str | Path) -> str:
+    text = _render(Path(path), json.loads(Path(path).read_text()))
+    if text is None:
+        raise SystemExit(f"{path}: not a result of any of {', '.join(k[0] for k in KINDS)}")
+    return text
 
 
 def report_all(folder: Path = Path(__file__).parent / "results") -> str:
     """Every file of ``folder`` that is of a known kind, by name; the others listed at the end."""
     parts, other = [], []
     for path in sorted(folder.glob("*.json")):
-        data = json.loads(path.read_text())
-        if any(recognise(data) for _, recognise, _ in KINDS):
-            parts.append(report(path))
-        else:
+        text = _render(path, json.loads(path.read_text()))
+        if text is None:
             other.append(path.name)
+        else:
+            parts.append(text)
     if other:
         parts.append("Not tables of this script (sweeps, evaluation reports): "
                      + ", ".join(other) + "\n")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from bench.common import environment, time_fn
 from kernels.reattention import pallas
-from kernels.reattention.params import Config, Selection, default_config, geometry
+from kernels.reattention.params import Selection, default_config, geometry
 
 SCORE = ["128,64,8,3", "128,64,4,3", "64,64,4,3", "128,128,8,2", "64,128,4,2", "256,64,8,2"]
 ATTN = ["128,64,8,3", "128,64,4,3", "64,64,4,3", "128,128,8,2", "64,128,4,2", "128,32,4,3"]
