@@ -16,6 +16,8 @@ This script separates it, at one context length (``--context``, default 128K) an
   e.g. CUDA-graph command buffers off, on for every command type, on from the first kernel. A flag
   this XLA does not know fails that process; the failure is recorded and the rest runs.
 * kernels: how many kernels (fusions, custom calls, library calls) the compiled step launches.
+* ``--profile``: the smallest model's step traced op by op (``bench/device_trace.py``): device
+  time per XLA op and per kernel, against the step's wall time.
 
 Timing as in ``bench/bench_decode.py`` (steps dispatched back to back, the median per step).
 """
@@ -38,6 +40,7 @@ import numpy as np  # noqa: E402
 
 from bench.bench_decode import (base_config, cache_bytes_read, decode_fn, graphdef_of,  # noqa: E402
                                 random_state, synthetic_cache, time_decode, weight_bytes_read)
+from bench import device_trace  # noqa: E402
 from bench.common import environment, json_from_child  # noqa: E402
 
 FLAG_SETS = {
@@ -45,6 +48,7 @@ FLAG_SETS = {
     "command buffers, every type": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,"
                                    "CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL",
     "command buffers from one kernel": "--xla_gpu_graph_min_graph_size=1",
+    "GEMMs to cuBLAS (no Triton GEMM fusions)": "--xla_gpu_enable_triton_gemm=false",
 }
 KERNEL_OPS = ("fusion", "custom-call", "cublas", "gemm", "dot")
 
@@ -67,10 +71,22 @@ def measure(layers: int, args) -> dict:
     tokens = jnp.zeros((1,), jnp.int32)
     compiled = decode_fn(graphdef_of(config)).lower(state, tokens, cache).compile()
     ms, synced, cache = time_decode(compiled, state, tokens, cache, args.steps)
+    profile = None
+    if args.profile:
+        held = [cache]
+
+        def step():
+            logits, held[0] = compiled(state, tokens, held[0])
+            return logits
+
+        profile = device_trace.op_table(step, steps=8)
+        cache = held[0]
     read = weight_bytes_read(config, state, 1) + cache_bytes_read(config, args.context, max_len)
     row = {"layers": layers, "decode_ms": ms, "decode_ms_synced": synced, "bytes_read": read,
            "bound_ms": read / (args.bandwidth_gbps * 1e6), "kernels": kernel_counts(
                compiled.as_text() or "")}
+    if profile is not None:
+        row["profile"] = profile
     del cache, state
     return row
 
@@ -91,7 +107,9 @@ def in_child(flags: str, layers: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-layers", str(layers),
            "--context", str(args.context), "--attention", args.attention, "--steps",
            str(args.steps), "--bandwidth-gbps", str(args.bandwidth_gbps)
-           ] + (["--quick"] if args.quick else [])
+           ] + (["--quick"] if args.quick else []) + (
+               ["--profile"] if args.profile and layers == min(args.layer_counts) and not flags
+               else [])
     return {"flags": flags, "layers": layers, **json_from_child(cmd, timeout=240, env=env)}
 
 
@@ -104,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth-gbps", type=float, default=4300.0,
                     help="for the bound (default: the H200's device copy rate seen with torch)")
     ap.add_argument("--no-flags", action="store_true", help="skip the XLA flag variants")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace the smallest model's step op by op (bench/device_trace.py)")
     ap.add_argument("--quick", action="store_true", help="tiny model (CPU check)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child-layers", type=int, default=None, help=argparse.SUPPRESS)

@@ -34,8 +34,10 @@ Scores and softmax are float32 at the highest matmul precision, like the referen
 
 Implementations (:func:`decode_implementation`): with C = 1, ``"pallas"`` runs the split-K decode
 kernel of ``kernels/cca/pallas_decode.py`` (both caches; it reads only the blocks that can hold a
-visible key), ``"xla"`` the masked softmax of :func:`_attend` over every slot. Both compute the
-same function. Chunks of C > 1 rows always take the XLA path.
+visible key) and, for CCA, pools a completed group with the one-launch kernel of
+``kernels/cca/pallas_decode_pool.py`` (power-of-two g and D); ``"xla"`` the masked softmax of
+:func:`_attend` over every slot. Both compute the same function. Chunks of C > 1 rows always take
+the XLA path.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from jaxtyping import Array, Float, Int
 from jax_cca import ops
 from jax_cca.cache import CCACache, FullCache, LayerCache, ReAttentionCache
 from jax_cca.config import CCAConfig
-from kernels.cca import pallas_decode
+from kernels.cca import pallas_decode, pallas_decode_pool
 from kernels.cca.reference import (
     _einsum,
     _masked_softmax_weights,
@@ -134,6 +136,19 @@ def extend_attention(
         return _attend(q, [(cache.k, cache.v, mask)]), cache
 
     g, w = config.group_size, config.local_window
+    if kernel and pallas_decode_pool.supports(g, config.head_dim, cache.ring):
+        # The new token enters the ring first; the pooling kernel then finds its whole group
+        # there (one launch instead of the XLA path's gather, pool and masked write).
+        cache = cache.append(k, v, n_valid)
+        if cache.num_core:
+            core_k, core_v = pallas_decode_pool.pool_decode_step(
+                q[:, 0], cache.ring_k, cache.ring_v, cache.core_k, cache.core_v, first, n_valid,
+                group_size=g, pooling=config.pooling)
+            cache = cache.replace(core_k=core_k, core_v=core_v)
+        out = pallas_decode.cca_decode_attention(
+            q[:, 0], k[:, 0], v[:, 0], cache.core_k, cache.core_v, cache.ring_k, cache.ring_v,
+            first, group_size=g, local_window=w)
+        return out[:, None], cache
     if cache.num_core:
         cache = _pool_completed_groups(cache, q, k, v, n_valid, config)
     if kernel:

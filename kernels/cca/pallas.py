@@ -28,17 +28,13 @@ from jaxtyping import Array, Float
 
 from kernels.cca import pallas_pool, pallas_vjp, reference
 from kernels.cca.pallas_common import (
-    LOG2E, NEG, Config, call, cdiv, default_config, dot, heavy_first, online_softmax_update,
+    LOG2E, NEG, Config, call, cdiv, default_config, dot, exp2_for, heavy_first,
+    online_softmax_update,
     pad_to, poison_outputs, resolve_interpret, window_start)
 
 
-def _online_softmax_step(carry, q, keys, values, scale2, mask):
-    """One key tile of the online softmax in base 2 (``online_softmax_update`` of q keys^T)."""
-    return online_softmax_update(carry, dot(q, keys, trans_b=True), values, scale2, mask)
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, *,
-                    g: int, w: int, bq: int, bk: int, scale: float):
+                    g: int, w: int, bq: int, bk: int, scale: float, exp2):
     t0 = heavy_first(pl.program_id(0)) * bq
     rows = t0 + jnp.arange(bq)
     starts = window_start(rows, g, w)  # (BQ,) first raw key of each query
@@ -55,7 +51,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, *,
             sl = pl.ds(kb * bk, bk)
             cols = kb * bk + jnp.arange(bk)
             mask = visible(cols) if masked else None
-            return _online_softmax_step(carry, q, keys_ref[sl, :], values_ref[sl, :], scale2, mask)
+            scores = dot(q, keys_ref[sl, :], trans_b=True)
+            return online_softmax_update(carry, scores, values_ref[sl, :], scale2, mask, exp2)
         return body
 
     # Core tokens: query t sees core j iff (j + 1) * g <= start(t), i.e. j < start(t) // g.
@@ -87,7 +84,8 @@ def _forward(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
     n_pad = kc.shape[1]
     bq, bk = config.block_q, config.block_k
     kv_map = lambda i, bi, h: (bi, 0, lax.div(h, grp), 0)
-    kernel = functools.partial(_forward_kernel, g=g, w=w, bq=bq, bk=bk, scale=scale)
+    kernel = functools.partial(_forward_kernel, g=g, w=w, bq=bq, bk=bk, scale=scale,
+                               exp2=exp2_for(interpret))
     return call(
         kernel,
         grid=(t_pad // bq, b, hq),

@@ -22,7 +22,8 @@ per kv head, not the preallocated ``max_len``. Each program writes its normalise
 and base-2 log-sum-exp; a share without a visible key writes zeros and a finite -huge lse, so it
 carries weight exactly 0 in the combine and never a NaN. The combine (XLA, tiny) merges the P
 partials with the new token's own key and value, which are passed separately: the new token is
-always visible, so the merged maximum is finite.
+always visible, so the merged maximum is finite. The combine is a second small kernel
+(``_combine_kernel``, one program per sequence and kv head).
 
 A block that would run past a segment's end is shifted back to end at the last row, and the rows
 it shares with the previous block are masked, so every load is in bounds without masked loads;
@@ -43,9 +44,13 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import (
-    LOG2E, NEG, call, cdiv, dot, online_softmax_update, pad_to, resolve_interpret, window_start)
+    LOG2E, NEG, call, cdiv, dot, exp2_for, online_softmax_update, pad_to, resolve_interpret,
+    window_start)
 
-TARGET_PROGRAMS = 512  # about 4 programs per SM of an H100 (132 SMs)
+# About 2 programs per SM of an H100 (132 SMs), as many as fit at once with 3 stages of 64-row
+# tiles. bench/tune_decode.py, H100, 7B shapes, batch 1: CCA at 128K 65 us (512 programs: 69), full
+# at 32K 190 us (203).
+TARGET_PROGRAMS = 256
 MIN_BLOCK = 16  # rows of a pl.dot operand
 
 
@@ -86,7 +91,7 @@ def default_num_splits(batch: int, kv_heads: int, capacity_blocks: int) -> int:
 
 
 def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
-            g: int, w: int):
+            g: int, w: int, gp: int, exp2):
     """refs: (keys, values) per segment, then the partial output (Gp, D) and lse (Gp,).
 
     ``segments``: static (kind, rows, real rows, ring) per segment (rows: padded to >= bk);
@@ -95,7 +100,7 @@ def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits:
     o_ref, lse_ref = refs[2 * n], refs[2 * n + 1]
     t = pos_ref[()]
     start = window_start(t, g, w) if g else None
-    q = q_ref[...]
+    q = _query_rows(q_ref, gp)
     counts = []
     for kind, _, real, ring in segments:
         if kind == "keys":
@@ -125,7 +130,8 @@ def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits:
                 mask = mask & (held >= start)
             sl = pl.ds(base, bk)
             scores = dot(q, k_ref[sl, :], trans_b=True)
-            return online_softmax_update(carry, scores, v_ref[sl, :], scale2, mask[None, :])
+            return online_softmax_update(carry, scores, v_ref[sl, :], scale2, mask[None, :],
+                                         exp2)
 
         lo_block = jnp.clip(first - offset, 0, nb)
         hi_block = jnp.clip(first + per - offset, 0, nb)
@@ -195,15 +201,15 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
         arrays += [keys, values]
     capacity = sum(-(-n // bk) for n in sizes)
     splits = config.num_splits or default_num_splits(b, hkv, max(capacity, 1))
-    q_tile = pad_to(q.reshape(b, hkv, grp, d), 2, gp)  # (B, Hkv, Gp, D)
+    q_tile = _query_tile(q, hkv, gp)
     kernel = functools.partial(_kernel, segments=tuple(statics), bk=bk, scale2=scale * LOG2E,
-                               num_splits=splits, g=g, w=w)
+                               num_splits=splits, g=g, w=w, gp=gp, exp2=exp2_for(interpret))
     kv_map = lambda s, bi, h: (bi, 0, h, 0)
     o, lse = call(
         kernel,
         grid=(splits, b, hkv),
         in_specs=[pl.BlockSpec((None,), lambda s, bi, h: (bi,)),
-                  pl.BlockSpec((None, None, gp, d), lambda s, bi, h: (bi, h, 0, 0))]
+                  pl.BlockSpec((None, None, q_tile.shape[2], d), lambda s, bi, h: (bi, h, 0, 0))]
         + [pl.BlockSpec((None, rows, None, d), kv_map) for _, rows, _, _ in statics for _ in "kv"],
         out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda s, bi, h: (s, bi, h, 0, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda s, bi, h: (s, bi, h, 0))],
@@ -215,25 +221,81 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
         interpret=interpret,
         name="cca_decode" if g else "full_decode",
     )
-    return _combine(q, k_new, v_new, o[:, :, :, :grp], lse[..., :grp], scale)
+    return _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp)
 
 
-def _combine(q, k_new, v_new, o, lse, scale):
-    """Merges P partial softmaxes (o (P, B, Hkv, G, D) normalised, lse (P, B, Hkv, G) base 2)
-    with the new token's own key and value."""
+def _query_tile(q, hkv: int, gp: int):
+    """q (B, Hq, D) as (B, Hkv, rows, D): the G query heads of each kv head, padded with zero
+    rows to Gp; with G = 1 (MHA) one row, which the kernels broadcast to Gp themselves (no pad
+    kernel per layer and step)."""
     b, hq, d = q.shape
-    hkv = k_new.shape[1]
-    hi = lax.Precision.HIGHEST
-    qf = q.astype(jnp.float32).reshape(b, hkv, hq // hkv, d)
-    s_new = jnp.einsum("bhgd,bhd->bhg", qf, k_new.astype(jnp.float32), precision=hi) * (
-        scale * LOG2E)
-    m = jnp.maximum(jnp.max(lse, axis=0), s_new)
-    weights = jnp.exp2(lse - m)  # (P, B, Hkv, G); exactly 0 for shares without a visible key
-    w_new = jnp.exp2(s_new - m)
-    num = jnp.einsum("pbhg,pbhgd->bhgd", weights, o, precision=hi)
-    num = num + w_new[..., None] * v_new.astype(jnp.float32)[:, :, None, :]
-    out = num / (jnp.sum(weights, axis=0) + w_new)[..., None]
-    return out.reshape(b, hq, d).astype(q.dtype)
+    q = q.reshape(b, hkv, hq // hkv, d)
+    return q if hq == hkv else pad_to(q, 2, gp)
+
+
+def _query_rows(q_ref, gp: int):
+    """The (Gp, D) query tile of a program from its :func:`_query_tile` block."""
+    q = q_ref[...]
+    return q if q.shape[0] == gp else jnp.broadcast_to(q, (gp, q.shape[1]))
+
+
+UNROLL_SPLITS = 32  # the combine's loop over the splits is unrolled up to this many
+
+
+def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int, scale2: float,
+                    gp: int, exp2):
+    """Program (b, h): merges the P partial softmaxes of its G query heads (o (P, Gp, D)
+    normalised, lse (P, Gp) base 2) with the new token's own key and value, in float32. The
+    loop is unrolled (its loads independent of one another) up to ``UNROLL_SPLITS`` splits."""
+    q = _query_rows(q_ref, gp).astype(jnp.float32)  # (Gp, D)
+    k_new = k_ref[...].astype(jnp.float32)  # (D,)
+    v_new = v_ref[...].astype(jnp.float32)
+    s_new = jnp.sum(q * k_new[None, :], axis=1) * scale2  # (Gp,)
+    # The new token is always visible: start from it (weight 1 at its own score), so the
+    # running maximum is finite and a share without a visible key (lse -huge) adds exactly 0.
+    carry = (s_new, jnp.ones_like(s_new), jnp.broadcast_to(v_new[None, :], q.shape))
+
+    def merge(p, carry):
+        m, l, acc = carry
+        lse = lse_ref[p, :]
+        m_new = jnp.maximum(m, lse)
+        a, w = exp2(m - m_new), exp2(lse - m_new)
+        return m_new, l * a + w, acc * a[:, None] + o_ref[p, :, :] * w[:, None]
+
+    if splits <= UNROLL_SPLITS:
+        for i in range(splits):
+            carry = merge(i, carry)
+        _, l, acc = carry
+    else:
+        _, l, acc = lax.fori_loop(0, splits, merge, carry)
+    out_ref[...] = (acc / l[:, None]).astype(out_ref.dtype)
+
+
+def _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp: int):
+    """Merges P partial softmaxes (o (P, B, Hkv, Gp, D) normalised, lse (P, B, Hkv, Gp) base 2)
+    with the new token's own key and value: one small kernel of B x Hkv programs (as XLA ops it
+    was about six kernels per layer and decode step). ``q_tile``: :func:`_query_tile`."""
+    b, hkv, rows, d = q_tile.shape
+    splits, _, _, gp, _ = o.shape
+    kernel = functools.partial(_combine_kernel, splits=splits, scale2=scale * LOG2E, gp=gp,
+                               exp2=exp2_for(interpret))
+    token = pl.BlockSpec((None, None, d), lambda bi, h: (bi, h, 0))
+    tile = pl.BlockSpec((None, None, gp, d), lambda bi, h: (bi, h, 0, 0))
+    [out] = call(
+        kernel,
+        grid=(b, hkv),
+        in_specs=[pl.BlockSpec((None, None, rows, d), lambda bi, h: (bi, h, 0, 0)), token, token,
+                  pl.BlockSpec((splits, None, None, gp, d), lambda bi, h: (0, bi, h, 0, 0)),
+                  pl.BlockSpec((splits, None, None, gp), lambda bi, h: (0, bi, h, 0))],
+        out_specs=[tile],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, gp, d), q_tile.dtype)],
+        inputs=[q_tile, k_new, v_new, o, lse],
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="decode_combine",
+    )
+    return out[:, :, :grp].reshape(b, hkv * grp, d)
 
 
 def full_decode_attention(

@@ -26,16 +26,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.cca.pallas_common import LOG2E, Config, call, cdiv, dot, heavy_first, window_start
+from kernels.cca.pallas_common import (LOG2E, Config, call, cdiv, dot, exp2_for, heavy_first,
+                                       window_start)
 
 
-def _probabilities(q, keys, lse, scale2, mask):
-    p = jnp.exp2(dot(q, keys, trans_b=True) * scale2 - lse[:, None])
+def _probabilities(q, keys, lse, scale2, mask, exp2):
+    p = exp2(dot(q, keys, trans_b=True) * scale2 - lse[:, None])
     return p if mask is None else jnp.where(mask, p, 0.0)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, do_ref, lse_ref, dq_ref, delta_ref,
-               *, g: int, w: int, bq: int, bk: int, scale: float):
+               *, g: int, w: int, bq: int, bk: int, scale: float, exp2):
     t0 = heavy_first(pl.program_id(0)) * bq
     rows = t0 + jnp.arange(bq)
     starts = window_start(rows, g, w)
@@ -53,7 +54,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, do_ref, lse_ref, dq_r
             sl = pl.ds(kb * bk, bk)
             keys, values = keys_ref[sl, :], values_ref[sl, :]
             mask = visible(kb * bk + jnp.arange(bk)) if masked else None
-            p = _probabilities(q, keys, lse, scale2, mask)
+            p = _probabilities(q, keys, lse, scale2, mask, exp2)
             ds = p * (dot(do, values, trans_b=True) - delta[:, None])
             return dq + dot(ds.astype(keys.dtype), keys)
         return body
@@ -74,7 +75,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, do_ref, lse_ref, dq_r
 
 
 def _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, keys, values, *, grp, bq, scale, ranges,
-                visible):
+                visible, exp2):
     """Accumulate dK, dV of one key tile over G heads and the given query-tile ranges.
 
     ``ranges``: list of (first, end, masked) query-tile ranges; ``visible(rows)`` -> mask.
@@ -88,7 +89,7 @@ def _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, keys, values, *, grp, bq, sca
             q, do = q_ref[sl, gi, :], do_ref[sl, gi, :]
             lse, delta = lse_ref[gi, sl], delta_ref[gi, sl]
             mask = visible(qb * bq + jnp.arange(bq)) if masked else None
-            p = _probabilities(q, keys, lse, scale2, mask)  # (BQ, BK)
+            p = _probabilities(q, keys, lse, scale2, mask, exp2)  # (BQ, BK)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (dot(do, values, trans_b=True) - delta[:, None])
             return dk + dot(ds.astype(q.dtype), q, trans_a=True), dv
@@ -105,7 +106,8 @@ def _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, keys, values, *, grp, bq, sca
 
 
 def _dkdv_local_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *,
-                       g: int, w: int, bq: int, bk: int, scale: float, grp: int, nq: int):
+                       g: int, w: int, bq: int, bk: int, scale: float, grp: int, nq: int,
+                       exp2):
     k0 = pl.program_id(0) * bk
     cols = k0 + jnp.arange(bk)
     q_lo = lax.div(k0, bq)
@@ -120,14 +122,15 @@ def _dkdv_local_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, 
         return (cols[None, :] >= starts[:, None]) & (cols[None, :] <= rows[:, None])
 
     dk, dv = _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, k_ref[...], v_ref[...], grp=grp,
-                         bq=bq, scale=scale, visible=visible,
+                         bq=bq, scale=scale, visible=visible, exp2=exp2,
                          ranges=[(q_lo, m0, True), (m0, m1, False), (m1, q_hi, True)])
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dkdv_core_kernel(q_ref, do_ref, lse_ref, delta_ref, kc_ref, vc_ref, dkc_ref, dvc_ref, *,
-                      g: int, w: int, bq: int, bk: int, scale: float, grp: int, nq: int):
+                      g: int, w: int, bq: int, bk: int, scale: float, grp: int, nq: int,
+                       exp2):
     j0 = pl.program_id(0) * bk
     js = j0 + jnp.arange(bk)
     q_lo = jnp.minimum(nq, lax.div((j0 + 1) * g + w - 1, bq))
@@ -137,7 +140,7 @@ def _dkdv_core_kernel(q_ref, do_ref, lse_ref, delta_ref, kc_ref, vc_ref, dkc_ref
         return js[None, :] < lax.div(window_start(rows, g, w), g)[:, None]
 
     dk, dv = _dkdv_tiles(q_ref, do_ref, lse_ref, delta_ref, kc_ref[...], vc_ref[...], grp=grp,
-                         bq=bq, scale=scale, visible=visible,
+                         bq=bq, scale=scale, visible=visible, exp2=exp2,
                          ranges=[(q_lo, m0, True), (m0, nq, False)])
     dkc_ref[...] = dk.astype(dkc_ref.dtype)
     dvc_ref[...] = dv.astype(dvc_ref.dtype)
@@ -159,7 +162,8 @@ def backward_dq(q, k, v, kc, vc, o, lse, do, *, g: int, w: int, scale: float, co
     q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, heavy_first(i), h, 0))
     row_tile = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, heavy_first(i)))
     return call(
-        functools.partial(_dq_kernel, g=g, w=w, bq=bq, bk=bk, scale=scale),
+        functools.partial(_dq_kernel, g=g, w=w, bq=bq, bk=bk, scale=scale,
+                          exp2=exp2_for(interpret)),
         grid=(t_pad // bq, b, hq),
         in_specs=[q_tile, kv_full(t_pad), kv_full(t_pad), kv_full(kc.shape[1]),
                   kv_full(kc.shape[1]), q_tile, q_tile, row_tile],
@@ -194,7 +198,7 @@ def backward_dkdv(q, keys, values, lse, do, delta, *, core: bool, g: int, w: int
     kernel = _dkdv_core_kernel if core else _dkdv_local_kernel
     dk, dv = call(
         functools.partial(kernel, g=g, w=w, bq=bq, bk=bk, scale=scale, grp=per,
-                          nq=t_pad // bq),
+                          nq=t_pad // bq, exp2=exp2_for(interpret)),
         grid=(n // bk, b, heads),
         in_specs=[q_all, q_all, row_all, row_all, k_tile, k_tile],
         out_specs=[out_tile, out_tile],

@@ -26,8 +26,9 @@ class Config:
     dkdv_num_stages: int | None = None
     # GQA, Pallas only (the Triton twin ignores it): the core-token dK/dV kernel splits each kv
     # head's G query heads over this many programs (its gcd with G), with float32 partial sums
-    # (pallas_vjp.backward_dkdv). 1 until measured faster on the GPU (bench/tune_cca.py).
-    dkdv_core_splits: int = 1
+    # (pallas_vjp.backward_dkdv). H100, 128K, 32q/8kv (bench/tune_cca.py): 42.1 ms with 4 splits,
+    # 45.6 with 2, 47.4 with 1. MHA (G = 1) is unaffected.
+    dkdv_core_splits: int = 4
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k", "dkdv_block_q",

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
-                                       online_softmax_update, pad_to, poison_outputs,
+                                       exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
 from kernels.reattention import reference
 from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
@@ -144,11 +144,11 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool):
 
 
 # ----------------------------------------------------------------------------- 3. attention
-def _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask):
+def _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask, exp2):
     """One key tile of the online softmax (base 2) with RoPE fused as two half-width dots;
     ``mask`` None: every key visible."""
     s = dot(qr1, kr1, trans_b=True) + dot(qr2, kr2, trans_b=True)
-    return online_softmax_update(carry, s, values, scale2, mask)
+    return online_softmax_update(carry, s, values, scale2, mask, exp2)
 
 
 def _rotate(x1, x2, cos, sin, dtype):
@@ -157,7 +157,8 @@ def _rotate(x1, x2, cos, sin, dtype):
 
 
 def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, o_ref, *,
-                   groups: int, bk: int, s_len: int, n_pos: int, tiles: int, scale: float):
+                   groups: int, bk: int, s_len: int, n_pos: int, tiles: int, scale: float,
+                   exp2):
     half = cos_ref.shape[1]
     dtype = q_ref.dtype
     bq = q_ref.shape[0]
@@ -181,7 +182,8 @@ def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, o
     def gathered(kb, carry):  # slot i of the list sits at position i
         slots = kb * bk + jnp.arange(bk, dtype=jnp.int32)
         kr1, kr2, values = keys_at(glist_ref[pl.ds(kb * bk, bk)], kb * bk)
-        return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, (slots < n_g)[None, :])
+        return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, (slots < n_g)[None, :],
+                            exp2)
 
     carry = lax.fori_loop(0, cdiv(n_g, bk), gathered, carry)
 
@@ -190,7 +192,7 @@ def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, o
             j = l0 + tb * bk + jnp.arange(bk, dtype=jnp.int32)
             kr1, kr2, values = keys_at(jnp.minimum(j, s_len - 1), n_g + tb * bk)
             mask = (j[None, :] <= t[:, None]) if masked else None
-            return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask)
+            return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask, exp2)
         return body
 
     t_min = c0 + lax.div(r0, groups)
@@ -218,7 +220,7 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
     n_pos = ng_pad + round_up(geo.tail, bk)
     cos, sin = rope_tables(n_pos, inv_freq)
     kernel = functools.partial(_attend_kernel, groups=geo.groups, bk=bk, s_len=s_len,
-                               n_pos=n_pos, tiles=tiles, scale=scale)
+                               n_pos=n_pos, tiles=tiles, scale=scale, exp2=exp2_for(interpret))
     chunk_of = lambda i: lax.div(i, tiles)
     row_map = lambda i, bi, h: (bi, h, chunk_of(i), lax.rem(i, tiles), 0)
     kv_spec = pl.BlockSpec((None, s_len, None, d), lambda i, bi, h: (bi, 0, h, 0))
