@@ -87,6 +87,7 @@ def measure(layers: int, args) -> dict:
                compiled.as_text() or "")}
     if profile is not None:
         row["profile"] = profile
+        row["hlo"] = compiled.as_text()  # maps the traced fusion names to the model's ops
     del cache, state
     return row
 

@@ -80,8 +80,8 @@ def test_decode_anatomy_quick(tmp_path):
     """Every measurement in a child process, a line through the layer counts, each XLA flag set
     recorded."""
     out = tmp_path / "anatomy.json"
-    proc = _run([str(REPO / "bench" / "decode_anatomy.py"), "--quick", "--steps", "8", "--out",
-                 str(out)], tmp_path)
+    proc = _run([str(REPO / "bench" / "decode_anatomy.py"), "--quick", "--steps", "8", "--profile",
+                 "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["env"]["platform"] == "cpu"
@@ -93,3 +93,20 @@ def test_decode_anatomy_quick(tmp_path):
 
     assert [f["name"] for f in data["flags"]] == list(FLAG_SETS)
     assert all("decode_ms" in f or "error" in f for f in data["flags"])
+    # --profile: the smallest model's step op by op (CPU: the host planes), with its HLO.
+    profile = data["layers"][0]["profile"]
+    assert profile["wall_ms_per_step"] > 0 and profile["lines"], profile
+    assert all(line["events_per_step"] > 0 for line in profile["lines"].values())
+    assert "fusion" in data["layers"][0]["hlo"] and "profile" not in data["layers"][1]
+
+
+def test_tune_decode_quick(tmp_path):
+    """Each decode-kernel config timed and checked against the default config's output."""
+    out = tmp_path / "tune.json"
+    proc = _run([str(REPO / "bench" / "tune_decode.py"), "--quick", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for kind in ("cca", "full"):
+        rows = data[kind]["rows"]
+        assert [r["config"] for r in rows] == ["16,4,1,0", "16,4,1,2"]
+        assert all(r["ms"] > 0 and r["rel_err_vs_default"] < 1e-2 for r in rows), rows
