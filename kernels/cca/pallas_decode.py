@@ -20,7 +20,7 @@ equal contiguous shares and runs one online softmax (float32, base 2) over it wi
 Only blocks that can hold a visible key are read: at 128K a CCA step reads about T/g + w rows
 per kv head, not the preallocated ``max_len``. Each program writes its normalised partial output
 and base-2 log-sum-exp; a share without a visible key writes zeros and a finite -huge lse, so it
-carries weight exactly 0 in the combine and never a NaN. The combine (XLA, tiny) merges the P
+carries weight exactly 0 in the combine and never a NaN. The combine merges the P
 partials with the new token's own key and value, which are passed separately: the new token is
 always visible, so the merged maximum is finite. The combine is a second small kernel
 (``_combine_kernel``, one program per sequence and kv head).
