@@ -29,8 +29,7 @@ from jaxtyping import Array, Float
 from kernels.cca import pallas_pool, pallas_vjp, reference
 from kernels.cca.pallas_common import (
     LOG2E, NEG, Config, call, cdiv, default_config, dot, exp2_for, heavy_first,
-    online_softmax_update,
-    pad_to, poison_outputs, resolve_interpret, window_start)
+    online_softmax_update, pad_to, poison_outputs, resolve_interpret, window_start)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, *,

@@ -182,7 +182,7 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
     b, hq, d = q.shape
     hkv = k_new.shape[1]
     grp = hq // hkv
-    gp = max(MIN_BLOCK, 1 << (grp - 1).bit_length())
+    gp = padded_heads(grp)
     config = config or default_decode_config(d, jnp.dtype(q.dtype).itemsize)
     interpret = resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
@@ -201,7 +201,7 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
         arrays += [keys, values]
     capacity = sum(-(-n // bk) for n in sizes)
     splits = config.num_splits or default_num_splits(b, hkv, max(capacity, 1))
-    q_tile = _query_tile(q, hkv, gp)
+    q_tile = query_tile(q, hkv)
     kernel = functools.partial(_kernel, segments=tuple(statics), bk=bk, scale2=scale * LOG2E,
                                num_splits=splits, g=g, w=w, gp=gp, exp2=exp2_for(interpret))
     kv_map = lambda s, bi, h: (bi, 0, h, 0)
@@ -224,17 +224,22 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
     return _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp)
 
 
-def _query_tile(q, hkv: int, gp: int):
+def padded_heads(grp: int) -> int:
+    """Gp: the G query heads of a kv head padded to a power of two >= 16 (a ``pl.dot`` tile)."""
+    return max(MIN_BLOCK, 1 << (grp - 1).bit_length())
+
+
+def query_tile(q, hkv: int):
     """q (B, Hq, D) as (B, Hkv, rows, D): the G query heads of each kv head, padded with zero
     rows to Gp; with G = 1 (MHA) one row, which the kernels broadcast to Gp themselves (no pad
-    kernel per layer and step)."""
+    kernel per layer and step). The decode pooling kernel reads the same array (one pad)."""
     b, hq, d = q.shape
     q = q.reshape(b, hkv, hq // hkv, d)
-    return q if hq == hkv else pad_to(q, 2, gp)
+    return q if hq == hkv else pad_to(q, 2, padded_heads(hq // hkv))
 
 
 def _query_rows(q_ref, gp: int):
-    """The (Gp, D) query tile of a program from its :func:`_query_tile` block."""
+    """The (Gp, D) query tile of a program from its :func:`query_tile` block."""
     q = q_ref[...]
     return q if q.shape[0] == gp else jnp.broadcast_to(q, (gp, q.shape[1]))
 
@@ -274,7 +279,7 @@ def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int
 def _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp: int):
     """Merges P partial softmaxes (o (P, B, Hkv, Gp, D) normalised, lse (P, B, Hkv, Gp) base 2)
     with the new token's own key and value: one small kernel of B x Hkv programs (as XLA ops it
-    was about six kernels per layer and decode step). ``q_tile``: :func:`_query_tile`."""
+    was about six kernels per layer and decode step). ``q_tile``: :func:`query_tile`."""
     b, hkv, rows, d = q_tile.shape
     splits, _, _, gp, _ = o.shape
     kernel = functools.partial(_combine_kernel, splits=splits, scale2=scale * LOG2E, gp=gp,

@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from kernels.cca.pallas_common import call, pad_to, resolve_interpret
+from kernels.cca import pallas_decode
+from kernels.cca.pallas_common import call, resolve_interpret
 
 
 def supports(group_size: int, head_dim: int, ring: int) -> bool:
@@ -100,18 +101,19 @@ def pool_decode_step(
     if n == 0:
         return core_k, core_v
     grp = hq // hkv
-    gp = 1 << (grp - 1).bit_length()
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    q_tile = pad_to(q.reshape(b, hkv, grp, d), 2, gp)  # zero rows add nothing to the mean
+    # The attention kernel's query tile (the same XLA value: one pad); zero rows add nothing to
+    # the mean over the G heads.
+    q_tile = pallas_decode.query_tile(q, hkv)
     kernel = functools.partial(_kernel, g=g, n=n, ring=r, heads=grp, scale=scale,
                                pooling=pooling)
     scalar = pl.BlockSpec((None,), lambda bi, h: (bi,))
     rows = lambda m: pl.BlockSpec((None, m, None, d), lambda bi, h: (bi, 0, h, 0))
+    heads = pl.BlockSpec((None, None, q_tile.shape[2], d), lambda bi, h: (bi, h, 0, 0))
     return call(
         kernel,
         grid=(b, hkv),
-        in_specs=[scalar, scalar, pl.BlockSpec((None, None, gp, d), lambda bi, h: (bi, h, 0, 0)),
-                  rows(r), rows(r), rows(n), rows(n)],
+        in_specs=[scalar, scalar, heads, rows(r), rows(r), rows(n), rows(n)],
         out_specs=[rows(n), rows(n)],
         out_shape=[jax.ShapeDtypeStruct(core_k.shape, core_k.dtype),
                    jax.ShapeDtypeStruct(core_v.shape, core_v.dtype)],
