@@ -2,8 +2,8 @@
 convert it to CCA and fine-tune it briefly, then compare full attention, CCA and StreamingLLM
 (sinks + window) on long-context retrieval at several times the training length.
 
-    PYTHONPATH=. python bench/replicate_cca.py --train-only --save-models /tmp/m_cca   # GPU, ~5.5 min
-    PYTHONPATH=. python bench/replicate_cca.py --load-models /tmp/m_cca                # then ~4.5 min
+    PYTHONPATH=. python bench/replicate_cca.py --train-only --save-models runs/m_cca   # GPU, ~4.5 min
+    PYTHONPATH=. python bench/replicate_cca.py --load-models runs/m_cca                # then ~2 min
     PYTHONPATH=. python bench/replicate_cca.py --quick          # CPU smoke run, tiny sizes, < 2 min
     PYTHONPATH=. python bench/replicate_cca.py --report bench/results/replicate_cca.json
                                                                 # docs/results.md + docs/img/ only
