@@ -33,6 +33,15 @@ from torch import nn
 from torch_bridge.attention import IMPLEMENTATIONS, cca_attention
 
 
+def _layer_cache(past_key_values, kwargs: dict):
+    """The transformers KV cache handed to an attention layer, or None: transformers >= 5.24
+    passes it as ``cache``, earlier releases as ``past_key_values`` (or ``past_key_value``)."""
+    for cache in (kwargs.get("cache"), past_key_values, kwargs.get("past_key_value")):
+        if cache is not None:
+            return cache
+    return None
+
+
 def _right_padded(key_ok: torch.Tensor) -> bool:
     """True if along the last axis no kept key follows a masked one."""
     return bool((key_ok[..., 1:] <= key_ok[..., :-1]).all())
@@ -112,7 +121,7 @@ class CCALlamaAttention(nn.Module):
 
         if position_embeddings is None:
             raise ValueError("CCALlamaAttention needs the decoder's position_embeddings (cos, sin)")
-        cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
+        cache = _layer_cache(past_key_values, kwargs)
         b, t, _ = hidden_states.shape
         shape = (b, t, -1, self.head_dim)
         # HF layout (B, H, T, D) for RoPE and the cache; CCA takes (B, T, H, D) views of it.
@@ -248,7 +257,7 @@ class ReAttentionLlamaAttention(nn.Module):
         from kernels.reattention import torch_ops
 
         del position_embeddings  # ReAttention numbers the keys it attends to itself
-        cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
+        cache = _layer_cache(past_key_values, kwargs)
         b, t, _ = hidden_states.shape
         shape = (b, t, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)  # (B, T, H, D), un-rotated
