@@ -70,14 +70,21 @@ ATTENTIONS = ("cca", "full")
 
 
 # ------------------------------------------------------------------------------ model
-def base_config(quick: bool, max_len: int) -> CCAConfig:
+def base_config(quick: bool, max_len: int, fused: bool = True) -> CCAConfig:
+    """LLaMA-2-7B (quick: tiny) in bf16; ``fused``: the serving layout (one QKV and one gate-up
+    matrix per layer, ``jax_cca/fused.py``), as a server would run it, for both attentions."""
     if quick:
         return CCAConfig.tiny(vocab_size=512, hidden_size=256, intermediate_size=512,
                               num_layers=2, num_heads=4, num_kv_heads=4, group_size=16,
                               local_window=64, max_position_embeddings=max_len,
-                              dtype="bfloat16")
+                              dtype="bfloat16", fused_projections=fused)
     return CCAConfig.llama2_7b(group_size=16, local_window=1024, dtype="bfloat16",
-                               max_position_embeddings=max_len)
+                               max_position_embeddings=max_len, fused_projections=fused)
+
+
+def layout_args(args) -> list[str]:
+    """The command-line flag that keeps the parameter layout in child processes."""
+    return ["--separate-projections"] if args.separate_projections else []
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -337,7 +344,7 @@ def attempt_in_child(attention: str, t: int, batch: int, args, bandwidth_gbps: f
     cmd = [sys.executable, str(Path(__file__).resolve()), "--try-batch",
            f"{attention},{t},{batch}", "--bandwidth-gbps", str(bandwidth_gbps),
            "--batch-steps", str(args.batch_steps), "--decode-steps", str(args.decode_steps)
-           ] + (["--quick"] if args.quick else [])
+           ] + (["--quick"] if args.quick else []) + layout_args(args)
     res = json_from_child(cmd, timeout=args.attempt_timeout_s)
     return res if "batch" in res else {"batch": batch, "fits": None, **res}
 
@@ -381,7 +388,8 @@ def child_attempt(args) -> int:
     """--try-batch ATT,T,B: build the model, run one try_batch, write its JSON to --out."""
     attention, t, batch = args.try_batch.split(",")
     t, batch = int(t), int(batch)
-    config = base_config(args.quick, t + 2 * args.decode_steps + 8).replace(attention=attention)
+    config = base_config(args.quick, t + 2 * args.decode_steps + 8,
+                         not args.separate_projections).replace(attention=attention)
     state = jax.block_until_ready(random_state(config))
     peaks = {"bandwidth_gbps": args.bandwidth_gbps, "copy_gbps": args.bandwidth_gbps}
     res = try_batch(config, graphdef_of(config), state, t, batch, args, peaks)
@@ -423,6 +431,9 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="cca,full", help="which of cca,full to run")
     ap.add_argument("--quick", action="store_true", help="tiny model and lengths (CPU check)")
     ap.add_argument("--skip-batch-search", action="store_true")
+    ap.add_argument("--separate-projections", action="store_true",
+                    help="q, k, v and gate, up as separate matrices (the training layout) instead "
+                         "of the fused serving layout")
     ap.add_argument("--prefill-reps", type=int, default=None, help="timed prefills (default 2)")
     ap.add_argument("--decode-steps", type=int, default=None, help="timed steps (default 32)")
     ap.add_argument("--batch-steps", type=int, default=None,
@@ -455,7 +466,8 @@ def main(argv=None) -> int:
     env = environment()
     peaks = measure_peaks(size=512, copy_bytes=2**24) if q else measure_peaks()
     print(env, peaks, flush=True)
-    config = base_config(q, max(lengths) + 2 * args.decode_steps + 8)
+    config = base_config(q, max(lengths) + 2 * args.decode_steps + 8,
+                         not args.separate_projections)
     t0 = time.perf_counter()
     state = jax.block_until_ready(random_state(config))
     init_s = time.perf_counter() - t0
@@ -497,7 +509,8 @@ def phase1_then_search(args, lengths: list[int], attentions: list[str]) -> int:
     t_start = time.perf_counter()
     common = ["--lengths", ",".join(map(str, lengths)), "--attention", ",".join(attentions),
               "--prefill-reps", str(args.prefill_reps), "--decode-steps", str(args.decode_steps),
-              "--batch-steps", str(args.batch_steps), "--max-batch", str(args.max_batch)]
+              "--batch-steps", str(args.batch_steps), "--max-batch", str(args.max_batch),
+              *layout_args(args)]
     with tempfile.TemporaryDirectory() as tmp:
         # Straight into --out when given, so that phase 1's rows survive a run cut short.
         phase1 = Path(args.out) if args.out else Path(tmp) / "phase1.json"
@@ -512,7 +525,8 @@ def phase1_then_search(args, lengths: list[int], attentions: list[str]) -> int:
     free = mem["bytes_limit"] - mem["bytes_in_use"] if "bytes_limit" in mem else None
     peaks = results["peaks"]
     bandwidth = peaks.get("bandwidth_gbps", peaks["copy_gbps"])
-    config = base_config(args.quick, max(lengths) + 2 * args.decode_steps + 8)
+    config = base_config(args.quick, max(lengths) + 2 * args.decode_steps + 8,
+                         not args.separate_projections)
     for a in attentions:
         for t in lengths:
             results["batch_search"].append(

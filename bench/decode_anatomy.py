@@ -39,7 +39,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.bench_decode import (base_config, cache_bytes_read, decode_fn, graphdef_of,  # noqa: E402
-                                random_state, synthetic_cache, time_decode, weight_bytes_read)
+                                layout_args, random_state, synthetic_cache, time_decode,
+                                weight_bytes_read)
 from bench import device_trace  # noqa: E402
 from bench.common import environment, json_from_child  # noqa: E402
 
@@ -64,8 +65,8 @@ def kernel_counts(hlo: str) -> dict:
 def measure(layers: int, args) -> dict:
     """One decode step of a model with ``layers`` layers at context ``args.context``."""
     max_len = args.context + 2 * args.steps + 8
-    config = base_config(args.quick, max_len).replace(attention=args.attention,
-                                                      num_layers=layers)
+    config = base_config(args.quick, max_len, not args.separate_projections).replace(
+        attention=args.attention, num_layers=layers)
     state = jax.block_until_ready(random_state(config))
     cache = synthetic_cache(config, 1, max_len, args.context)
     tokens = jnp.zeros((1,), jnp.int32)
@@ -108,7 +109,7 @@ def in_child(flags: str, layers: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-layers", str(layers),
            "--context", str(args.context), "--attention", args.attention, "--steps",
            str(args.steps), "--bandwidth-gbps", str(args.bandwidth_gbps)
-           ] + (["--quick"] if args.quick else []) + (
+           ] + (["--quick"] if args.quick else []) + layout_args(args) + (
                ["--profile"] if args.profile and layers == min(args.layer_counts) and not flags
                else [])
     return {"flags": flags, "layers": layers, **json_from_child(cmd, timeout=240, env=env)}
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth-gbps", type=float, default=4300.0,
                     help="for the bound (default: the H200's device copy rate seen with torch)")
     ap.add_argument("--no-flags", action="store_true", help="skip the XLA flag variants")
+    ap.add_argument("--separate-projections", action="store_true",
+                    help="q, k, v and gate, up as separate matrices instead of the serving layout")
     ap.add_argument("--profile", action="store_true",
                     help="trace the smallest model's step op by op (bench/device_trace.py)")
     ap.add_argument("--quick", action="store_true", help="tiny model (CPU check)")

@@ -66,6 +66,10 @@ class CCAConfig:
     reattention_align: int = 128
     implementation: str | None = None
     dtype: str = "float32"
+    # Serving layout (jax_cca/fused.py): q, k, v stored as one ``qkv_proj`` and gate, up as one
+    # ``gate_up_proj``, so a decode step runs two large GEMMs instead of five small ones. The
+    # same function; Hugging Face export and loading convert between the layouts.
+    fused_projections: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -89,6 +93,8 @@ class CCAConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings; got {self.head_dim}")
+        if not isinstance(self.fused_projections, bool):
+            raise ValueError(f"fused_projections must be a bool; got {self.fused_projections!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}; got {self.attention!r}")
         from kernels.cca.reference import check_cca_hparams

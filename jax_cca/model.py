@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jax_cca import decode, ops
+from jax_cca import decode, fused, ops
 from jax_cca.cache import LayerCache, init_cache, reset_lengths
 from jax_cca.config import CCAConfig
 from jax_cca.rope import apply_rope, default_positions, inverse_frequencies, rope_cos_sin
@@ -42,12 +42,21 @@ class MLP(nnx.Module):
 
     def __init__(self, config: CCAConfig, *, rngs: nnx.Rngs):
         e, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = _linear(e, f, b, config, rngs)
-        self.up_proj = _linear(e, f, b, config, rngs)
+        self.config = config
+        if config.fused_projections:
+            self.gate_up_proj = _linear(e, 2 * f, b, config, rngs)
+        else:
+            self.gate_proj = _linear(e, f, b, config, rngs)
+            self.up_proj = _linear(e, f, b, config, rngs)
         self.down_proj = _linear(f, e, b, config, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.config.fused_projections:
+            gate, up = fused.split_output(self.gate_up_proj(x),
+                                          fused.split_sizes(self.config)["gate_up_proj"])
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Attention(nnx.Module):
@@ -58,20 +67,32 @@ class Attention(nnx.Module):
     def __init__(self, config: CCAConfig, *, rngs: nnx.Rngs):
         self.config = config
         e, d, b = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = _linear(e, config.num_heads * d, b, config, rngs)
-        self.k_proj = _linear(e, config.num_kv_heads * d, b, config, rngs)
-        self.v_proj = _linear(e, config.num_kv_heads * d, b, config, rngs)
+        if config.fused_projections:
+            self.qkv_proj = _linear(e, (config.num_heads + 2 * config.num_kv_heads) * d, b,
+                                    config, rngs)
+        else:
+            self.q_proj = _linear(e, config.num_heads * d, b, config, rngs)
+            self.k_proj = _linear(e, config.num_kv_heads * d, b, config, rngs)
+            self.v_proj = _linear(e, config.num_kv_heads * d, b, config, rngs)
         self.o_proj = _linear(config.num_heads * d, e, b, config, rngs)
+
+    def qkv(self, x: Float[Array, "B T E"]):
+        """Un-rotated q (B, T, Hq, D), k and v (B, T, Hkv, D), in either parameter layout."""
+        c = self.config
+        bsz, t, _ = x.shape
+        if c.fused_projections:
+            q, k, v = fused.split_output(self.qkv_proj(x), fused.split_sizes(c)["qkv_proj"])
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.reshape(bsz, t, c.num_heads, c.head_dim),
+                k.reshape(bsz, t, c.num_kv_heads, c.head_dim),
+                v.reshape(bsz, t, c.num_kv_heads, c.head_dim))
 
     def _project(self, x: Float[Array, "B T E"], cos, sin):
         """Rotated q (B, T, Hq, D), rotated k and v (B, T, Hkv, D). ReAttention: q and k are
         returned un-rotated (``cos``, ``sin`` unused)."""
-        c = self.config
-        bsz, t, _ = x.shape
-        q = self.q_proj(x).reshape(bsz, t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
-        if c.attention == "reattention":
+        q, k, v = self.qkv(x)
+        if self.config.attention == "reattention":
             return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -317,13 +338,25 @@ class CCALlama(nnx.Module):
 
     def with_attention(self, **changes) -> "CCALlama":
         """The same weights under a changed config (e.g. ``attention="cca", group_size=16``);
-        a changed ``dtype`` casts the weights."""
+        a changed ``dtype`` casts the weights, a changed ``fused_projections`` converts them to
+        the other layout (``jax_cca/fused.py``)."""
         config = self.config.replace(**changes)
         _, state = nnx.split(self)
         if config.dtype != self.config.dtype:
             state = jax.tree_util.tree_map(lambda x: x.astype(config.jnp_dtype), state)
-        new_graphdef, _ = nnx.split(CCALlama.abstract(config))
-        return nnx.merge(new_graphdef, state)
+        new_graphdef, new_state = nnx.split(CCALlama.abstract(config))
+        if config.fused_projections == self.config.fused_projections:
+            return nnx.merge(new_graphdef, state)
+        convert = fused.fuse if config.fused_projections else fused.unfuse
+        flat = convert({p: v.get_value() for p, v in nnx.to_flat_state(state)}, self.config)
+        target = dict(nnx.to_flat_state(new_state))
+        return nnx.merge(new_graphdef, nnx.from_flat_state(
+            [(p, target[p].replace(flat[p])) for p in target]))
+
+    def with_fused_projections(self, fused_projections: bool = True) -> "CCALlama":
+        """This model in the serving layout (one QKV and one gate-up matrix per layer: fewer,
+        larger GEMMs per decode step), or back with ``False``. Same outputs."""
+        return self.with_attention(fused_projections=fused_projections)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param)))

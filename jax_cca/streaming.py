@@ -195,10 +195,7 @@ class StreamingAttention(Attention):
         """Projections, rotated at ``positions`` (q, k) and, for the sink scores, q rotated at
         ``min(t, S + W - 1)``."""
         c = self.config
-        bsz, t, _ = x.shape
-        q = self.q_proj(x).reshape(bsz, t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(bsz, t, c.num_kv_heads, c.head_dim)
+        q, k, v = self.qkv(x)
         inv_freq = inverse_frequencies(c)
         cos, sin = rope_cos_sin(positions, inv_freq)
         cos_s, sin_s = rope_cos_sin(

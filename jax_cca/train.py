@@ -61,7 +61,8 @@ PARAM_GROUPS = {
 }
 # With a tensor axis: projections split along their output (column-parallel) or input
 # (row-parallel) features, as in Megatron-LM; embeddings and the head along the vocabulary.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj",
+                   "gate_up_proj", "lm_head")
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 

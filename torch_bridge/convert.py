@@ -152,6 +152,8 @@ def build_model(hf_config: dict, tensors: dict[str, np.ndarray], **overrides):
     from jax_cca.model import CCALlama
 
     overrides.setdefault("dtype", _hf_dtype(hf_config))
+    if overrides.pop("fused_projections", False):  # HF stores the separate layout
+        return build_model(hf_config, tensors, **overrides).with_fused_projections()
     config = CCAConfig.from_hf_config(hf_config, **overrides)
     graphdef, abstract_state = nnx.split(CCALlama.abstract(config))
     expected = dict(nnx.to_flat_state(abstract_state))
@@ -215,9 +217,12 @@ def convert_hf_llama(source: Any, **overrides):
 
 # ---------------------------------------------------------------------------- CCALlama -> HF
 def hf_state_dict(model) -> dict[str, np.ndarray]:
-    """The model's parameters under HF names and layouts, as numpy (bf16 via ml_dtypes)."""
+    """The model's parameters under HF names and layouts, as numpy (bf16 via ml_dtypes); a model
+    in the fused serving layout is split back into q, k, v and gate, up first."""
     from flax import nnx
 
+    if model.config.fused_projections:
+        model = model.with_fused_projections(False)
     out = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = nnx_to_hf_name(path)
