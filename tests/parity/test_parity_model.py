@@ -191,3 +191,16 @@ def test_patching_keeps_parameters_and_can_be_repeated(make_hf_llama):
     attns = [layer.self_attn for layer in hf.model.layers]
     assert all(isinstance(a, CCALlamaAttention) for a in attns)
     assert {(a.group_size, a.local_window, a.pooling) for a in attns} == {(4, 8, "mean")}
+
+
+def test_layer_cache_is_found_under_every_keyword_transformers_has_used():
+    """transformers >= 5.24 hands the attention layer its KV cache as ``cache``; earlier releases
+    as ``past_key_values`` (or ``past_key_value``). The patched layers must see it in all three
+    (with 5.24.0 and only the old names, generate silently ran without the cache)."""
+    from torch_bridge.modules import _layer_cache
+
+    cache = object()
+    assert _layer_cache(None, {"cache": cache}) is cache
+    assert _layer_cache(cache, {}) is cache
+    assert _layer_cache(None, {"past_key_value": cache}) is cache
+    assert _layer_cache(None, {"cache": None}) is None
