@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from bench.common import environment
+from bench.common import environment, time_alternating
 from kernels.cca import pallas as cca_pallas
 from kernels.cca.pallas_common import exp2_for
 
@@ -53,18 +51,8 @@ def main(argv=None) -> int:
         out = {n: f(*a).astype(jnp.float32) for n, (f, a) in fs.items()}
         diff = float(jnp.linalg.norm(out["fast"] - out["libdevice"])
                      / jnp.linalg.norm(out["libdevice"]))
-        times = {n: [] for n in fs}
-        calls = 40 if t <= 32768 else 8
-        for _ in range(args.rounds):
-            for n, (f, a) in fs.items():
-                jax.block_until_ready(f(*a))
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    o = f(*a)
-                jax.block_until_ready(o)
-                times[n].append((time.perf_counter() - t0) * 1e3 / calls)
-        row = {"T": t, "hkv": hkv, "rel_diff": diff,
-               **{f"{n}_ms": statistics.median(v) for n, v in times.items()}}
+        ms = time_alternating(fs, calls=40 if t <= 32768 else 8, rounds=args.rounds)
+        row = {"T": t, "hkv": hkv, "rel_diff": diff, **{f"{n}_ms": v for n, v in ms.items()}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:

@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
-from bench.common import environment
+from bench.common import environment, time_alternating
 from kernels.cca import pallas as cca_pallas
 from kernels.cca import pallas_common
 from kernels.cca.pallas_common import NEG, Config, dot
@@ -122,25 +120,11 @@ def main(argv=None) -> int:
                 fs[n] = compiled(n, *a)
             except Exception as e:  # a variant that does not compile is a result, not a crash
                 failed[n] = f"{type(e).__name__}: {str(e)[:300]}"
-        times = {n: [] for n in fs}
-        calls = 40 if t <= 32768 else 8
-        for _ in range(args.rounds):
-            for n, f in fs.items():
-                jax.block_until_ready(f(*a))
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    o = f(*a)
-                jax.block_until_ready(o)
-                times[n].append((time.perf_counter() - t0) * 1e3 / calls)
-        row = {"T": t, "hkv": hkv, **{f"{n}_ms": statistics.median(v) for n, v in times.items()}}
         pool = jax.jit(lambda q, k, v: cca_pallas._pool(
             q, k, v, g=16, pooling="cca", scale=128**-0.5, config=BASE, interpret=False))
-        jax.block_until_ready(pool(*a))
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            o = pool(*a)
-        jax.block_until_ready(o)
-        row["pooling_ms"] = (time.perf_counter() - t0) * 1e3 / calls
+        runs = {n: (f, a) for n, f in fs.items()} | {"pooling": (pool, a)}
+        ms = time_alternating(runs, calls=40 if t <= 32768 else 8, rounds=args.rounds)
+        row = {"T": t, "hkv": hkv, **{f"{n}_ms": v for n, v in ms.items()}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     payload = {"env": environment(), "rows": rows, "failed": failed,

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from bench.common import environment
+from bench.common import environment, time_alternating
 
 E, F, HQ, HKV, D, LAYERS = 4096, 11008, 32, 32, 128, 32
 
@@ -81,17 +79,10 @@ def main(argv=None) -> int:
             return x
 
         fns[name] = (jax.jit(step), ps)
-    times = {n: [] for n in fns}
-    for _ in range(args.rounds):
-        for n, (f, ps) in fns.items():
-            jax.block_until_ready(f(x, ps))
-            t0 = time.perf_counter()
-            for _ in range(50):
-                y = f(x, ps)
-            jax.block_until_ready(y)
-            times[n].append((time.perf_counter() - t0) * 1e3 / 50)
+    ms = time_alternating({n: (f, (x, ps)) for n, (f, ps) in fns.items()}, calls=50,
+                          rounds=args.rounds)
     nbytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(fns["separate"][1]))
-    row = {"weight_bytes": nbytes, **{f"{n}_ms": statistics.median(v) for n, v in times.items()}}
+    row = {"weight_bytes": nbytes, **{f"{n}_ms": v for n, v in ms.items()}}
     print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"env": environment(), "row": row}, indent=1))

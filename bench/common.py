@@ -65,6 +65,22 @@ def time_pipelined(fn, *args, calls: int = 20, rounds: int = 5) -> float:
     return best
 
 
+def time_alternating(fns: dict, *, calls: int, rounds: int) -> dict[str, float]:
+    """A/B timing: ``fns`` maps a name to ``(fn, args)``; every round times ``calls``
+    back-to-back calls of each in turn (one wait each), so drift in clocks or temperature hits
+    all alike. Returns the median ms per call of each name over the rounds."""
+    times = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, (f, a) in fns.items():
+            jax.block_until_ready(f(*a))
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                out = f(*a)
+            jax.block_until_ready(out)
+            times[n].append((time.perf_counter() - t0) * 1e3 / calls)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def measure_peaks(size: int = 8192, copy_bytes: int = 2**30) -> dict:
     """Measured ceilings of this device: bf16 matmul rate (TFLOP/s, a ``size``^3 product), copy
     bandwidth (GB/s, bytes read + written by an elementwise op over ``copy_bytes``) and read
