@@ -1,5 +1,5 @@
 """The fused serving layout (``fused_projections``: one QKV and one gate-up matrix per layer):
-same logits, gradients, cached decoding and generated tokens as the separate layout, exact
+same logits, gradients and cached decoding (prefill + greedy steps) as the separate layout, exact
 round trips between the layouts, Hugging Face load/export and orbax checkpoints in both.
 
 Tiny random LLaMA models, float32, GQA (8 query / 2 kv heads) with biases, so the three parts
