@@ -92,7 +92,8 @@ def default_num_splits(batch: int, kv_heads: int, capacity_blocks: int) -> int:
 
 def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
             g: int, w: int, gp: int, exp2):
-    """refs: (keys, values) per segment, then the partial output (Gp, D) and lse (Gp,).
+    """refs: (keys, values) per segment, then the partial output (Gp, D) and lse (Gp,), or
+    (1, D) and (1,) for MHA, whose Gp rows are copies of its one query.
 
     ``segments``: static (kind, rows, real rows, ring) per segment (rows: padded to >= bk);
     kind "keys" (positions < t), "core" (slots j < start(t) / g) or "ring" (modulus ``ring``)."""
@@ -141,8 +142,12 @@ def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits:
     acc, m, l = carry
     has = l > 0.0
     l_safe = jnp.where(has, l, 1.0)
-    o_ref[...] = acc / l_safe[:, None]
-    lse_ref[...] = jnp.where(has, m + jnp.log2(l_safe), NEG)
+    o = acc / l_safe[:, None]
+    lse = jnp.where(has, m + jnp.log2(l_safe), NEG)
+    if o_ref.shape[0] < gp:  # MHA: the rows are equal; the combine then reads 1/Gp of them
+        o, lse = jnp.max(o, axis=0, keepdims=True), jnp.max(lse, axis=0, keepdims=True)
+    o_ref[...] = o
+    lse_ref[...] = lse
 
 
 def supports(head_dim: int) -> bool:
@@ -205,16 +210,18 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
     kernel = functools.partial(_kernel, segments=tuple(statics), bk=bk, scale2=scale * LOG2E,
                                num_splits=splits, g=g, w=w, gp=gp, exp2=exp2_for(interpret))
     kv_map = lambda s, bi, h: (bi, 0, h, 0)
+    rows_out = gp if grp > 1 else 1  # partial rows written per program (see _kernel)
     o, lse = call(
         kernel,
         grid=(splits, b, hkv),
         in_specs=[pl.BlockSpec((None,), lambda s, bi, h: (bi,)),
                   pl.BlockSpec((None, None, q_tile.shape[2], d), lambda s, bi, h: (bi, h, 0, 0))]
         + [pl.BlockSpec((None, rows, None, d), kv_map) for _, rows, _, _ in statics for _ in "kv"],
-        out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda s, bi, h: (s, bi, h, 0, 0)),
-                   pl.BlockSpec((None, None, None, gp), lambda s, bi, h: (s, bi, h, 0))],
-        out_shape=[jax.ShapeDtypeStruct((splits, b, hkv, gp, d), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, b, hkv, gp), jnp.float32)],
+        out_specs=[pl.BlockSpec((None, None, None, rows_out, d),
+                                lambda s, bi, h: (s, bi, h, 0, 0)),
+                   pl.BlockSpec((None, None, None, rows_out), lambda s, bi, h: (s, bi, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, hkv, rows_out, d), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, hkv, rows_out), jnp.float32)],
         inputs=[positions.astype(jnp.int32), q_tile, *arrays],
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -250,7 +257,8 @@ UNROLL_SPLITS = 32  # the combine's loop over the splits is unrolled up to this 
 def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int, scale2: float,
                     gp: int, exp2):
     """Program (b, h): merges the P partial softmaxes of its G query heads (o (P, Gp, D)
-    normalised, lse (P, Gp) base 2) with the new token's own key and value, in float32. The
+    normalised, lse (P, Gp) base 2; Gp = 1 for MHA) with the new token's own key and value, in
+    float32. The
     loop is unrolled (its loads independent of one another) up to ``UNROLL_SPLITS`` splits."""
     q = _query_rows(q_ref, gp).astype(jnp.float32)  # (Gp, D)
     k_new = k_ref[...].astype(jnp.float32)  # (D,)
@@ -277,9 +285,10 @@ def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int
 
 
 def _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp: int):
-    """Merges P partial softmaxes (o (P, B, Hkv, Gp, D) normalised, lse (P, B, Hkv, Gp) base 2)
-    with the new token's own key and value: one small kernel of B x Hkv programs (as XLA ops it
-    was about six kernels per layer and decode step). ``q_tile``: :func:`query_tile`."""
+    """Merges P partial softmaxes (o (P, B, Hkv, Gp, D) normalised, lse (P, B, Hkv, Gp) base 2;
+    Gp = 1 for MHA) with the new token's own key and value: one small kernel of B x Hkv programs
+    (as XLA ops it was about six kernels per layer and decode step). ``q_tile``:
+    :func:`query_tile`."""
     b, hkv, rows, d = q_tile.shape
     splits, _, _, gp, _ = o.shape
     kernel = functools.partial(_combine_kernel, splits=splits, scale2=scale * LOG2E, gp=gp,
