@@ -49,7 +49,7 @@ from jaxtyping import Array, Float, Int
 from jax_cca import ops
 from jax_cca.cache import CCACache, FullCache, LayerCache, ReAttentionCache
 from jax_cca.config import CCAConfig
-from kernels.cca import pallas_decode, pallas_decode_pool
+from kernels.cca import pallas_decode, pallas_decode_pool, pallas_rope_append
 from kernels.cca.reference import (
     _einsum,
     _masked_softmax_weights,
@@ -128,26 +128,16 @@ def extend_attention(
     positions = first[:, None] + jnp.arange(q.shape[1])  # (B, C)
     if isinstance(cache, FullCache):
         cache = cache.append(k, v, n_valid)
-        if kernel:  # the kernel reads rows < t and takes the new token from k, v
-            out = pallas_decode.full_decode_attention(q[:, 0], k[:, 0], v[:, 0], cache.k,
-                                                      cache.v, first)
+        if kernel:
+            out, cache = _kernel_step(cache, q[:, 0], k[:, 0], v[:, 0], first, n_valid, config)
             return out[:, None], cache
         mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
         return _attend(q, [(cache.k, cache.v, mask)]), cache
 
     g, w = config.group_size, config.local_window
     if kernel and pallas_decode_pool.supports(g, config.head_dim, cache.ring):
-        # The new token enters the ring first; the pooling kernel then finds its whole group
-        # there (one launch instead of the XLA path's gather, pool and masked write).
-        cache = cache.append(k, v, n_valid)
-        if cache.num_core:
-            core_k, core_v = pallas_decode_pool.pool_decode_step(
-                q[:, 0], cache.ring_k, cache.ring_v, cache.core_k, cache.core_v, first, n_valid,
-                group_size=g, pooling=config.pooling)
-            cache = cache.replace(core_k=core_k, core_v=core_v)
-        out = pallas_decode.cca_decode_attention(
-            q[:, 0], k[:, 0], v[:, 0], cache.core_k, cache.core_v, cache.ring_k, cache.ring_v,
-            first, group_size=g, local_window=w)
+        out, cache = _kernel_step(cache.append(k, v, n_valid), q[:, 0], k[:, 0], v[:, 0], first,
+                                  n_valid, config)
         return out[:, None], cache
     if cache.num_core:
         cache = _pool_completed_groups(cache, q, k, v, n_valid, config)
@@ -168,6 +158,78 @@ def extend_attention(
                       (cache.ring_k, cache.ring_v, ring_mask),
                       (k, v, chunk_mask)])
     return out, cache.append(k, v, n_valid)
+
+
+def _kernel_step(
+    cache: FullCache | CCACache,
+    q: Float[Array, "B Hq D"],
+    k: Float[Array, "B Hkv D"],
+    v: Float[Array, "B Hkv D"],
+    first: Int[Array, "B"],
+    n_valid: Int[Array, "B"],
+    config: CCAConfig,
+) -> tuple[Float[Array, "B Hq D"], FullCache | CCACache]:
+    """The Pallas decode step of one token at position ``first[b]`` over a cache it has already
+    been written to (rotated k). Full attention: the kernel reads rows < t and takes the new
+    token from k, v. CCA: the pooling kernel finds a completed group whole in the ring (one
+    launch instead of the XLA path's gather, pool and masked write), then the attention kernel
+    reads the cores and the ring, whose slot of the new token holds t (or, unwritten, t - R),
+    neither of which its mask admits."""
+    if isinstance(cache, FullCache):
+        return pallas_decode.full_decode_attention(q, k, v, cache.k, cache.v, first), cache
+    g = config.group_size
+    if cache.num_core:
+        core_k, core_v = pallas_decode_pool.pool_decode_step(
+            q, cache.ring_k, cache.ring_v, cache.core_k, cache.core_v, first, n_valid,
+            group_size=g, pooling=config.pooling)
+        cache = cache.replace(core_k=core_k, core_v=core_v)
+    out = pallas_decode.cca_decode_attention(
+        q, k, v, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, first, group_size=g,
+        local_window=config.local_window)
+    return out, cache
+
+
+def rotates_in_kernel(cache: LayerCache, chunk: int, config: CCAConfig,
+                      implementation: str | None = None) -> bool:
+    """Whether a chunk of ``chunk`` tokens takes :func:`decode_step_unrotated` (one token, the
+    Pallas decode path, a full or CCA cache the kernels take)."""
+    if chunk != 1 or decode_implementation(config, implementation) != "pallas":
+        return False
+    if not pallas_rope_append.supports(config.head_dim):
+        return False
+    if isinstance(cache, FullCache):
+        return True
+    return isinstance(cache, CCACache) and pallas_decode_pool.supports(
+        config.group_size, config.head_dim, cache.ring)
+
+
+def decode_step_unrotated(
+    cache: FullCache | CCACache,
+    qkv: Float[Array, "B H3 D"],
+    cos: Float[Array, "B D"],
+    sin: Float[Array, "B D"],
+    n_valid: Int[Array, "B"],
+    config: CCAConfig,
+) -> tuple[Float[Array, "B Hq D"], FullCache | CCACache]:
+    """:func:`extend_attention` of one token per sequence on the Pallas path, from the
+    UN-rotated projections ``qkv`` (B, Hq + 2 Hkv, D) and the step's ``rope_cos_sin`` (B, D):
+    RoPE and the cache write are one kernel (``kernels/cca/pallas_rope_append.py``) instead of
+    about eight XLA kernels. Same result and cache as rotating first and calling
+    :func:`extend_attention` (see :func:`rotates_in_kernel` for when it applies)."""
+    first = cache.lengths
+    if isinstance(cache, FullCache):
+        k_buf, v_buf, modulus, limit = cache.k, cache.v, cache.max_len, cache.max_len
+    else:
+        k_buf, v_buf, modulus, limit = cache.ring_k, cache.ring_v, cache.ring, cache.max_len
+    write = (n_valid > 0) & (first < limit)
+    q, k, v, k_buf, v_buf = pallas_rope_append.rope_append(
+        qkv, cos, sin, k_buf, v_buf, first, write, num_heads=config.num_heads, modulus=modulus)
+    lengths = first + n_valid
+    if isinstance(cache, FullCache):
+        cache = FullCache(k_buf, v_buf, lengths)
+    else:
+        cache = cache.replace(ring_k=k_buf, ring_v=v_buf, lengths=lengths)
+    return _kernel_step(cache, q, k, v, first, n_valid, config)
 
 
 def reattention_implementation(config: CCAConfig) -> str:

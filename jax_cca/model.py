@@ -88,6 +88,15 @@ class Attention(nnx.Module):
                 k.reshape(bsz, t, c.num_kv_heads, c.head_dim),
                 v.reshape(bsz, t, c.num_kv_heads, c.head_dim))
 
+    def qkv_heads(self, x: Float[Array, "B T E"]) -> Float[Array, "B T H3 D"]:
+        """Un-rotated q, k, v heads as one array: Hq query heads, then Hkv key and Hkv value
+        heads (the fused layout's projection, reshaped; the separate one's, concatenated)."""
+        c = self.config
+        bsz, t, _ = x.shape
+        if c.fused_projections:
+            return self.qkv_proj(x).reshape(bsz, t, -1, c.head_dim)
+        return jnp.concatenate(self.qkv(x), axis=2)
+
     def _project(self, x: Float[Array, "B T E"], cos, sin):
         """Rotated q (B, T, Hq, D), rotated k and v (B, T, Hkv, D). ReAttention: q and k are
         returned un-rotated (``cos``, ``sin`` unused)."""
@@ -121,7 +130,12 @@ class Attention(nnx.Module):
         """``prefill``: x is a whole prompt at positions 0..C-1; the ordinary attention op gives
         the output and the cache is filled from it. Otherwise x holds C new tokens per sequence
         that attend to the cache and to each other (``jax_cca.decode.extend_attention``).
-        Only the first ``n_valid[b]`` rows of x are written to the cache."""
+        Only the first ``n_valid[b]`` rows of x are written to the cache. A one-token step on
+        the Pallas decode path rotates q and k inside the kernel that writes the cache."""
+        if not prefill and decode.rotates_in_kernel(cache, x.shape[1], self.config):
+            o, cache = decode.decode_step_unrotated(cache, self.qkv_heads(x)[:, 0], cos[:, 0],
+                                                    sin[:, 0], n_valid, self.config)
+            return self._output(o[:, None]), cache
         q, k, v = self._project(x, cos, sin)
         if prefill:
             o = self._attention(q, k, v, q_lengths=n_valid)
