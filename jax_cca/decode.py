@@ -50,7 +50,6 @@ from jax_cca import ops
 from jax_cca.cache import CCACache, FullCache, LayerCache, ReAttentionCache
 from jax_cca.config import CCAConfig
 from kernels.cca import pallas_decode, pallas_decode_pool, pallas_rope_append
-from kernels.decode_linear import pallas as decode_linear_pallas
 from kernels.cca.reference import (
     _einsum,
     _masked_softmax_weights,
@@ -202,30 +201,6 @@ def rotates_in_kernel(cache: LayerCache, chunk: int, config: CCAConfig,
         return True
     return isinstance(cache, CCACache) and pallas_decode_pool.supports(
         config.group_size, config.head_dim, cache.ring)
-
-
-def projection_shapes(config: CCAConfig) -> list[tuple[tuple[int, int], tuple[int, int], str | None]]:
-    """(x shape, weight shape, prologue) of a batch-1 decode step's four projections in the fused
-    layout: QKV after RMSNorm, o, gate-up after RMSNorm, down after SwiGLU."""
-    e, f, d = config.hidden_size, config.intermediate_size, config.head_dim
-    hq, hkv = config.num_heads, config.num_kv_heads
-    return [((1, e), (e, (hq + 2 * hkv) * d), "rmsnorm"), ((1, hq * d), (hq * d, e), None),
-            ((1, e), (e, 2 * f), "rmsnorm"), ((1, 2 * f), (f, e), "swiglu")]
-
-
-def fuses_projections(cache: LayerCache, x_shape: tuple[int, ...], config: CCAConfig,
-                      implementation: str | None = None) -> bool:
-    """Whether a decoder layer's step takes the batch-1 kernel path
-    (``DecoderLayer.with_cache``): one token of one sequence, the Pallas decode path
-    (:func:`rotates_in_kernel`), the fused projection layout without biases, and shapes
-    ``kernels/decode_linear/pallas.py`` takes. Each projection is then one kernel with its
-    RMSNorm, SwiGLU or residual add fused in."""
-    if tuple(x_shape[:2]) != (1, 1) or not config.fused_projections:
-        return False
-    if config.attention_bias or config.mlp_bias:
-        return False
-    return rotates_in_kernel(cache, 1, config, implementation) and all(
-        decode_linear_pallas.supports(*shapes) for shapes in projection_shapes(config))
 
 
 def decode_step_unrotated(

@@ -18,7 +18,6 @@ from jax_cca import decode, fused, ops
 from jax_cca.cache import LayerCache, init_cache, reset_lengths
 from jax_cca.config import CCAConfig
 from jax_cca.rope import apply_rope, default_positions, inverse_frequencies, rope_cos_sin
-from kernels.decode_linear import pallas as decode_linear_pallas
 
 
 class RMSNorm(nnx.Module):
@@ -159,31 +158,10 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def with_cache(self, x, cos, sin, cache: LayerCache, n_valid, *, prefill: bool):
-        if not prefill and decode.fuses_projections(cache, x.shape, self.self_attn.config):
-            return self._batch1_step(x, cos, sin, cache, n_valid)
         h, cache = self.self_attn.with_cache(self.input_layernorm(x), cos, sin, cache, n_valid,
                                              prefill=prefill)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
-
-
-    def _batch1_step(self, x, cos, sin, cache: LayerCache, n_valid):
-        """One token of one sequence (``decode.fuses_projections``): four projection kernels
-        (RMSNorm + QKV, o + residual, RMSNorm + gate-up, SwiGLU + down + residual) around the
-        decode step's RoPE, cache and attention kernels; the same function as the XLA ops."""
-        c, attn, mlp = self.self_attn.config, self.self_attn, self.mlp
-        linear = decode_linear_pallas.decode_linear
-        h = x[:, 0]  # (1, E)
-        qkv = linear(h, attn.qkv_proj.kernel[...], prologue="rmsnorm",
-                     norm_weight=self.input_layernorm.weight[...], eps=self.input_layernorm.eps)
-        o, cache = decode.decode_step_unrotated(cache, qkv.reshape(1, -1, c.head_dim), cos[:, 0],
-                                                sin[:, 0], n_valid, c)
-        h = linear(o.reshape(1, -1), attn.o_proj.kernel[...], residual=h)
-        gate_up = linear(h, mlp.gate_up_proj.kernel[...], prologue="rmsnorm",
-                         norm_weight=self.post_attention_layernorm.weight[...],
-                         eps=self.post_attention_layernorm.eps)
-        h = linear(gate_up, mlp.down_proj.kernel[...], prologue="swiglu", residual=h)
-        return h[:, None], cache
 
 
 def _remat_layer(layer: DecoderLayer, x, cos, sin):
