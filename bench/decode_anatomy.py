@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth-gbps", type=float, default=4300.0,
                     help="for the bound (default: the H200's device copy rate seen with torch)")
     ap.add_argument("--no-flags", action="store_true", help="skip the XLA flag variants")
+    ap.add_argument("--flag-sets", type=int, default=None,
+                    help="run only the first N of the XLA flag sets (default: all)")
     ap.add_argument("--separate-projections", action="store_true",
                     help="q, k, v and gate, up as separate matrices instead of the serving layout")
     ap.add_argument("--profile", action="store_true",
@@ -153,13 +155,13 @@ def main(argv=None) -> int:
         results.setdefault("env", row.pop("env", None))
         row.pop("env", None)
         results["layers"].append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "hlo"}), flush=True)
         save()
     results["fit"] = fit([r for r in results["layers"] if "decode_ms" in r])
     print(json.dumps(results["fit"]), flush=True)
     save()
     if not args.no_flags:
-        for name, flags in FLAG_SETS.items():
+        for name, flags in list(FLAG_SETS.items())[:args.flag_sets]:
             results["flags"].append({"name": name, **in_child(flags, args.layer_counts[-1],
                                                               args)})
             results["flags"][-1].pop("env", None)

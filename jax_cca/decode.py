@@ -38,6 +38,10 @@ visible key) and, for CCA, pools a completed group with the one-launch kernel of
 ``kernels/cca/pallas_decode_pool.py`` (power-of-two g and D); ``"xla"`` the masked softmax of
 :func:`_attend` over every slot. Both compute the same function. Chunks of C > 1 rows always take
 the XLA path.
+
+The model's one-token steps on the Pallas path start from the UN-rotated projections
+(:func:`decode_step_unrotated`): RoPE and the cache write are one more kernel,
+``kernels/cca/pallas_rope_append.py``, and then the same kernels run.
 """
 
 from __future__ import annotations

@@ -258,8 +258,8 @@ def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int
                     gp: int, exp2):
     """Program (b, h): merges the P partial softmaxes of its G query heads (o (P, Gp, D)
     normalised, lse (P, Gp) base 2; Gp = 1 for MHA) with the new token's own key and value, in
-    float32. The
-    loop is unrolled (its loads independent of one another) up to ``UNROLL_SPLITS`` splits."""
+    float32. The loop is unrolled (its loads independent of one another) up to
+    ``UNROLL_SPLITS`` splits."""
     q = _query_rows(q_ref, gp).astype(jnp.float32)  # (Gp, D)
     k_new = k_ref[...].astype(jnp.float32)  # (D,)
     v_new = v_ref[...].astype(jnp.float32)

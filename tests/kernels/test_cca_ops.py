@@ -7,6 +7,8 @@ real sizes (``-m gpu``)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from jax_cca import ops
 from kernels.cca import reference as R
 from kernels.cca.shapes import CCAShape, gpu_shapes
-from tests.kernels.conftest import TOL, make_qkv, rel_err
+from tests.kernels.conftest import TOL, forward_and_vjp, make_qkv, rel_err
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
@@ -47,17 +49,25 @@ def _call(impl, q, k, v, shape, **extra):
     return ops.cca_attention(q, k, v, implementation=impl, **kw, **extra)
 
 
+def _inputs(shape):
+    q, k, v = make_qkv(shape, seed=100 + shape.length)
+    return q, k, v, jax.random.normal(jax.random.PRNGKey(shape.length), q.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _naive(shape):
+    """The naive reference's (out, dq, dk, dv) of a shape's inputs: computed once for all the
+    implementations."""
+    kw = dict(group_size=shape.group_size, local_window=shape.local_window)
+    return forward_and_vjp(lambda *a: R.cca_attention_naive(*a, **kw), *_inputs(shape))
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
 def test_forward_and_gradients_match_reference(impl, shape):
-    q, k, v = make_qkv(shape, seed=100 + shape.length)
-    kw = dict(group_size=shape.group_size, local_window=shape.local_window)
-    cot = jax.random.normal(jax.random.PRNGKey(shape.length), q.shape)
-    out, vjp = jax.vjp(lambda *a: _call(impl, *a, shape), q, k, v)
-    ref, vjp_ref = jax.vjp(lambda *a: R.cca_attention_naive(*a, **kw), q, k, v)
-    assert rel_err(out, ref) < TOL[jnp.float32]
-    for name, got, want in zip(("dq", "dk", "dv"), vjp(cot), vjp_ref(cot)):
-        assert rel_err(got, want) < TOL[jnp.float32], name
+    got = forward_and_vjp(lambda *a: _call(impl, *a, shape), *_inputs(shape))
+    for name, x, want in zip(("out", "dq", "dk", "dv"), got, _naive(shape)):
+        assert rel_err(x, want) < TOL[jnp.float32], name
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -66,13 +76,12 @@ def test_bf16(impl):
     q, k, v = make_qkv(shape, seed=5)
     kw = dict(group_size=16, local_window=32)
     bf = lambda x: x.astype(jnp.bfloat16)
-    out, vjp = jax.vjp(lambda *a: _call(impl, *a, shape), bf(q), bf(k), bf(v))
-    assert out.dtype == jnp.bfloat16
-    ref, vjp_ref = jax.vjp(lambda *a: R.cca_attention(*a, **kw), q, k, v)
     cot = jax.random.normal(jax.random.PRNGKey(9), q.shape)
-    assert rel_err(out, ref) < TOL[jnp.bfloat16]
-    for name, got, want in zip(("dq", "dk", "dv"), vjp(bf(cot)), vjp_ref(cot)):
-        assert rel_err(got, want) < TOL[jnp.bfloat16], name
+    got = forward_and_vjp(lambda *a: _call(impl, *a, shape), bf(q), bf(k), bf(v), bf(cot))
+    assert got[0].dtype == jnp.bfloat16
+    want = forward_and_vjp(lambda *a: R.cca_attention(*a, **kw), q, k, v, cot)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(x, y) < TOL[jnp.bfloat16], name
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -10,7 +10,7 @@ import pytest
 
 from kernels.cca import reference as R
 from kernels.cca.shapes import CPU_SHAPES, CCAShape
-from tests.kernels.conftest import make_qkv, rel_err
+from tests.kernels.conftest import forward_and_vjp, make_qkv, rel_err
 
 HP = jax.lax.Precision.HIGHEST
 
@@ -55,9 +55,10 @@ def numpy_cca(q, k, v, g, w):
 def test_chunked_matches_naive_forward(shape):
     q, k, v = make_qkv(shape, seed=shape.length)
     kw = dict(group_size=shape.group_size, local_window=shape.local_window)
+    naive = jax.jit(lambda *a: R.cca_attention_naive(*a, **kw))(q, k, v)
     for chunk in (None, shape.group_size, 3 * shape.group_size):
-        out = R.cca_attention(q, k, v, chunk_size=chunk, **kw)
-        assert rel_err(out, R.cca_attention_naive(q, k, v, **kw)) < 1e-5
+        out = jax.jit(lambda *a, c=chunk: R.cca_attention(*a, chunk_size=c, **kw))(q, k, v)
+        assert rel_err(out, naive) < 1e-5
 
 
 @pytest.mark.parametrize("shape", [CCAShape(2, 37, 4, 2, 64, 4, 8), CCAShape(1, 41, 5, 1, 64, 8, 16)],
@@ -74,10 +75,11 @@ def test_chunked_matches_naive_gradients(shape):
     q, k, v = make_qkv(shape, seed=shape.length + 1)
     kw = dict(group_size=shape.group_size, local_window=shape.local_window)
     cot = jax.random.normal(jax.random.PRNGKey(3), q.shape)
-    _, vjp = jax.vjp(lambda *a: R.cca_attention(*a, chunk_size=2 * shape.group_size, **kw), q, k, v)
-    _, vjp_ref = jax.vjp(lambda *a: R.cca_attention_naive(*a, **kw), q, k, v)
-    for name, got, want in zip("dq dk dv".split(), vjp(cot), vjp_ref(cot)):
-        assert rel_err(got, want) < 1e-5, name
+    got = forward_and_vjp(lambda *a: R.cca_attention(*a, chunk_size=2 * shape.group_size, **kw),
+                          q, k, v, cot)
+    want = forward_and_vjp(lambda *a: R.cca_attention_naive(*a, **kw), q, k, v, cot)
+    for name, x, y in zip("out dq dk dv".split(), got, want):
+        assert rel_err(x, y) < 1e-5, name
 
 
 def test_pooling_gradient_reaches_last_token_query():
@@ -85,7 +87,7 @@ def test_pooling_gradient_reaches_last_token_query():
     shape = CCAShape(1, 48, 2, 1, 64, 8, 8)
     q, k, v = make_qkv(shape, seed=11)
     f = lambda q_: R.cca_attention(q_, k, v, group_size=8, local_window=8)[0, 40:].sum()
-    dq = jax.grad(f)(q)
+    dq = jax.jit(jax.grad(f))(q)
     # Rows 40..47 see core tokens of groups 0..3, whose weights depend on q[7], q[15], q[23], q[31].
     for t in (7, 15, 23, 31):
         assert float(jnp.abs(dq[0, t]).max()) > 0
@@ -119,10 +121,11 @@ def test_window_covering_everything_equals_full_attention():
 @pytest.mark.parametrize("shape", CPU_SHAPES[:3], ids=lambda s: s.id)
 def test_full_attention_chunked_matches_naive(shape):
     q, k, v = make_qkv(shape, seed=2)
-    assert rel_err(R.full_attention(q, k, v, chunk_size=16), R.full_attention_naive(q, k, v)) < 1e-5
+    chunked = jax.jit(lambda *a: R.full_attention(*a, chunk_size=16))(q, k, v)
+    assert rel_err(chunked, jax.jit(R.full_attention_naive)(q, k, v)) < 1e-5
     q32 = q.astype(jnp.float32)
     ref = jax.nn.dot_product_attention(q32, k, v, is_causal=True, implementation="xla")
-    assert rel_err(R.full_attention(q, k, v), ref) < 1e-5
+    assert rel_err(jax.jit(R.full_attention)(q, k, v), ref) < 1e-5
 
 
 @pytest.mark.parametrize("pooling", ["mean", "max"])
@@ -134,7 +137,8 @@ def test_ablation_poolings(pooling):
     want = reduce(np.asarray(k)[:, :64].reshape(2, 8, 8, 2, 64), axis=2)
     assert rel_err(kc, want) < 1e-6
     kw = dict(group_size=8, local_window=16, pooling=pooling)
-    assert rel_err(R.cca_attention(q, k, v, **kw), R.cca_attention_naive(q, k, v, **kw)) < 1e-5
+    got = jax.jit(lambda *a: R.cca_attention(*a, **kw))(q, k, v)
+    assert rel_err(got, jax.jit(lambda *a: R.cca_attention_naive(*a, **kw))(q, k, v)) < 1e-5
 
 
 def test_gqa_pools_with_the_mean_query_of_the_sharing_heads():

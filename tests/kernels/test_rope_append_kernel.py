@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from jax_cca import CCAConfig, CCALlama, decode
-from jax_cca.cache import CCACache, FullCache
 from jax_cca.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from kernels.cca import pallas_rope_append
 from kernels.cca.pallas_common import poison_outputs
+from tests.kernels.test_cca_decode_kernel import _random_cache
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
@@ -114,19 +114,6 @@ def test_rope_append_refuses_bad_inputs():
     assert pallas_rope_append.supports(128) and not pallas_rope_append.supports(96)
 
 
-def _random_layer_cache(config, batch, max_len, lengths, seed):
-    rng = np.random.default_rng(seed)
-    hkv, d, dt = config.num_kv_heads, config.head_dim, config.jnp_dtype
-    rand = lambda rows: jnp.asarray(rng.standard_normal((batch, rows, hkv, d), np.float32), dt)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if config.attention == "full":
-        return FullCache(rand(max_len), rand(max_len), lengths)
-    from jax_cca.cache import ring_size
-
-    n, r = max_len // config.group_size, ring_size(config, max_len)
-    return CCACache(rand(n), rand(n), rand(r), rand(r), lengths, max_len=max_len)
-
-
 @pytest.mark.parametrize("attention", ["full", "cca"])
 def test_decode_step_unrotated_equals_rotate_then_extend(attention):
     """``decode.decode_step_unrotated`` (the model's one-token Pallas path) against rotating in
@@ -137,7 +124,7 @@ def test_decode_step_unrotated_equals_rotate_then_extend(attention):
                             hidden_size=256, group_size=4, local_window=8, num_layers=1,
                             implementation="pallas")
     hq, hkv, max_len = 4, 2, 48
-    assert decode.rotates_in_kernel(_random_layer_cache(config, 2, max_len, [0, 0], 0), 1, config)
+    assert decode.rotates_in_kernel(_random_cache(config, 2, max_len, [0, 0], 0), 1, config)
     new = jax.jit(lambda c, qkv, cos, sin: decode.decode_step_unrotated(
         c, qkv, cos, sin, jnp.ones((2,), jnp.int32), config))
 
@@ -149,7 +136,7 @@ def test_decode_step_unrotated_equals_rotate_then_extend(attention):
 
     with poison_outputs():
         for seed, lengths in enumerate([(3, 11), (15, 30), (47, 0)]):
-            cache = _random_layer_cache(config, 2, max_len, lengths, seed)
+            cache = _random_cache(config, 2, max_len, lengths, seed)
             qkv = _inputs(2, hq, hkv, 64, 1, "float32", seed + 50)[0]
             cos, sin = _cos_sin(jnp.asarray(lengths, jnp.int32), 64)
             got, got_cache = new(cache, qkv, cos, sin)

@@ -125,9 +125,14 @@ def _jax(fn, inputs: Inputs, dtype: str):
 
     cast = lambda x: jnp.asarray(x).astype(jnp.dtype(dtype))
     q, k, v, ct = (cast(x) for x in (inputs.q, inputs.k, inputs.v, inputs.ct))
-    out, vjp = jax.vjp(fn, q, k, v)
-    assert out.dtype == q.dtype
-    results = (out, *vjp(ct))
+
+    @jax.jit  # one compiled program: op-by-op dispatch of the vjp is several times slower
+    def forward_and_vjp(q, k, v, ct):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (out, *vjp(ct))
+
+    results = forward_and_vjp(q, k, v, ct)
+    assert results[0].dtype == q.dtype
     return [np.asarray(x.astype(jnp.float32)) for x in results]
 
 
