@@ -120,18 +120,13 @@ def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- the four sides
 def _jax(fn, inputs: Inputs, dtype: str):
-    import jax
     import jax.numpy as jnp
+
+    from tests.kernels.conftest import forward_and_vjp
 
     cast = lambda x: jnp.asarray(x).astype(jnp.dtype(dtype))
     q, k, v, ct = (cast(x) for x in (inputs.q, inputs.k, inputs.v, inputs.ct))
-
-    @jax.jit  # one compiled program: op-by-op dispatch of the vjp is several times slower
-    def forward_and_vjp(q, k, v, ct):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return (out, *vjp(ct))
-
-    results = forward_and_vjp(q, k, v, ct)
+    results = forward_and_vjp(fn, q, k, v, ct)
     assert results[0].dtype == q.dtype
     return [np.asarray(x.astype(jnp.float32)) for x in results]
 
