@@ -62,6 +62,7 @@ from kernels.cca.reference import (
     local_visible,
     pool_core_tokens,
 )
+from kernels.rms_norm import pallas as rms_norm_pallas
 
 
 def prefill_cache(
@@ -205,6 +206,15 @@ def rotates_in_kernel(cache: LayerCache, chunk: int, config: CCAConfig,
         return True
     return isinstance(cache, CCACache) and pallas_decode_pool.supports(
         config.group_size, config.head_dim, cache.ring)
+
+
+def norms_in_kernel(chunk: int, config: CCAConfig, implementation: str | None = None) -> bool:
+    """Whether a chunk's residual adds and RMSNorms run as one Pallas kernel each
+    (``kernels/rms_norm/pallas.py``): one-token steps on the Pallas decode path, hidden sizes the
+    kernel takes. Everything else (prefill, training, CPU, TPU) leaves them to XLA, which fuses
+    them with their neighbours there."""
+    return (chunk == 1 and decode_implementation(config, implementation) == "pallas"
+            and rms_norm_pallas.supports(config.hidden_size))
 
 
 def decode_step_unrotated(

@@ -18,6 +18,7 @@ from jax_cca import decode, fused, ops
 from jax_cca.cache import LayerCache, init_cache, reset_lengths
 from jax_cca.config import CCAConfig
 from jax_cca.rope import apply_rope, default_positions, inverse_frequencies, rope_cos_sin
+from kernels.rms_norm import reference as rms_norm_reference
 
 
 class RMSNorm(nnx.Module):
@@ -27,9 +28,16 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
 
     def __call__(self, x: Float[Array, "... E"]) -> Float[Array, "... E"]:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * xf.astype(x.dtype)
+        return rms_norm_reference.rms_norm(x, self.weight[...], self.eps)
+
+    def add_then_norm(self, x, residual, *, kernel: bool = False):
+        """``(s, self(s))`` with ``s = x + residual`` (residual None: ``s = x``). ``kernel``: as
+        one Pallas kernel (``kernels/rms_norm/pallas.py``; the decode step on GPU)."""
+        if kernel:
+            from kernels.rms_norm import pallas as rms_norm_pallas
+
+            return rms_norm_pallas.add_rms_norm(x, residual, self.weight[...], eps=self.eps)
+        return rms_norm_reference.add_rms_norm(x, residual, self.weight[...], self.eps)
 
 
 def _linear(n_in: int, n_out: int, bias: bool, config: CCAConfig, rngs: nnx.Rngs) -> nnx.Linear:
@@ -157,11 +165,15 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def with_cache(self, x, cos, sin, cache: LayerCache, n_valid, *, prefill: bool):
-        h, cache = self.self_attn.with_cache(self.input_layernorm(x), cos, sin, cache, n_valid,
-                                             prefill=prefill)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+    def with_cache(self, x, pending, cos, sin, cache: LayerCache, n_valid, *, prefill: bool,
+                   norm_kernel: bool = False):
+        """Returns (x, pending, cache) with this layer's MLP output as the new ``pending``: the
+        residual add waits for the next norm (``RMSNorm.add_then_norm``), which can then be one
+        kernel (``norm_kernel``) instead of three. ``pending`` None: nothing to add to x."""
+        x, normed = self.input_layernorm.add_then_norm(x, pending, kernel=norm_kernel)
+        h, cache = self.self_attn.with_cache(normed, cos, sin, cache, n_valid, prefill=prefill)
+        x, normed = self.post_attention_layernorm.add_then_norm(x, h, kernel=norm_kernel)
+        return x, self.mlp(normed), cache
 
 
 def _remat_layer(layer: DecoderLayer, x, cos, sin):
@@ -309,14 +321,19 @@ class CCALlama(nnx.Module):
         positions = jnp.broadcast_to(first + jnp.arange(chunk, dtype=jnp.int32),
                                      input_ids.shape)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(self.config))
-        x = self.embed_tokens(input_ids)
+        x, pending = self.embed_tokens(input_ids), None
+        kernel = not prefill and decode.norms_in_kernel(chunk, self.config)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x, layer_cache = layer.with_cache(x, cos, sin, layer_cache, n_valid, prefill=prefill)
+            x, pending, layer_cache = layer.with_cache(x, pending, cos, sin, layer_cache, n_valid,
+                                                       prefill=prefill, norm_kernel=kernel)
             new_cache.append(layer_cache)
-        last = jnp.clip(n_valid - 1, 0, chunk - 1)
-        h = jnp.take_along_axis(x, last[:, None, None], axis=1)  # (B, 1, E): only needed rows
-        return self.logits(self.norm(h))[:, 0], tuple(new_cache)
+        if chunk > 1:  # (B, 1, E): only the rows of each sequence's last valid token
+            last = jnp.clip(n_valid - 1, 0, chunk - 1)[:, None, None]
+            x, pending = (None if a is None else jnp.take_along_axis(a, last, axis=1)
+                          for a in (x, pending))
+        _, h = self.norm.add_then_norm(x, pending, kernel=kernel)
+        return self.logits(h)[:, 0], tuple(new_cache)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

@@ -1,0 +1,108 @@
+"""A/B of decode-step variants in one process: the residual add + RMSNorm kernel
+(``decode.norms_in_kernel``) on or off, and the decode kernel's launch rule (the default
+``DecodeConfig``, 3 stages / about 256 programs, or 2 stages / about 384 programs, the best of
+an isolated H200 sweep, ``tune_decode_h200.json``), LLaMA-2-7B shapes, bf16, batch 1, CCA at
+``--context`` tokens (synthetic cache), random weights:
+
+    PYTHONPATH=. python bench/ab_decode_step.py --out $OUT/ab_decode_step.json    # ~2 min, GPU
+    PYTHONPATH=. python bench/ab_decode_step.py --quick                           # CPU check
+
+Every round runs PIPELINE steps of each variant back to back in turn (drift hits all alike);
+reports the median ms per step of each variant over the rounds and the bytes-over-bandwidth
+bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from bench.bench_decode import (PIPELINE, base_config, cache_bytes_read, decode_fn, graphdef_of,
+                                random_state, synthetic_cache, weight_bytes_read)
+from bench.common import environment, measure_peaks
+from jax_cca import decode
+from kernels.cca import pallas_decode
+
+
+@contextlib.contextmanager
+def variant(norm_kernel: bool, sweep_launch: bool):
+    """Patches what the step reads at trace time; restores it after compiling."""
+    saved = (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
+             pallas_decode.default_decode_config)
+    if not norm_kernel:
+        decode.norms_in_kernel = lambda *a, **k: False
+    if sweep_launch:
+        pallas_decode.TARGET_PROGRAMS = 384
+        pallas_decode.default_decode_config = lambda d, itemsize: (
+            pallas_decode.DecodeConfig(block_k=32, num_warps=4, num_stages=2) if itemsize >= 4
+            else pallas_decode.DecodeConfig(block_k=64, num_warps=4, num_stages=2))
+    try:
+        yield
+    finally:
+        (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
+         pallas_decode.default_decode_config) = saved
+
+
+VARIANTS = {"norm kernel, 3 stages/256": (True, False), "XLA norms, 3 stages/256": (False, False),
+            "norm kernel, 2 stages/384": (True, True), "XLA norms, 2 stages/384": (False, True)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=None, help="tokens held (default 131072)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny model, CPU, interpreted kernels")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    t = args.context or (100 if args.quick else 131072)
+    rounds = args.rounds or (1 if args.quick else 15)
+    max_len = t + 64
+    config = base_config(args.quick, max_len).replace(attention="cca")
+    if args.quick:
+        config = config.replace(implementation="pallas")
+    graphdef, state = graphdef_of(config), random_state(config)
+    cache = synthetic_cache(config, 1, max_len, t)
+    tokens = jnp.zeros((1,), jnp.int32)
+    steps = {}
+    for name, flags in VARIANTS.items():
+        with variant(*flags):
+            t0 = time.perf_counter()
+            steps[name] = decode_fn(graphdef).lower(state, tokens, cache).compile()
+            print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    times = {n: [] for n in steps}
+    per_round = 1 if args.quick else PIPELINE
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, step in steps.items():
+            logits, cache = step(state, tokens, cache)
+            jax.block_until_ready(logits)
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                logits, cache = step(state, tokens, cache)
+            jax.block_until_ready((logits, cache))
+            times[name].append((time.perf_counter() - t0) * 1e3 / per_round)
+    peaks = {} if args.quick else measure_peaks()
+    bw = peaks.get("bandwidth_gbps")
+    read = weight_bytes_read(config, state, 1) + cache_bytes_read(config, t, max_len)
+    rows = {n: {"ms": statistics.median(v[1:]), "runs_ms": v[1:]} for n, v in times.items()}
+    result = {"env": environment(), "peaks": peaks, "context": t, "bytes_read": read,
+              "bound_ms": read / bw / 1e6 if bw else None, "variants": rows}
+    for n, r in rows.items():
+        bound = result["bound_ms"]
+        frac = f"  {bound / r['ms']:.1%} of the {bound:.2f} ms bound" if bound else ""
+        print(f"{n:28s} {r['ms']:.3f} ms{frac}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

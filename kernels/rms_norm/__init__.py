@@ -1,0 +1,7 @@
+"""RMSNorm with the residual add in front of it: ``s = x + r``, ``y = weight * norm(s)``.
+
+``reference.py``: the model's math in jax.numpy (``jax_cca.model.RMSNorm`` calls it);
+``pallas.py``: one Pallas GPU kernel for the decode step, where XLA spends three small kernels on
+it (the add, the mean of squares, the scaling). Import the module you need; nothing is imported
+here.
+"""
