@@ -46,7 +46,12 @@ def triton_kernels():
 
 
 def reattention_triton_kernels():
-    """kernels.reattention.triton, imported (once) interpreted unless the suite runs with --gpu:
+    """kernels.reattention.triton, as :func:`triton_module` imports it."""
+    return triton_module("kernels.reattention.triton")
+
+
+def triton_module(name: str):
+    """A Triton kernel module, imported (once) interpreted unless the suite runs with --gpu:
     ``TRITON_INTERPRET=1`` is set only around that import. Skips when triton is missing."""
     import importlib
     import importlib.util
@@ -55,7 +60,6 @@ def reattention_triton_kernels():
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    name = "kernels.reattention.triton"
     if on_gpu() or name in sys.modules:
         module = importlib.import_module(name)
     else:
