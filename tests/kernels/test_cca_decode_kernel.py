@@ -284,10 +284,12 @@ def _tiny_model_config(attention, **overrides):
 @pytest.mark.parametrize("attention", ["full", "cca"])
 def test_model_decode_with_the_kernel_equals_xla_decode(attention, rel_err):
     """Prompts of 5 and 14 tokens prefilled once (XLA), then decoded to 44 tokens by the same
-    weights with implementation="xla" and with "pallas" (interpreted): the logits of every step
-    agree and the caches are identical; both equal the full forward's rows."""
+    weights with implementation="xla" and with "pallas" (interpreted: the RoPE/append, pooling,
+    decode and add + RMSNorm kernels): the logits of every step agree and the caches are
+    identical; both equal the full forward's rows."""
     xla = CCALlama.from_config(_tiny_model_config(attention, implementation="xla"), seed=3)
     kern = xla.with_attention(implementation="pallas")
+    assert decode.norms_in_kernel(1, kern.config) and not decode.norms_in_kernel(1, xla.config)
     ids = np.random.default_rng(17).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
     graphdef, state = nnx.split(xla)
     ref = np.asarray(jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, ids))

@@ -7,6 +7,10 @@ must equal the reference's to the bit; the normalised row may differ by two unit
 place of its dtype: the float32 sum of squares is added up in another order, which can move the
 row normalised and rounded to x's dtype by one unit, and the product with the weight, rounded
 again, by one more.
+
+The model's one-token Pallas path, which runs these kernels between the others, is checked
+against its XLA path and the full forward in
+``tests/kernels/test_cca_decode_kernel.py::test_model_decode_with_the_kernel_equals_xla_decode``.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from jax_cca import CCAConfig, CCALlama, decode
+from jax_cca import CCAConfig, decode
 from kernels.cca.pallas_common import poison_outputs
 from kernels.rms_norm import pallas, reference
 
@@ -79,30 +82,6 @@ def test_model_uses_the_kernel_only_on_one_token_pallas_steps():
     assert not decode.norms_in_kernel(1, config.replace(implementation="xla"))
     assert not decode.norms_in_kernel(1, pallas_config.replace(hidden_size=96, num_heads=3,
                                                                    num_kv_heads=1))
-
-
-def test_pallas_decode_steps_equal_xla_decode_steps():
-    """The model's one-token Pallas path (RoPE/append, decode, pooling and norm kernels,
-    interpreted) against its XLA path, float32, batch 2 of different lengths, across group
-    (g = 4) and window (w = 8) boundaries; and both against one forward over the sequence."""
-    config = CCAConfig.tiny(attention="cca", group_size=4, local_window=8, num_layers=1)
-    model = CCALlama.from_config(config, seed=3)
-    ids = jax.random.randint(jax.random.PRNGKey(4), (2, 22), 0, config.vocab_size)
-    lengths = np.array([9, 14])
-    _, prompt_cache = model.prefill(ids[:, :14], lengths, model.init_cache(2, 24))
-    steps = {}
-    for impl in ("xla", "pallas"):  # the same prefilled cache (copied: steps donate it)
-        m = model.with_attention(implementation=impl)
-        cache, out = jax.tree_util.tree_map(jnp.copy, prompt_cache), []
-        for i in range(8):
-            logits, cache = m.decode_step(ids[np.arange(2), lengths + i], cache)
-            out.append(logits)
-        steps[impl] = np.stack(out, 1)
-    np.testing.assert_allclose(steps["pallas"], steps["xla"], rtol=1e-4, atol=1e-5)
-    full = np.asarray(nnx.jit(lambda m, ids: m(ids))(model, ids))
-    for b in range(2):
-        want = full[b, lengths[b]:lengths[b] + 8]
-        np.testing.assert_allclose(steps["pallas"][b], want, rtol=1e-4, atol=1e-5)
 
 
 @needs_gpu
