@@ -36,7 +36,7 @@ def _torch(x):
     import torch
 
     dtype = {jnp.dtype("float32"): torch.float32, jnp.dtype("bfloat16"): torch.bfloat16,
-             jnp.dtype("int32"): torch.int32}[x.dtype]
+             jnp.dtype("int32"): torch.int32, jnp.dtype("bool"): torch.bool}[x.dtype]
     host = np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x)
     return torch.from_numpy(host.copy()).to(device=torch_device(), dtype=dtype)
 
@@ -130,3 +130,158 @@ def test_gpu_decode_parity_at_real_sizes(attention, hq, hkv, t):
     for name, got in (("triton", got_triton), ("pallas", got_pallas)):
         err = rel_err(np.asarray(jnp.asarray(got, jnp.float32)), np.asarray(want, np.float32))
         assert err < TOL["bfloat16"], (name, err)
+
+
+# ---------------------------------------------------------------------------- the small kernels
+def _rand(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+
+def _close(got, want, dtype, ulps, atol_ulps=0):
+    """Elementwise within ``ulps`` units in the last place of ``dtype`` (0: to the bit), plus
+    ``atol_ulps`` units of 1.0 for results that cancel terms of magnitude about 1."""
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    want = np.asarray(jnp.asarray(want, jnp.float32))
+    assert np.isfinite(got).all()
+    eps = float(jnp.finfo(dtype).eps)
+    if ulps == 0:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=ulps * eps, atol=atol_ulps * eps)
+
+
+ROPE_CASES = [(4, 4, 64, 24, 24, "float32"), (6, 2, 32, 17, 17, "bfloat16"),
+              (4, 1, 64, 40, 40, "bfloat16")]
+
+
+def _rope_case(hq, hkv, d, rows, modulus, dtype, seed, positions):
+    from tests.kernels.test_rope_append_kernel import _cos_sin
+
+    rng = np.random.default_rng(seed)
+    b = len(positions)
+    qkv = _rand(rng, (b, hq + 2 * hkv, d), dtype)
+    k_buf, v_buf = _rand(rng, (b, rows, hkv, d), dtype), _rand(rng, (b, rows, hkv, d), dtype)
+    positions = jnp.asarray(positions, jnp.int32)
+    cos, sin = _cos_sin(positions, d, theta=500000.0)
+    write = jnp.asarray([i % 3 != 2 for i in range(b)])
+    return qkv, cos, sin, k_buf, v_buf, positions, write
+
+
+def _rope_twins(case, args):
+    from kernels.cca import pallas_rope_append
+
+    hq, _, _, _, modulus, dtype = case
+    with poison_outputs():
+        pallas = jax.jit(lambda *a: pallas_rope_append.rope_append(
+            *a, num_heads=hq, modulus=modulus))(*args)
+    kernels = triton_module("kernels.cca.triton_decode_step")
+    with kernels_poisoned():
+        triton = kernels.rope_append(*(_torch(a) for a in args), num_heads=hq, modulus=modulus)
+    for name, a, b in zip(("q", "k", "v", "k_buf", "v_buf"), triton, pallas, strict=True):
+        # v is a copy: to the bit. The rotated rows may differ where a compiler contracts a
+        # product and the sum into one FMA: the tolerance of tests/kernels/
+        # test_rope_append_kernel.py (2 ulp, and 4 ulp of the N(0, 1) inputs' scale).
+        if name.startswith("v"):
+            _close(a.float().cpu().numpy(), b, dtype, 0)
+        else:
+            _close(a.float().cpu().numpy(), b, dtype, 2, atol_ulps=4)
+
+
+@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_rope_append_twins_agree(case):
+    """Triton and Pallas RoPE + cache write: MHA and GQA, positions past the modulus (wrapping),
+    a row left unwritten (write False), buffer rows not a power of two."""
+    hq, hkv, d, rows, modulus, dtype = case
+    args = _rope_case(*case, seed=rows, positions=[3, rows + 5, 2 * rows - 1, 0])
+    _rope_twins(case, args)
+
+
+POOL_CASES = [("cca", 4, 2, 64, 4, 24, "float32"), ("mean", 4, 4, 32, 8, 24, "float32"),
+              ("max", 6, 2, 32, 4, 12, "float32"), ("cca", 8, 2, 64, 16, 32, "bfloat16")]
+
+
+def _pool_case(g, hq, hkv, d, ring, dtype, seed, n):
+    rng = np.random.default_rng(seed)
+    # Sequences: completes group 1; completes group R / g + 1 (its rows wrapped around the ring;
+    # needs n > R / g + 1); does not complete one; completes one but is not valid; completes
+    # group n (no slot).
+    positions = jnp.asarray([2 * g - 1, ring + 2 * g - 1, 2 * g, g - 1, (n + 1) * g - 1],
+                            jnp.int32)
+    n_valid = jnp.asarray([1, 1, 1, 0, 1], jnp.int32)
+    b = positions.shape[0]
+    return (_rand(rng, (b, hq, d), dtype), _rand(rng, (b, ring, hkv, d), dtype),
+            _rand(rng, (b, ring, hkv, d), dtype), _rand(rng, (b, n, hkv, d), dtype),
+            _rand(rng, (b, n, hkv, d), dtype), positions, n_valid)
+
+
+def _pool_twins(pooling, g, dtype, args):
+    from kernels.cca import pallas_decode_pool
+
+    with poison_outputs():
+        pallas = jax.jit(lambda *a: pallas_decode_pool.pool_decode_step(
+            *a, group_size=g, pooling=pooling))(*args)
+    kernels = triton_module("kernels.cca.triton_decode_step")
+    triton = kernels.pool_decode_step(*(_torch(a) for a in args), group_size=g, pooling=pooling)
+    for a, b, old in zip(triton, pallas, args[3:5], strict=True):
+        a = a.float().cpu().numpy()
+        changed = np.any(np.asarray(b, np.float32) != np.asarray(old, np.float32), axis=(2, 3))
+        assert changed[:2].any(axis=1).all() and not changed[2:].any(), changed
+        # The tolerance of the core slots in tests/kernels/test_cca_decode_kernel.py: float32
+        # sums in another order (1e-5 relative, 1e-6 absolute); one bf16 unit in the last place.
+        if dtype == "float32":
+            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
+        else:
+            _close(a, b, dtype, 1, atol_ulps=0.1)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_pool_decode_step_twins_agree(case):
+    """Triton and Pallas pooling of the group a decode step completes ("cca", "mean", "max";
+    GQA 1, 2, 3, 4): the completed groups' slots agree to float32 rounding, every other slot is
+    untouched in both."""
+    pooling, hq, hkv, d, g, ring, dtype = case
+    args = _pool_case(g, hq, hkv, d, ring, dtype, seed=hq * g, n=ring // g + 3)
+    _pool_twins(pooling, g, dtype, args)
+
+
+NORM_CASES = [((3, 1, 64), "float32", True), ((2, 256), "bfloat16", True),
+              ((4, 128), "bfloat16", False), ((2, 96), "float32", True)]
+
+
+@pytest.mark.parametrize("shape, dtype, with_residual", NORM_CASES, ids=str)
+def test_add_rms_norm_twins_agree(shape, dtype, with_residual):
+    """Triton (any width: 96 too) and Pallas (powers of two) add + RMSNorm against the model's
+    math: the sum to the bit, the normalised row within 2 ulp (see test_rms_norm_kernel.py)."""
+    from kernels.rms_norm import pallas as norm_pallas
+    from kernels.rms_norm import reference as norm_reference
+
+    rng = np.random.default_rng(shape[-1])
+    x, r = _rand(rng, shape, dtype), _rand(rng, shape, dtype)
+    w = jnp.asarray(1 + 0.2 * rng.standard_normal(shape[-1:], np.float32), dtype)
+    r = r if with_residual else None
+    want = norm_reference.add_rms_norm(x, r, w, 1e-5)
+    kernels = triton_module("kernels.rms_norm.triton")
+    with kernels_poisoned():
+        got = kernels.add_rms_norm(_torch(x), None if r is None else _torch(r), _torch(w),
+                                   eps=1e-5)
+    sides = [("triton", tuple(a.float().cpu().numpy() for a in got))]
+    if norm_pallas.supports(shape[-1]):
+        with poison_outputs():
+            sides.append(("pallas", jax.jit(lambda x, r, w: norm_pallas.add_rms_norm(
+                x, r, w, eps=1e-5))(x, r, w)))
+    for _, (s, y) in sides:
+        _close(s, want[0], dtype, 0)
+        _close(y, want[1], dtype, 2)
+
+
+@needs_gpu
+def test_gpu_small_kernel_twins_at_real_sizes():
+    """Compiled, bf16, LLaMA-2-7B shapes: RoPE/append into a 1,040-row ring at positions near
+    128K, pooling of 32/32 and 32/8 heads with g = 16 into 8K core slots, add + RMSNorm of 25
+    rows of 4,096."""
+    _rope_twins((32, 32, 128, 1040, 1040, "bfloat16"),
+                _rope_case(32, 32, 128, 1040, 1040, "bfloat16", 3, [131071, 131070, 70000]))
+    for hkv in (32, 8):
+        args = _pool_case(16, 32, hkv, 128, 1040, "bfloat16", seed=hkv, n=8192)
+        _pool_twins("cca", 16, "bfloat16", args)
+    test_add_rms_norm_twins_agree((25, 1, 4096), "bfloat16", True)
