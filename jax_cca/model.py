@@ -18,6 +18,7 @@ from jax_cca import decode, fused, ops
 from jax_cca.cache import LayerCache, init_cache, reset_lengths
 from jax_cca.config import CCAConfig
 from jax_cca.rope import apply_rope, default_positions, inverse_frequencies, rope_cos_sin
+from kernels.rms_norm import pallas as rms_norm_pallas
 from kernels.rms_norm import reference as rms_norm_reference
 
 
@@ -34,8 +35,6 @@ class RMSNorm(nnx.Module):
         """``(s, self(s))`` with ``s = x + residual`` (residual None: ``s = x``). ``kernel``: as
         one Pallas kernel (``kernels/rms_norm/pallas.py``; the decode step on GPU)."""
         if kernel:
-            from kernels.rms_norm import pallas as rms_norm_pallas
-
             return rms_norm_pallas.add_rms_norm(x, residual, self.weight[...], eps=self.eps)
         return rms_norm_reference.add_rms_norm(x, residual, self.weight[...], self.eps)
 

@@ -18,9 +18,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
-
 from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
 
 from kernels.cca.pallas_common import call, resolve_interpret
 
