@@ -33,6 +33,7 @@ from kernels.triton_common import INTERPRET  # noqa: F401  (whether the kernel i
 from kernels.triton_common import dot as _dot
 from kernels.triton_common import dot_mode as _dot_mode
 from kernels.triton_common import output as _output
+from kernels.triton_common import poison_outputs  # noqa: F401  (public here too)
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # finite "minus infinity" of an empty row
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.cca.triton import check_runnable
 from kernels.triton_common import INTERPRET  # noqa: F401  (whether the kernels are interpreted)
 from kernels.triton_common import output as _output
+from kernels.triton_common import poison_outputs  # noqa: F401  (public here too)
 
 
 # ------------------------------------------------------------------------------ RoPE + append

@@ -43,7 +43,7 @@ def _torch(x):
 
 def _triton(kernels, config, cache, q, k, v, **launch):
     args = [_torch(a) for a in (q[:, 0], k[:, 0], v[:, 0])]
-    with kernels_poisoned():
+    with kernels.poison_outputs():
         if config.attention == "full":
             out = kernels.full_decode_attention(*args, _torch(cache.k), _torch(cache.v),
                                                 _torch(cache.lengths), **launch)
@@ -55,12 +55,6 @@ def _triton(kernels, config, cache, q, k, v, **launch):
     return out.float().cpu().numpy()
 
 
-def kernels_poisoned():
-    from kernels.triton_common import poison_outputs as triton_poison
-
-    return triton_poison()
-
-
 def _pallas(config, cache, q, k, v):
     args = (q[:, 0], k[:, 0], v[:, 0])
     if config.attention == "full":
@@ -68,6 +62,13 @@ def _pallas(config, cache, q, k, v):
     return pallas_decode.cca_decode_attention(
         *args, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, cache.lengths,
         group_size=config.group_size, local_window=config.local_window)
+
+
+def _assert_both_agree(got_triton, got_pallas, want, dtype, context):
+    """Triton and Pallas each within the dtype's tolerance of the XLA path."""
+    for name, got in (("triton", got_triton), ("pallas", got_pallas)):
+        err = rel_err(np.asarray(jnp.asarray(got, jnp.float32)), np.asarray(want, np.float32))
+        assert err < TOL[dtype], (name, context, err)
 
 
 def _xla(config, cache, q, k, v):
@@ -89,10 +90,7 @@ def test_triton_pallas_and_xla_decode_agree(case):
             got_pallas = pallas(cache, q, k, v)
         launch = {"num_splits": 1 + i % 3, "block_k": 16}  # one, two and three splits
         got_triton = _triton(kernels, config, cache, q, k, v, **launch)
-        want = xla(cache, q, k, v)
-        for name, got in (("triton", got_triton), ("pallas", got_pallas)):
-            err = rel_err(np.asarray(jnp.asarray(got, jnp.float32)), np.asarray(want, np.float32))
-            assert err < TOL[dtype], (name, lengths, err)
+        _assert_both_agree(got_triton, got_pallas, xla(cache, q, k, v), dtype, lengths)
         assert rel_err(got_triton, np.asarray(got_pallas, np.float32)) < TOL[dtype], lengths
 
 
@@ -127,9 +125,7 @@ def test_gpu_decode_parity_at_real_sizes(attention, hq, hkv, t):
     got_pallas = jax.jit(lambda *a: _pallas(config, *a))(cache, q, k, v)
     got_triton = _triton(kernels, config, cache, q, k, v, num_splits=8, block_k=64)
     want = jax.jit(lambda *a: _xla(config, *a))(cache, q, k, v)
-    for name, got in (("triton", got_triton), ("pallas", got_pallas)):
-        err = rel_err(np.asarray(jnp.asarray(got, jnp.float32)), np.asarray(want, np.float32))
-        assert err < TOL["bfloat16"], (name, err)
+    _assert_both_agree(got_triton, got_pallas, want, "bfloat16", t)
 
 
 # ---------------------------------------------------------------------------- the small kernels
@@ -175,7 +171,7 @@ def _rope_twins(case, args):
         pallas = jax.jit(lambda *a: pallas_rope_append.rope_append(
             *a, num_heads=hq, modulus=modulus))(*args)
     kernels = triton_module("kernels.cca.triton_decode_step")
-    with kernels_poisoned():
+    with kernels.poison_outputs():
         triton = kernels.rope_append(*(_torch(a) for a in args), num_heads=hq, modulus=modulus)
     for name, a, b in zip(("q", "k", "v", "k_buf", "v_buf"), triton, pallas, strict=True):
         # v is a copy: to the bit. The rotated rows may differ where a compiler contracts a
@@ -261,7 +257,7 @@ def test_add_rms_norm_twins_agree(shape, dtype, with_residual):
     r = r if with_residual else None
     want = norm_reference.add_rms_norm(x, r, w, 1e-5)
     kernels = triton_module("kernels.rms_norm.triton")
-    with kernels_poisoned():
+    with kernels.poison_outputs():
         got = kernels.add_rms_norm(_torch(x), None if r is None else _torch(r), _torch(w),
                                    eps=1e-5)
     sides = [("triton", tuple(a.float().cpu().numpy() for a in got))]
