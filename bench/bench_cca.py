@@ -12,6 +12,7 @@ the floor = FLOPs / measured bf16 matmul rate. Writes bench/results/cca_<device>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import environment, measure_peaks, save_results, time_fn
-from kernels.cca import pallas, reference
+from kernels.cca import pallas, pallas_mgpu, reference
 from kernels.cca.shapes import gpu_shapes
 
 BWD_FACTOR = 2.5  # backward matmuls per forward matmul (QK^T recompute, dV, dP, dQ, dK)
@@ -46,8 +47,14 @@ def make_inputs(shape, dtype=jnp.bfloat16, seed=0):
 
 
 def functions(shape):
+    """name -> (forward, forward+backward), jitted. "cca" is the op as users get it (on Hopper its
+    forward is the Mosaic GPU kernel); there, "cca_triton" is the same op with the Triton-lowered
+    forward kernel, for comparison."""
     kw = dict(group_size=shape.group_size, local_window=shape.local_window)
     cca = lambda q, k, v: pallas.cca_attention(q, k, v, **kw)
+    triton_config = dataclasses.replace(pallas.default_config(shape.head_dim, 2),
+                                        forward_lowering="triton")
+    cca_triton = lambda q, k, v: pallas.cca_attention(q, k, v, config=triton_config, **kw)
     full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation="cudnn")
 
@@ -57,8 +64,11 @@ def functions(shape):
             return vjp(ct)
         return g
 
-    return {"cca": (jax.jit(cca), jax.jit(with_grad(cca))),
-            "cudnn": (jax.jit(full), jax.jit(with_grad(full)))}
+    fns = {"cca": (jax.jit(cca), jax.jit(with_grad(cca))),
+           "cudnn": (jax.jit(full), jax.jit(with_grad(full)))}
+    if pallas_mgpu.available():
+        fns["cca_triton"] = (jax.jit(cca_triton), jax.jit(with_grad(cca_triton)))
+    return fns
 
 
 def temp_bytes(fn, *args) -> int | None:
@@ -71,7 +81,8 @@ def temp_bytes(fn, *args) -> int | None:
 def bench_shape(shape, peaks) -> dict:
     q, k, v, ct = make_inputs(shape)
     reps = 10 if shape.length <= 32768 else 5
-    row = {"shape": shape.id, "T": shape.length, "Hq": shape.q_heads, "Hkv": shape.kv_heads}
+    row = {"shape": shape.id, "T": shape.length, "Hq": shape.q_heads, "Hkv": shape.kv_heads,
+           "cca_forward": "mosaic_gpu" if pallas_mgpu.available() else "triton"}
     for name, (fwd, fwd_bwd) in functions(shape).items():
         flops = attention_flops(shape, causal_full=(name == "cudnn"))
         try:

@@ -32,6 +32,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -70,7 +71,9 @@ def measure(layers: int, args) -> dict:
     state = jax.block_until_ready(random_state(config))
     cache = synthetic_cache(config, 1, max_len, args.context)
     tokens = jnp.zeros((1,), jnp.int32)
+    t0 = time.perf_counter()
     compiled = decode_fn(graphdef_of(config)).lower(state, tokens, cache).compile()
+    compile_s = time.perf_counter() - t0
     ms, synced, cache = time_decode(compiled, state, tokens, cache, args.steps)
     profile = None
     if args.profile:
@@ -83,7 +86,7 @@ def measure(layers: int, args) -> dict:
         profile = device_trace.op_table(step, steps=8)
         cache = held[0]
     read = weight_bytes_read(config, state, 1) + cache_bytes_read(config, args.context, max_len)
-    row = {"layers": layers, "decode_ms": ms, "decode_ms_synced": synced, "bytes_read": read,
+    row = {"layers": layers, "compile_s": compile_s, "decode_ms": ms, "decode_ms_synced": synced, "bytes_read": read,
            "bound_ms": read / (args.bandwidth_gbps * 1e6), "kernels": kernel_counts(
                compiled.as_text() or "")}
     if profile is not None:
@@ -112,7 +115,8 @@ def in_child(flags: str, layers: int, args) -> dict:
            ] + (["--quick"] if args.quick else []) + layout_args(args) + (
                ["--profile"] if args.profile and layers == min(args.layer_counts) and not flags
                else [])
-    return {"flags": flags, "layers": layers, **json_from_child(cmd, timeout=240, env=env)}
+    return {"flags": flags, "layers": layers,
+            **json_from_child(cmd, timeout=args.child_timeout, env=env)}
 
 
 def main(argv=None) -> int:
@@ -126,6 +130,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flags", action="store_true", help="skip the XLA flag variants")
     ap.add_argument("--flag-sets", type=int, default=None,
                     help="run only the first N of the XLA flag sets (default: all)")
+    ap.add_argument("--flag-set", action="append", default=[], metavar="NAME=FLAGS",
+                    help="an XLA flag set to try besides the built-in ones (repeatable)")
+    ap.add_argument("--child-timeout", type=float, default=240.0,
+                    help="seconds each measuring process may take (default 240)")
     ap.add_argument("--separate-projections", action="store_true",
                     help="q, k, v and gate, up as separate matrices instead of the serving layout")
     ap.add_argument("--profile", action="store_true",
@@ -137,6 +145,12 @@ def main(argv=None) -> int:
     args.context = args.context or (512 if args.quick else 131072)
     args.layer_counts = [int(x) for x in (args.layers or ("1,2" if args.quick else "1,8,32"))
                          .split(",")]
+    flag_sets = [] if args.no_flags else list(FLAG_SETS.items())[:args.flag_sets]
+    for entry in args.flag_set:
+        name, sep, flags = entry.partition("=")
+        if not sep or not flags.strip().startswith("--"):
+            ap.error(f"--flag-set wants NAME=--xla_flag=value..., got {entry!r}")
+        flag_sets.append((name, flags.strip()))
     if args.child_layers:
         row = {"env": environment(), **measure(args.child_layers, args)}
         Path(args.out).write_text(json.dumps(row))
@@ -160,14 +174,12 @@ def main(argv=None) -> int:
     results["fit"] = fit([r for r in results["layers"] if "decode_ms" in r])
     print(json.dumps(results["fit"]), flush=True)
     save()
-    if not args.no_flags:
-        for name, flags in list(FLAG_SETS.items())[:args.flag_sets]:
-            results["flags"].append({"name": name, **in_child(flags, args.layer_counts[-1],
-                                                              args)})
-            results["flags"][-1].pop("env", None)
-            print(json.dumps({k: v for k, v in results["flags"][-1].items()
-                              if k != "kernels"}), flush=True)
-            save()
+    for name, flags in flag_sets:
+        results["flags"].append({"name": name, **in_child(flags, args.layer_counts[-1], args)})
+        results["flags"][-1].pop("env", None)
+        print(json.dumps({k: v for k, v in results["flags"][-1].items() if k != "kernels"}),
+              flush=True)
+        save()
     return 0
 
 

@@ -3,7 +3,9 @@
 Each program owns ``block_q`` queries of one query head and runs one online softmax over the
 fused key set of those queries: first the visible core tokens, then the raw keys of the
 group-aligned local window. Scores never leave registers/shared memory. Key blocks that every
-query of the tile sees fully skip the mask; only edge blocks pay for it.
+query of the tile sees fully skip the mask; only edge blocks pay for it. On Hopper GPUs with
+16-bit inputs the forward runs the same plan as a warp-specialised Mosaic GPU kernel instead
+(``pallas_mgpu.py``, ``Config.forward_lowering``); the backward is shared.
 
 Pooling (core keys/values from the last-token queries of each group) is a bandwidth-bound
 O(T * g * D) pass: Pallas kernels (``pallas_pool.py``) for power-of-two g <= 16
@@ -26,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from kernels.cca import pallas_pool, pallas_vjp, reference
+from kernels.cca import pallas_mgpu, pallas_pool, pallas_vjp, reference
 from kernels.cca.pallas_common import (
     LOG2E, NEG, Config, call, cdiv, default_config, dot, exp2_for, heavy_first,
     online_softmax_update, pad_to, poison_outputs, resolve_interpret, window_start)
@@ -109,6 +111,29 @@ def _forward(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
     )
 
 
+def _uses_mgpu(q, config: Config, interpret: bool) -> bool:
+    """Whether the forward runs the Mosaic GPU kernel (``Config.forward_lowering``)."""
+    if config.forward_lowering == "triton":
+        return False
+    fits = pallas_mgpu.supports(q)
+    if config.forward_lowering == "mosaic_gpu":
+        if not fits:
+            raise ValueError(
+                "forward_lowering='mosaic_gpu' needs bfloat16/float16 inputs with head dim 64 or "
+                f"128 (and T padded to {pallas_mgpu.TILE}); got {q.dtype}, shape {tuple(q.shape)}")
+        if not interpret and not pallas_mgpu.available():
+            raise ValueError("forward_lowering='mosaic_gpu' needs a Hopper (sm_90) or later GPU "
+                             "and jax's Mosaic GPU lowering")
+        return True
+    return fits and not interpret and pallas_mgpu.available()
+
+
+def _forward_any(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
+    if _uses_mgpu(q, config, interpret):
+        return pallas_mgpu.forward(q, k, v, kc, vc, g=g, w=w, scale=scale, interpret=interpret)
+    return _forward(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config, interpret=interpret)
+
+
 def _pool(q, k, v, *, g, pooling, scale, config: Config, interpret: bool):
     """Core tokens of every group of the padded input, padded to the key tile; input dtype."""
     if pallas_pool.kernel_supports(g, pooling):
@@ -130,7 +155,8 @@ def _cca_padded(q, k, v, g, w, pooling, scale, config, interpret):
 def _cca_fwd(q, k, v, g, w, pooling, scale, config, interpret):
     kc, vc = _pool(q, k, v, g=g, pooling=pooling, scale=scale, config=config,
                    interpret=interpret)
-    o, lse = _forward(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config, interpret=interpret)
+    o, lse = _forward_any(q, k, v, kc, vc, g=g, w=w, scale=scale, config=config,
+                          interpret=interpret)
     return o, (q, k, v, kc, vc, o, lse)
 
 

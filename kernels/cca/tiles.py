@@ -29,8 +29,15 @@ class Config:
     # (pallas_vjp.backward_dkdv). H100, 128K, 32q/8kv (bench/tune_cca.py): 42.1 ms with 4 splits,
     # 45.6 with 2, 47.4 with 1. MHA (G = 1) is unaffected.
     dkdv_core_splits: int = 4
+    # Pallas only: which lowering runs the forward kernel. "auto": the warp-specialised Mosaic GPU
+    # kernel (pallas_mgpu.py) where it applies (Hopper or later, 16-bit inputs, head dim 64/128),
+    # else the Triton-lowered one; "triton" or "mosaic_gpu" to force one.
+    forward_lowering: str = "auto"
 
     def __post_init__(self):
+        if self.forward_lowering not in ("auto", "triton", "mosaic_gpu"):
+            raise ValueError("Config.forward_lowering must be 'auto', 'triton' or 'mosaic_gpu'; "
+                             f"got {self.forward_lowering!r}")
         for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k", "dkdv_block_q",
                      "dkdv_block_k"):
             b = getattr(self, name)

@@ -1,0 +1,320 @@
+"""CCA forward as a Pallas kernel with the Mosaic GPU lowering (Hopper and later): warp specialised.
+
+Same function and contract as ``pallas._forward`` (padded inputs and core tokens in, the output and
+the base-2 log-sum-exp of the scaled scores out), so ``pallas.py``'s backward runs unchanged on its
+residuals. What differs is how the work is scheduled on the GPU (FlashAttention-3's plan, which the
+Triton lowering cannot express):
+
+* One CTA per (query head, tile of 128 queries, batch row), three warpgroups. Warpgroup 2 is the
+  producer: it streams the tile's fused key set, core blocks ``0 .. nc`` then raw blocks
+  ``a0 .. end``, through a ring of ``slots`` shared-memory buffers with TMA copies. Warpgroups 0
+  and 1 own 64 query rows each: ``S = Q K^T`` and ``O += P V`` on wgmma, a base-2 online softmax
+  in registers.
+* The two consumers take turns on the tensor cores through a shared barrier (ping-pong), so one's
+  exponentials overlap the other's matmuls.
+* Both consumers walk the whole stream of the tile (each ring slot is released when both have read
+  it). A block that is only partly visible to a consumer's rows is masked; with a finite "minus
+  infinity" and the weights of masked keys set to 0, a block invisible to all its rows adds nothing.
+
+Bounds and masks follow ``pallas._forward_kernel`` exactly: query t sees core token j iff
+``(j + 1) g <= start(t)`` and raw key s iff ``start(t) <= s <= t``.
+
+Supported (:func:`supports`): 16-bit inputs, head dim 64 or 128, T a multiple of 128 (the two
+consumers' rows). ``interpret=True`` runs the Mosaic GPU interpreter on CPU (slow: tests use tiny
+shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from kernels.cca.pallas_common import LOG2E, NEG, pad_to, window_start
+
+ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
+CONSUMERS = 2
+TILE = ROWS * CONSUMERS  # queries per CTA
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    """Key block (rows per TMA copy, the N of the ``Q K^T`` wgmma) and ring depth of the producer.
+
+    H200, 128K, d = 128, kernel alone (bench/results/ab_forward_mgpu_h200.json): 128-key blocks
+    with 2 slots 19.5 ms; 64-key blocks with 3 or 4 slots 22.5-22.9 ms. 128 keys with 3 slots do
+    not fit in shared memory at d = 128."""
+
+    block_k: int = 128
+    slots: int = 2
+
+    def __post_init__(self):
+        if self.block_k not in (64, 128):
+            raise ValueError(f"MgpuConfig.block_k must be 64 or 128; got {self.block_k}")
+        if self.slots < 2:
+            raise ValueError(f"MgpuConfig.slots must be >= 2; got {self.slots}")
+
+
+def supports(q, config: MgpuConfig | None = None) -> bool:
+    """True where this kernel computes the forward of padded q (B, T, Hq, D): 16-bit, head dim 64
+    or 128, T a multiple of 128 and of the key block."""
+    _, t, _, d = q.shape
+    bk = (config or MgpuConfig()).block_k
+    return jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and (
+        d in (64, 128)) and t % TILE == 0 and t % bk == 0
+
+
+def available() -> bool:
+    """The Mosaic GPU lowering is importable and the default device is a Hopper-or-later GPU."""
+    try:
+        import jax.experimental.pallas.mosaic_gpu  # noqa: F401
+    except ImportError:
+        return False
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return False
+    cc = getattr(dev, "compute_capability", "0")
+    try:
+        return float(cc) >= 9.0
+    except ValueError:
+        return False
+
+
+def interpret_params():
+    """Parameters of the Mosaic GPU interpreter (jax internals; None if this jax has none)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        return None
+    return InterpretGPUParams()
+
+
+def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
+            grp, scale, dtype, n_tiles, interpret):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    (qo_smem2, k_smem, v_smem, lse_smem2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
+    # The interpreter has no lowering for register layouts: there they are left to it.
+    cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
+    iota = ((lambda dt, shape, dim, layout: lax.broadcasted_iota(dt, shape, dim)) if interpret
+            else lambda dt, shape, dim, layout: plgpu.broadcasted_iota(dt, shape, dim,
+                                                                       layout=layout))
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    tile = n_tiles - 1 - lax.axis_index("q_seq")  # heavy (late) tiles first
+    t0 = tile * TILE
+
+    # The tile's stream: steps [0, nc) are core blocks 0..nc-1, steps [nc, n_steps) raw blocks
+    # a0, a0 + 1, ... (the union of the two consumers' key sets).
+    nc = lax.div(lax.div(window_start(t0 + TILE - 1, g, w), g) + bk - 1, bk)
+    a0 = lax.div(window_start(t0, g, w), bk)
+    end = lax.div(t0 + TILE + bk - 1, bk)
+    n_steps = nc + end - a0
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem = qo_smem2.at[wg]
+        r0 = t0 + wg * ROWS
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, ROWS), h], qo_smem, q_full.at[wg])
+        plgpu.barrier_wait(q_full.at[wg])
+        scale2 = scale * LOG2E
+        m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        d = qo_smem.shape[-1]
+        acc = cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(k_full.at[0])  # n_steps >= 1: every query sees itself
+        pl.when(wg == 1)(take_turn)  # consumer 0 goes first
+
+        def step(kind: str, masked: bool):
+            def body(s, carry):
+                acc, m, l = carry
+                slot = lax.rem(s, slots)
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    take_turn()
+                    return acc_ref[...]
+
+                if interpret:  # the interpreter has no transposed wgmma operands: plain dots
+                    scores = lax.dot_general(qo_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+                    take_turn()
+                else:
+                    scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    rows = r0 + iota(jnp.int32, (ROWS, bk), 0, plgpu.Layout.WGMMA)
+                    cols = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
+                    if kind == "core":  # (j + 1) g <= start(t)  <=>  (j + 1) g + w - 1 <= t
+                        visible = (cols + s * bk) * g + (g + w - 1) <= rows
+                    else:
+                        keys = cols + (a0 + s - nc) * bk
+                        visible = (keys >= window_start(rows, g, w)) & (keys <= rows)
+                    scores = jnp.where(visible, scores, NEG)
+                m_new = jnp.maximum(m, scores.max(axis=1) * scale2)
+                p = jnp.exp2(scores * scale2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+                if masked:
+                    p = jnp.where(visible, p, 0.0)
+                alpha = jnp.exp2(m - m_new)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                plgpu.barrier_arrive(turn)  # softmax done
+                plgpu.barrier_wait(v_full.at[slot])
+                plgpu.barrier_wait(turn)  # the tensor cores are ours
+
+                def wait_next_keys():
+                    @pl.when(s + 1 < n_steps)
+                    def _():
+                        plgpu.barrier_wait(k_full.at[lax.rem(s + 1, slots)])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    wait_next_keys()
+
+                if interpret:  # and no run_state
+                    acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+                    wait_next_keys()
+                else:  # on the GPU, P V accumulates into O in the wgmma registers
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            return body
+
+        # Per consumer, which steps need a mask (as in pallas._forward_kernel, for rows r0..r0+63):
+        # core blocks below start(r0) // g // bk are visible to every row; raw blocks below
+        # cdiv(start(r0 + 63), bk) may hold keys left of a row's window, and those from
+        # (r0 + 1) // bk on keys right of a row.
+        c_full = jnp.minimum(lax.div(lax.div(window_start(r0, g, w), g), bk), nc)
+        a1 = lax.div(window_start(r0 + ROWS - 1, g, w) + bk - 1, bk)
+        d0 = jnp.maximum(a1, lax.div(r0 + 1, bk))
+        carry = (acc, m, l)
+        carry = lax.fori_loop(0, c_full, step("core", False), carry)
+        carry = lax.fori_loop(c_full, nc, step("core", True), carry)
+        carry = lax.fori_loop(nc, nc + a1 - a0, step("raw", True), carry)
+        carry = lax.fori_loop(nc + a1 - a0, nc + d0 - a0, step("raw", False), carry)
+        acc, m, l = lax.fori_loop(nc + d0 - a0, n_steps, step("raw", True), carry)
+        pl.when(wg == 0)(take_turn)
+
+        acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+        qo_smem[...] = acc.astype(dtype)
+        lse_smem = lse_smem2.at[wg]
+        lse_smem[...] = m + jnp.log2(l)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(r0, ROWS), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(r0, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(h, grp)
+
+        def fetch(src_core, src_raw, smem, full, s, slot):
+            @pl.when(s < nc)
+            def _():
+                block = jnp.minimum(s, src_core.shape[1] // bk - 1)  # s itself; static-safe
+                plgpu.copy_gmem_to_smem(src_core.at[b, pl.ds(block * bk, bk), kv_head],
+                                        smem.at[slot], full.at[slot])
+
+            @pl.when(s >= nc)
+            def _():
+                plgpu.copy_gmem_to_smem(src_raw.at[b, pl.ds((a0 + s - nc) * bk, bk), kv_head],
+                                        smem.at[slot], full.at[slot])
+
+        for i in range(slots):
+            @pl.when(i < n_steps)
+            def _():
+                fetch(kc_ref, k_ref, k_smem, k_full, i, i)
+                fetch(vc_ref, v_ref, v_smem, v_full, i, i)
+
+        @pl.loop(slots, jnp.maximum(n_steps, slots))
+        def _(s):
+            slot = lax.rem(s, slots)
+            plgpu.barrier_wait(k_free.at[slot])
+            fetch(kc_ref, k_ref, k_smem, k_full, s, slot)
+            plgpu.barrier_wait(v_free.at[slot])
+            fetch(vc_ref, v_ref, v_smem, v_full, s, slot)
+
+        for i in range(slots):  # the consumers' last release of each slot (every phase is seen)
+            @pl.when(i < n_steps)
+            def _():
+                plgpu.barrier_wait(k_free.at[i])
+                plgpu.barrier_wait(v_free.at[i])
+
+
+def forward(
+    q: Float[Array, "B T Hq D"],
+    k: Float[Array, "B T Hkv D"],
+    v: Float[Array, "B T Hkv D"],
+    kc: Float[Array, "B N Hkv D"],
+    vc: Float[Array, "B N Hkv D"],
+    *,
+    g: int,
+    w: int,
+    scale: float,
+    config: MgpuConfig | None = None,
+    interpret: bool = False,
+) -> tuple[Float[Array, "B T Hq D"], Float[Array, "B Hq T"]]:
+    """(o, lse2) of the padded problem, as ``pallas._forward`` returns them."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    config = config or MgpuConfig()
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    if not supports(q, config):
+        raise ValueError(f"the Mosaic GPU CCA forward needs 16-bit q with head dim 64 or 128 and "
+                         f"T a multiple of {TILE} and of block_k {config.block_k}; got {q.dtype}, "
+                         f"shape {tuple(q.shape)}")
+    if not (k.shape == v.shape == (b, t, hkv, d) and kc.shape == vc.shape
+            and kc.shape[::2] == (b, hkv) and kc.shape[3] == d and hq % hkv == 0):
+        raise ValueError(f"shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}, "
+                         f"kc {kc.shape}, vc {vc.shape}")
+    if not q.dtype == k.dtype == v.dtype == kc.dtype == vc.dtype:
+        raise ValueError("q, k, v and the core tokens must share one dtype")
+    bk, slots = config.block_k, config.slots
+    kc, vc = pad_to(kc, 1, bk), pad_to(vc, 1, bk)  # core blocks are read whole
+    dtype = q.dtype
+    smem = functools.partial(plgpu.SMEM, transforms=(plgpu.TilingTransform((8, 64)),
+                                                     plgpu.SwizzleTransform(128)))
+
+    def entry(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref):
+        kernel = functools.partial(_kernel, g=g, w=w, bk=bk, slots=slots, grp=hq // hkv,
+                                   scale=scale, dtype=dtype, n_tiles=t // TILE,
+                                   interpret=interpret)
+        pl.run_scoped(
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped),
+            (smem((CONSUMERS, ROWS, d), dtype), smem((slots, bk, d), dtype),
+             smem((slots, bk, d), dtype), plgpu.SMEM((CONSUMERS, ROWS), jnp.float32)),
+            (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+             plgpu.Barrier(num_barriers=CONSUMERS)),
+            (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=slots),) * 2,
+            plgpu.Barrier(num_arrivals=CONSUMERS),
+            collective_axes="wg",
+        )
+
+    o, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                  jax.ShapeDtypeStruct((b, hq, t), jnp.float32)),
+        grid=(hq, t // TILE, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params() if interpret else None,
+    )(q, k, v, kc, vc)
+    return o, lse
