@@ -45,9 +45,20 @@ def cca_table(data: dict) -> str:
                      f"{c['fwd_bwd_tflops']:.0f}", f"{u['fwd_tflops']:.0f}",
                      f"{c['fwd_floor_ms']:.2f}",
                      f"{c['fwd_bwd_temp_bytes'] / 2**20:.0f} / {u['fwd_bwd_temp_bytes'] / 2**20:.0f}"])
-    return _table(["T", "Hq/Hkv", "cuDNN fwd ms", "CCA fwd ms", "fwd speed-up", "cuDNN f+b ms",
-                   "CCA f+b ms", "f+b speed-up", "CCA fwd TF/s", "CCA f+b TF/s",
-                   "cuDNN fwd TF/s", "CCA fwd floor ms", "temp MiB CCA / cuDNN"], rows)
+    table = _table(["T", "Hq/Hkv", "cuDNN fwd ms", "CCA fwd ms", "fwd speed-up", "cuDNN f+b ms",
+                    "CCA f+b ms", "f+b speed-up", "CCA fwd TF/s", "CCA f+b TF/s",
+                    "cuDNN fwd TF/s", "CCA fwd floor ms", "temp MiB CCA / cuDNN"], rows)
+    lowered = [r for r in data["rows"] if "fwd_ms" in r.get("cca_triton", {}) and "cca" in r]
+    if not lowered:
+        return table
+    # Runs on Hopper also time the op with the Triton-lowered forward (bench_cca.functions).
+    default = lowered[0].get("cca_forward", "default")
+    return table + "\n\nThe same op with the Triton-lowered forward kernel, same run:\n\n" + _table(
+        ["T", "Hq/Hkv", f"CCA fwd ms ({default})", "CCA fwd ms (Triton-lowered)",
+         f"CCA f+b ms ({default})", "CCA f+b ms (Triton-lowered)"],
+        [[_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", f"{r['cca']['fwd_ms']:.2f}",
+          f"{r['cca_triton']['fwd_ms']:.2f}", f"{r['cca']['fwd_bwd_ms']:.2f}",
+          f"{r['cca_triton']['fwd_bwd_ms']:.2f}"] for r in lowered])
 
 
 def parity_table(data: dict) -> str:
