@@ -86,9 +86,9 @@ def measure(layers: int, args) -> dict:
         profile = device_trace.op_table(step, steps=8)
         cache = held[0]
     read = weight_bytes_read(config, state, 1) + cache_bytes_read(config, args.context, max_len)
-    row = {"layers": layers, "compile_s": compile_s, "decode_ms": ms, "decode_ms_synced": synced, "bytes_read": read,
-           "bound_ms": read / (args.bandwidth_gbps * 1e6), "kernels": kernel_counts(
-               compiled.as_text() or "")}
+    row = {"layers": layers, "compile_s": compile_s, "decode_ms": ms, "decode_ms_synced": synced,
+           "bytes_read": read, "bound_ms": read / (args.bandwidth_gbps * 1e6),
+           "kernels": kernel_counts(compiled.as_text() or "")}
     if profile is not None:
         row["profile"] = profile
         row["hlo"] = compiled.as_text()  # maps the traced fusion names to the model's ops
