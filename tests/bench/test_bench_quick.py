@@ -104,6 +104,16 @@ def test_decode_anatomy_quick(tmp_path):
     assert "fusion" in data["layers"][0]["hlo"] and "profile" not in data["layers"][1]
 
 
+def test_decode_anatomy_rejects_a_malformed_flag_set(capsys):
+    """``--flag-set NAME=FLAGS`` is checked before anything is measured."""
+    from bench import decode_anatomy
+
+    for bad in ("no-equals-sign", "name=xla_gpu_flag=true", "name="):
+        with pytest.raises(SystemExit):
+            decode_anatomy.main(["--quick", "--flag-set", bad])
+        assert "--flag-set wants NAME=--xla_flag=value" in capsys.readouterr().err
+
+
 def test_tune_decode_quick(tmp_path):
     """Each decode-kernel config timed and checked against the default config's output."""
     out = tmp_path / "tune.json"
