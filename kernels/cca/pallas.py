@@ -122,8 +122,8 @@ def _uses_mgpu(q, config: Config, interpret: bool) -> bool:
                 "forward_lowering='mosaic_gpu' needs bfloat16/float16 inputs with head dim 64 or "
                 f"128 (and T padded to {pallas_mgpu.TILE}); got {q.dtype}, shape {tuple(q.shape)}")
         if not interpret and not pallas_mgpu.available():
-            raise ValueError("forward_lowering='mosaic_gpu' needs a Hopper (sm_90) or later GPU "
-                             "and jax's Mosaic GPU lowering")
+            raise ValueError("forward_lowering='mosaic_gpu' needs a Hopper (sm_90) GPU and jax's "
+                             "Mosaic GPU lowering")
         return True
     return fits and not interpret and pallas_mgpu.available()
 

@@ -1,4 +1,4 @@
-"""CCA forward as a Pallas kernel with the Mosaic GPU lowering (Hopper and later): warp specialised.
+"""CCA forward as a Pallas kernel with the Mosaic GPU lowering (Hopper, sm_90): warp specialised.
 
 Same function and contract as ``pallas._forward`` (padded inputs and core tokens in, the output and
 the base-2 log-sum-exp of the scaled scores out), so ``pallas.py``'s backward runs unchanged on its
@@ -70,7 +70,8 @@ def supports(q, config: MgpuConfig | None = None) -> bool:
 
 
 def available() -> bool:
-    """The Mosaic GPU lowering is importable and the default device is a Hopper-or-later GPU."""
+    """The Mosaic GPU lowering is importable and the default device is a Hopper GPU (sm_90: the
+    kernel is built on wgmma, which later architectures replace)."""
     try:
         import jax.experimental.pallas.mosaic_gpu  # noqa: F401
     except ImportError:
@@ -80,7 +81,7 @@ def available() -> bool:
         return False
     cc = getattr(dev, "compute_capability", "0")
     try:
-        return float(cc) >= 9.0
+        return 9.0 <= float(cc) < 10.0
     except ValueError:
         return False
 

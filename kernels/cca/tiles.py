@@ -30,7 +30,7 @@ class Config:
     # 45.6 with 2, 47.4 with 1. MHA (G = 1) is unaffected.
     dkdv_core_splits: int = 4
     # Pallas only: which lowering runs the forward kernel. "auto": the warp-specialised Mosaic GPU
-    # kernel (pallas_mgpu.py) where it applies (Hopper or later, 16-bit inputs, head dim 64/128),
+    # kernel (pallas_mgpu.py) where it applies (Hopper, 16-bit inputs, head dim 64/128),
     # else the Triton-lowered one; "triton" or "mosaic_gpu" to force one.
     forward_lowering: str = "auto"
 
