@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from kernels.cca.pallas_common import LOG2E, NEG, pad_to, window_start
+from kernels.cca.pallas_common import LOG2E, NEG, cdiv, pad_to, window_start
 
 ROWS = 64  # query rows per consumer warpgroup (one wgmma M tile)
 CONSUMERS = 2
@@ -113,9 +113,9 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
 
     # The tile's stream: steps [0, nc) are core blocks 0..nc-1, steps [nc, n_steps) raw blocks
     # a0, a0 + 1, ... (the union of the two consumers' key sets).
-    nc = lax.div(lax.div(window_start(t0 + TILE - 1, g, w), g) + bk - 1, bk)
+    nc = cdiv(lax.div(window_start(t0 + TILE - 1, g, w), g), bk)
     a0 = lax.div(window_start(t0, g, w), bk)
-    end = lax.div(t0 + TILE + bk - 1, bk)
+    end = cdiv(t0 + TILE, bk)
     n_steps = nc + end - a0
 
     def take_turn():
@@ -200,7 +200,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
         # cdiv(start(r0 + 63), bk) may hold keys left of a row's window, and those from
         # (r0 + 1) // bk on keys right of a row.
         c_full = jnp.minimum(lax.div(lax.div(window_start(r0, g, w), g), bk), nc)
-        a1 = lax.div(window_start(r0 + ROWS - 1, g, w) + bk - 1, bk)
+        a1 = cdiv(window_start(r0 + ROWS - 1, g, w), bk)
         d0 = jnp.maximum(a1, lax.div(r0 + 1, bk))
         carry = (acc, m, l)
         carry = lax.fori_loop(0, c_full, step("core", False), carry)

@@ -22,7 +22,7 @@ from kernels.cca import pallas, pallas_mgpu
 from kernels.cca import reference as R
 from kernels.cca.pallas_common import Config
 from kernels.cca.shapes import CCAShape
-from tests.kernels.conftest import TOL, make_qkv, rel_err
+from tests.kernels.conftest import TOL, forward_and_vjp, make_qkv, rel_err
 
 ON_HOPPER = pallas_mgpu.available()
 needs_hopper = pytest.mark.skipif(not ON_HOPPER,
@@ -31,8 +31,9 @@ needs_interpreter = pytest.mark.skipif(pallas_mgpu.interpret_params() is None,
                                        reason="this jax has no Mosaic GPU interpreter")
 
 
-def _lowering(name: str, **tiles) -> Config:
-    return dataclasses.replace(pallas.default_config(64, 2), forward_lowering=name, **tiles)
+def _lowering(name: str, head_dim: int = 64) -> Config:
+    """The default bf16 tiles for ``head_dim``, with the forward's lowering forced to ``name``."""
+    return dataclasses.replace(pallas.default_config(head_dim, 2), forward_lowering=name)
 
 
 @needs_interpreter
@@ -106,17 +107,17 @@ def test_gpu_mosaic_forward_and_gradients(shape, dtype):
     kw = dict(group_size=shape.group_size, local_window=shape.local_window)
     cot = jax.random.normal(jax.random.PRNGKey(4), q.shape, dtype)
     f32 = lambda x: x.astype(jnp.float32)
-    ref, vjp_ref = jax.vjp(lambda *a: R.cca_attention(*a, **kw), f32(q), f32(k), f32(v))
+    ref, *grads_ref = forward_and_vjp(lambda *a: R.cca_attention(*a, **kw), f32(q), f32(k),
+                                      f32(v), f32(cot))
     outs = {}
     for lowering in ("mosaic_gpu", "triton"):
-        config = _lowering(lowering) if shape.head_dim == 64 else dataclasses.replace(
-            pallas.default_config(128, 2), forward_lowering=lowering)
+        config = _lowering(lowering, shape.head_dim)
         with pallas.poison_outputs():
-            out, vjp = jax.vjp(lambda *a: pallas.cca_attention(*a, config=config, **kw), q, k, v)
-            outs[lowering] = (out, vjp(cot))
-    out, grads = outs["mosaic_gpu"]
+            outs[lowering] = forward_and_vjp(
+                lambda *a: pallas.cca_attention(*a, config=config, **kw), q, k, v, cot)
+    out, *grads = outs["mosaic_gpu"]
     assert rel_err(out, ref) < TOL[jnp.bfloat16]
-    for name, got, want in zip(("dq", "dk", "dv"), grads, vjp_ref(f32(cot))):
+    for name, got, want in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert rel_err(got, want) < TOL[jnp.bfloat16], name
     # Against the Triton-lowered forward: the same function to 16-bit rounding of the output.
     assert rel_err(out, outs["triton"][0]) < 4e-3
