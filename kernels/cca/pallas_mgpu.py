@@ -21,7 +21,8 @@ Bounds and masks follow ``pallas._forward_kernel`` exactly: query t sees core to
 
 Supported (:func:`supports`): 16-bit inputs, head dim 64 or 128, T a multiple of 128 (the two
 consumers' rows). ``interpret=True`` runs the Mosaic GPU interpreter on CPU (slow: tests use tiny
-shapes).
+shapes). That interpreter (jax 0.10) hangs inside a jitted gradient; the forward jitted or not, and
+the gradient taken eagerly, run (tests/parity/harness.py takes it eagerly).
 """
 
 from __future__ import annotations

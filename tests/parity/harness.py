@@ -6,7 +6,10 @@
 * ``jnp_reference``: kernels/cca/reference.py (jax.vjp), always float32;
 * ``pallas``: kernels/cca/pallas.py (small tiles, interpreted off-GPU; default tiles with --gpu);
 * ``torch_reference``: kernels/cca/reference_torch.py (torch autograd), always float32;
-* ``triton``: kernels/cca/triton.py (small tiles, interpreted; compiled, default tiles, --gpu).
+* ``triton``: kernels/cca/triton.py (small tiles, interpreted; compiled, default tiles, --gpu);
+* ``pallas_mosaic_gpu`` (not in IMPLEMENTATIONS; 16-bit only): the Pallas op with its forward
+  forced to the Mosaic GPU kernel (kernels/cca/pallas_mgpu.py; its interpreter off-GPU) and the
+  shared backward, default tiles.
 
 Inputs are fresh float32 numpy arrays; each framework casts them itself (float32 -> bfloat16 rounds
 to nearest even in both, so the kernels see identical bits). Kernel outputs are NaN-poisoned before
@@ -123,14 +126,19 @@ def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- the four sides
-def _jax(fn, inputs: Inputs, dtype: str):
+def _jax(fn, inputs: Inputs, dtype: str, jit: bool = True):
+    import jax
     import jax.numpy as jnp
 
     from tests.kernels.conftest import forward_and_vjp
 
     cast = lambda x: jnp.asarray(x).astype(jnp.dtype(dtype))
     q, k, v, ct = (cast(x) for x in (inputs.q, inputs.k, inputs.v, inputs.ct))
-    results = forward_and_vjp(fn, q, k, v, ct)
+    if jit:
+        results = forward_and_vjp(fn, q, k, v, ct)
+    else:
+        out, vjp = jax.vjp(fn, q, k, v)
+        results = (out, *vjp(ct))
     assert results[0].dtype == q.dtype
     return [np.asarray(x.astype(jnp.float32)) for x in results]
 
@@ -179,6 +187,16 @@ def run(impl: str, inputs: Inputs, hp: dict, dtype: str = "float32") -> list[np.
 
         with pallas.poison_outputs():
             return _jax(fn, inputs, dtype)
+    if impl == "pallas_mosaic_gpu":
+        from kernels.cca import pallas
+
+        config = dataclasses.replace(pallas.default_config(inputs.q.shape[-1], 2),
+                                     forward_lowering="mosaic_gpu")
+        # Eager off-GPU: jax's Mosaic GPU interpreter hangs inside a jitted gradient (its
+        # simulated threads block on each other); a jitted forward alone runs.
+        with pallas.poison_outputs():
+            return _jax(lambda q, k, v: pallas.cca_attention(q, k, v, config=config, **hp),
+                        inputs, dtype, jit=on_gpu())
     if impl == "torch_reference":
         from kernels.cca import reference_torch
 

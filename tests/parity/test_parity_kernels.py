@@ -57,6 +57,22 @@ def test_every_pair_agrees_bf16():
     assert errors[("jnp_reference", "triton", "out")] > 1e-4
 
 
+def test_mosaic_gpu_forward_agrees_with_the_twin_bf16():
+    """The Pallas op with the Mosaic GPU forward (its interpreter on CPU: slow, so one small
+    shape; compiled on a Hopper GPU) against the Triton twin and the float32 reference: out, dq,
+    dk, dv. T = 250 is padded to 256, GQA 2."""
+    from kernels.cca import pallas_mgpu
+
+    if pallas_mgpu.interpret_params() is None and not pallas_mgpu.available():
+        pytest.skip("this jax has no Mosaic GPU interpreter and this is not a Hopper GPU")
+    shape = CCAShape(1, 250, 2, 1, 64, 16, 64)
+    inputs = make_inputs(shape, seed=4242)
+    results = _all(inputs, hparams(shape), "bfloat16",
+                   impls=("jnp_reference", "pallas_mosaic_gpu", "triton"))
+    errors = assert_all_pairs_agree(results, "bfloat16")
+    assert errors[("jnp_reference", "pallas_mosaic_gpu", "out")] > 1e-4  # really ran in bf16
+
+
 @pytest.mark.parametrize("pooling", ["cca", "mean", "max"])
 def test_poolings_and_softmax_scale(pooling):
     """The ablation poolings and an explicit softmax scale: both references and Triton (which
