@@ -10,6 +10,9 @@ authors' defaults (sink 32, window 8192, top 4, 256 most-voted picks, spans of 3
   at some lengths also the cumulative stages (``score``, ``score+select``).
 * ``cudnn_causal``: ``jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")`` over
   the same T: the full attention ReAttention stands in for.
+* ``cudnn_causal_rope``: the same with RoPE applied to q and k first (positions 0 .. T-1, float32
+  math, the kernels' rotation). ReAttention takes UN-rotated q and k and rotates them itself, so
+  this is the full-attention layer's work between the same two points of a model.
 * ``cudnn_attended``: cuDNN at equal attended length: T queries over ``attended`` keys (the keys
   the last query of the ReAttention prefill attends: sink + picks + local window + own chunk),
   causal when that is all of T. ``overhead_vs_attended`` = reattention / cudnn_attended - 1.
@@ -71,6 +74,16 @@ def full_attention(implementation, causal):
         q, k, v, is_causal=causal, implementation=implementation))
 
 
+def full_attention_with_rope(implementation, head_dim: int):
+    inv_freq = reference.default_inv_freq(head_dim)
+
+    def fn(q, k, v):
+        rot = lambda x: pallas.rotate_at(x, jnp.arange(x.shape[1])[None, :], inv_freq)
+        return jax.nn.dot_product_attention(rot(q), rot(k), v, is_causal=True,
+                                            implementation=implementation)
+    return jax.jit(fn)
+
+
 def timed(fn, *args, reps) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))  # compile + first run
@@ -90,7 +103,7 @@ def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
                   check: bool) -> dict:
     sel = case.sel
     q, k, v = make_inputs(case, dtype)
-    reps = 5 if case.length <= 32768 else 3
+    reps = 20 if case.length <= 16384 else 5 if case.length <= 32768 else 3  # short runs: noisy
     attended = reference.attended_keys(case.length, sel)
     row = {"case": case.id, "T": case.length, "Hq": case.q_heads, "Hkv": case.kv_heads,
            "attended": attended}
@@ -123,6 +136,8 @@ def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
         row["score"] = timed(jax.jit(score), q, k, reps=reps)
         row["score+select"] = timed(jax.jit(score_select), q, k, reps=reps)
     row["cudnn_causal"] = timed(full_attention(baseline, True), q, k, v, reps=reps)
+    row["cudnn_causal_rope"] = timed(full_attention_with_rope(baseline, case.head_dim), q, k, v,
+                                     reps=reps)
     if attended < case.length:
         row["cudnn_attended"] = timed(full_attention(baseline, False), q, k[:, :attended],
                                       v[:, :attended], reps=reps)
@@ -130,6 +145,7 @@ def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
         row["cudnn_attended"] = row["cudnn_causal"]
     t = row["reattention"]["median_ms"]
     row["ratio_vs_causal"] = t / row["cudnn_causal"]["median_ms"]
+    row["ratio_vs_causal_rope"] = t / row["cudnn_causal_rope"]["median_ms"]
     row["overhead_vs_attended"] = t / row["cudnn_attended"]["median_ms"] - 1
     if check:
         f32 = lambda x: x.astype(jnp.float32)

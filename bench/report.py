@@ -110,16 +110,20 @@ def reattention_table(data: dict) -> str:
     rows = []
     for r in data["prefill"]:
         if "reattention" not in r:
-            rows.append([r.get("case", "?"), "error"] + [""] * 6)
+            rows.append([r.get("case", "?"), "error"] + [""] * 8)
             continue
+        rope = r.get("cudnn_causal_rope")  # results before 2026-12-04 do not have it
         rows.append([_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", str(r["attended"]),
                      f"{r['reattention']['median_ms']:.2f}",
                      f"{r['cudnn_attended']['median_ms']:.2f}",
                      f"{r['cudnn_causal']['median_ms']:.2f}",
-                     f"{r['overhead_vs_attended'] + 1:.2f}x", f"{r['ratio_vs_causal']:.2f}x"])
+                     f"{rope['median_ms']:.2f}" if rope else "-",
+                     f"{r['overhead_vs_attended'] + 1:.2f}x", f"{r['ratio_vs_causal']:.2f}x",
+                     f"{r['ratio_vs_causal_rope']:.2f}x" if rope else "-"])
     table = _table(["T", "Hq/Hkv", "attended keys", "ReAttention ms",
                     "cuDNN at attended length ms", "cuDNN causal at T ms",
-                    "time / cuDNN at attended length", "time / cuDNN causal at T"], rows)
+                    "cuDNN causal + RoPE at T ms", "time / cuDNN at attended length",
+                    "time / cuDNN causal at T", "time / cuDNN causal + RoPE"], rows)
     drows = []
     for r in data.get("decode") or []:
         if "reattention" not in r:

@@ -6,6 +6,7 @@ top-k) and the whole op, per config, against the default config's output.
     PYTHONPATH=. python bench/tune_reattention.py --quick --out /tmp/t.json   # CPU, interpreted
 
 Each config is ``block_q,block_k,num_warps,num_stages`` (``kernels/reattention/params.Config``);
+an ``--attn`` config may add ``,tail_keys[,full_prefix]`` (e.g. ``128,32,4,3,in_kernel,off``);
 ``--score`` configs change the scoring kernel only (timed alone: ``pallas.picks``), ``--attn``
 configs the gathered-attention kernel (timed as the whole op, whose scoring stays at the default).
 B = 1, 32 query heads, d = 128, bf16, the authors' selection (``params.Selection()``). A config
@@ -33,11 +34,14 @@ QUICK_SEL = Selection(sink_tokens=4, local_window=64, top_k=2, max_selected=8, s
                       chunk_size=64, middle_align=16)
 
 
-def _cfg(text: str) -> tuple[int, ...]:
-    values = tuple(int(x) for x in text.split(","))
-    if len(values) != 4:
-        raise SystemExit(f"a config is block_q,block_k,num_warps,num_stages; got {text!r}")
-    return values
+def _cfg(text: str, modes: bool = False) -> tuple:
+    """(block_q, block_k, num_warps, num_stages[, tail_keys, full_prefix]) of one config."""
+    fields = text.split(",")
+    if not 4 <= len(fields) <= (6 if modes else 4) or not all(x.isdigit() for x in fields[:4]):
+        raise SystemExit(f"a config is block_q,block_k,num_warps,num_stages"
+                         f"{'[,tail_keys[,full_prefix]]' if modes else ''}; got {text!r}")
+    tiles = tuple(int(x) for x in fields[:4])
+    return tiles + tuple(fields[4:]) + ("auto",) * (6 - len(fields)) if modes else tiles
 
 
 def _timed(f, *args, reps: int) -> float | str:
@@ -113,10 +117,15 @@ def main(argv=None) -> int:
         print("score", row, flush=True)
         save()
     for text in attns:
-        bq, bk, nw, ns = _cfg(text)
-        cfg = dataclasses.replace(base, attn_block_q=bq, attn_block_k=bk, attn_warps=nw,
-                                  attn_stages=ns)
-        row = {"cfg": [bq, bk, nw, ns], "op_ms": _timed(op_fn(cfg), q, k, v, reps=reps)}
+        bq, bk, nw, ns, tail_keys, full_prefix = _cfg(text, modes=True)
+        try:
+            cfg = dataclasses.replace(base, attn_block_q=bq, attn_block_k=bk, attn_warps=nw,
+                                      attn_stages=ns, tail_keys=tail_keys,
+                                      full_prefix=full_prefix)
+        except ValueError as e:
+            raise SystemExit(f"--attn {text!r}: {e}") from None
+        row = {"cfg": [bq, bk, nw, ns], "tail_keys": tail_keys, "full_prefix": full_prefix,
+               "op_ms": _timed(op_fn(cfg), q, k, v, reps=reps)}
         if isinstance(row["op_ms"], float):
             row["rel_err_vs_default"] = rel_err(op_fn(cfg)(q, k, v), ref_out)
         rows["attn"].append(row)

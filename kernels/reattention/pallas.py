@@ -15,17 +15,23 @@ Three stages per chunk of queries (README.md in this folder):
 3. ``_attend_kernel``: one program per (row tile, batch, kv head); FlashAttention-style online
    softmax (base 2) over the gathered list (keys loaded by index), then over the contiguous tail
    [L0, c1) (local window + the chunk itself, causal on the last tiles). RoPE is applied in the
-   kernel to the queries and every key tile at the re-numbered positions, from cos/sin tables
-   (positions 0 .. n-1) built in XLA; the head dim is split into its two rotary halves, so the
-   scores are two half-width dots.
+   kernel to the queries and every gathered key tile at the re-numbered positions, from cos/sin
+   tables (positions 0 .. n-1) built in XLA; the head dim is split into its two rotary halves,
+   so those scores are two half-width dots. The tail is read from a copy rotated once at the
+   original positions (``tail_window``; same scores, as rows and tail share one re-numbering
+   offset), one full-width dot per tile (``Config.tail_keys``).
 
-The KV cache is read in place (vector-indexed loads, clamped to the cache), never padded or
-copied. Forward only: ReAttention is training-free. On CPU the same kernels run through the
+A prefill's first chunks (start < sink + w + align) have an empty middle: they are causal
+attention and run as such (``Config.full_prefix``, cuDNN on a GPU).
+
+The KV cache is read in place (vector-indexed loads, clamped to the cache), never padded; the
+one copy is the rotated tail window (at most T + w + align + sink keys of each kv head). Forward only: ReAttention is training-free. On CPU the same kernels run through the
 Pallas interpreter (``interpret=True``, the default off-GPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,10 +41,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from jax_cca.rope import apply_rope, rope_cos_sin
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import reference
+from kernels.reattention import params, reference
 from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
                                         next_power_of_2, round_up, score_splits)
 
@@ -156,9 +163,16 @@ def _rotate(x1, x2, cos, sin, dtype):
     return (x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype)
 
 
-def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, o_ref, *,
+def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, *refs,
                    groups: int, bk: int, s_len: int, n_pos: int, tiles: int, scale: float,
-                   exp2):
+                   exp2, rotated_tail: bool):
+    """``rotated_tail``: two more inputs, the rows rotated at their ORIGINAL positions and the
+    keys of the tail window rotated at theirs (window row i is key ws + i, ws = meta[4]); the
+    tail is then plain attention, one full-width dot per tile with no rotation in the kernel.
+    RoPE scores depend on position differences only, and the tail and the rows are re-numbered
+    by the same offset n_g - L0, so this is the same function (up to the rounding of the angles,
+    which are taken at the original positions)."""
+    qo_ref, krot_ref, o_ref = refs if rotated_tail else (None, None, refs[0])
     half = cos_ref.shape[1]
     dtype = q_ref.dtype
     bq = q_ref.shape[0]
@@ -186,18 +200,29 @@ def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, o
                             exp2)
 
     carry = lax.fori_loop(0, cdiv(n_g, bk), gathered, carry)
+    if rotated_tail:
+        qo, ws, w_len = qo_ref[...], meta_ref[4], krot_ref.shape[0]
 
     def tail(masked):  # key j in [L0, c1) sits at position n_g + j - L0; row t sees j <= t
         def body(tb, carry):
             j = l0 + tb * bk + jnp.arange(bk, dtype=jnp.int32)
-            kr1, kr2, values = keys_at(jnp.minimum(j, s_len - 1), n_g + tb * bk)
             mask = (j[None, :] <= t[:, None]) if masked else None
-            return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask, exp2)
+            if not rotated_tail:
+                kr1, kr2, values = keys_at(jnp.minimum(j, s_len - 1), n_g + tb * bk)
+                return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, mask, exp2)
+            if masked:  # may run past the cache's end: clamped row indices
+                keys = krot_ref[jnp.clip(j - ws, 0, w_len - 1), :]
+                values = v_ref[jnp.minimum(j, s_len - 1), :]
+            else:  # whole tile <= every row's t < c1 <= S: contiguous
+                keys = krot_ref[pl.ds(l0 + tb * bk - ws, bk), :]
+                values = v_ref[pl.ds(l0 + tb * bk, bk), :]
+            return online_softmax_update(carry, dot(qo, keys, trans_b=True), values, scale2,
+                                         mask, exp2)
         return body
 
-    t_min = c0 + lax.div(r0, groups)
+    t_min = jnp.minimum(c0 + lax.div(r0, groups), c1 - 1)  # padded rows: no later than c1 - 1
     n_tail = cdiv(c1 - l0, bk)
-    unmasked = jnp.minimum(lax.div(t_min - l0 + 1, bk), n_tail)  # every key <= every row's t
+    unmasked = jnp.clip(lax.div(t_min - l0 + 1, bk), 0, n_tail)  # every key <= every row's t
     carry = lax.fori_loop(0, unmasked, tail(False), carry)
     acc, m, l = lax.fori_loop(unmasked, n_tail, tail(True), carry)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -209,8 +234,36 @@ def rope_tables(n_pos: int, inv_freq: np.ndarray):
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def rotate_at(x: Float[Array, "B N H D"], positions, inv_freq) -> Float[Array, "B N H D"]:
+    """RoPE of x at positions (B, N), float32 math (as the kernel's), cast back to x's dtype."""
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    return apply_rope(x.astype(jnp.float32), cos, sin).astype(x.dtype)
+
+
+def window_length(geo: Geometry) -> int:
+    """W: keys of ``tail_window``, min(S, T + w + align + sink)."""
+    sel = geo.sel
+    return min(geo.num_keys, geo.num_queries + sel.local_window + sel.middle_align
+               + sel.sink_tokens)
+
+
+def tail_window(k, q0, geo: Geometry, inv_freq):
+    """Keys every chunk's tail [L0, c1) can touch, rotated at their original positions:
+    (rotated window (B, W, Hkv, D), its first key ws (B,)). W = min(S, T + w + align + sink)
+    covers [L0, c1) of every chunk of a call (L0 >= q_start - w - align)."""
+    sel = geo.sel
+    w_len = window_length(geo)
+    ws = jnp.clip(q0 - sel.local_window - sel.middle_align - sel.sink_tokens, 0,
+                  geo.num_keys - w_len)
+    window = jax.vmap(lambda kb, s: lax.dynamic_slice_in_dim(kb, s, w_len, axis=0))(k, ws)
+    positions = ws[:, None] + jnp.arange(w_len, dtype=jnp.int32)[None, :]
+    return rotate_at(window, positions, inv_freq), ws
+
+
 def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: Config,
-            interpret: bool):
+            interpret: bool, rotated=None):
+    """``rotated``: None (RoPE of every key tile in the kernel) or (qo_rows, window), the rows
+    rotated at their original positions and ``tail_window``'s keys (its ws in meta[..., 4])."""
     b, hkv, nc, r_pad, d = q_rows.shape
     s_len = k.shape[1]
     bq, bk = config.attn_block_q, config.attn_block_k
@@ -220,24 +273,33 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
     n_pos = ng_pad + round_up(geo.tail, bk)
     cos, sin = rope_tables(n_pos, inv_freq)
     kernel = functools.partial(_attend_kernel, groups=geo.groups, bk=bk, s_len=s_len,
-                               n_pos=n_pos, tiles=tiles, scale=scale, exp2=exp2_for(interpret))
+                               n_pos=n_pos, tiles=tiles, scale=scale, exp2=exp2_for(interpret),
+                               rotated_tail=rotated is not None)
     chunk_of = lambda i: lax.div(i, tiles)
     row_map = lambda i, bi, h: (bi, h, chunk_of(i), lax.rem(i, tiles), 0)
     kv_spec = pl.BlockSpec((None, s_len, None, d), lambda i, bi, h: (bi, 0, h, 0))
     table_spec = pl.BlockSpec((n_pos, d // 2), lambda i, bi, h: (0, 0))
+    in_specs = [
+        pl.BlockSpec((None, None, None, 8), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
+        pl.BlockSpec((None, None, None, bq, d), row_map),
+        kv_spec, kv_spec,
+        pl.BlockSpec((None, None, None, ng_pad), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
+        table_spec, table_spec,
+    ]
+    inputs = [meta, q_rows, k, v, glist, cos, sin]
+    if rotated is not None:
+        qo_rows, window = rotated
+        in_specs += [pl.BlockSpec((None, None, None, bq, d), row_map),
+                     pl.BlockSpec((None, window.shape[1], None, d),
+                                  lambda i, bi, h: (bi, 0, h, 0))]
+        inputs += [qo_rows, window]
     return call(
         kernel,
         grid=(nc * tiles, b, hkv),
-        in_specs=[
-            pl.BlockSpec((None, None, None, 8), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
-            pl.BlockSpec((None, None, None, bq, d), row_map),
-            kv_spec, kv_spec,
-            pl.BlockSpec((None, None, None, ng_pad), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
-            table_spec, table_spec,
-        ],
+        in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, None, bq, d), row_map)],
         out_shape=[jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)],
-        inputs=[meta, q_rows, k, v, glist, cos, sin],
+        inputs=inputs,
         num_warps=config.attn_warps,
         num_stages=config.attn_stages,
         interpret=interpret,
@@ -283,29 +345,104 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     return vals, jnp.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
 
 
+def full_prefix_chunks(geo: Geometry, q_start, mode: str) -> int:
+    """Chunks of a call run as plain causal attention: 0 unless the call starts at position 0
+    (``q_start`` None with S = T, or the int 0) and ``mode`` is "cudnn" or "xla". A chunk with
+    c0 < sink + w + align has an empty middle, so it keeps every earlier key at its own
+    position: ReAttention there IS causal attention (nothing to score, select or re-number)."""
+    starts_at_zero = (q_start is None and geo.num_keys == geo.num_queries) or (
+        isinstance(q_start, int) and not isinstance(q_start, bool) and q_start == 0)
+    if mode == "off" or not starts_at_zero:
+        return 0
+    sel = geo.sel
+    return min(geo.num_chunks, params.cdiv(sel.sink_tokens + sel.local_window
+                                           + sel.middle_align, geo.chunk))
+
+
+def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tuple[str, bool]:
+    """(full-prefix mode, rotated tail?) of ``config`` for this call (``Config`` says what
+    "auto" means)."""
+    prefix = config.full_prefix
+    if prefix == "auto":
+        cudnn_fits = (not interpret and jax.default_backend() == "gpu"
+                      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                      and geo.head_dim <= 128 and geo.head_dim % 8 == 0)
+        prefix = "cudnn" if cudnn_fits else "off"
+    fits = min(window_length(geo), geo.num_keys) >= config.attn_block_k  # whole tiles exist
+    if config.tail_keys == "rotated" and not fits:
+        raise ValueError(f"Config.tail_keys='rotated' reads the tail in whole key tiles, but the "
+                         f"tail window holds {window_length(geo)} keys, fewer than "
+                         f"attn_block_k={config.attn_block_k}; use 'auto' or 'in_kernel'")
+    rotated = config.tail_keys == "rotated" or (config.tail_keys == "auto" and fits
+                                                and geo.num_queries > 1)
+    return prefix, rotated
+
+
+def _sink_lists(c0, geo: Geometry):
+    """The selection of chunks with empty middles: the list is the sink, n_g = min(sink, c0)."""
+    b, hkv, nc = geo.batch, geo.kv_heads, geo.num_chunks
+    glist = jnp.broadcast_to(jnp.arange(geo.num_gathered, dtype=jnp.int32),
+                             (b, hkv, nc, geo.num_gathered))
+    n_g = jnp.broadcast_to(jnp.minimum(c0, geo.sel.sink_tokens)[:, None], (b, hkv, nc))
+    return glist, n_g.astype(jnp.int32)
+
+
 def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start=None,
                                rope_theta: float = 10000.0, inv_freq=None,
                                softmax_scale: float | None = None, config: Config | None = None,
                                interpret: bool | None = None, q_lengths=None):
-    """(out, gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC)), like the reference's."""
+    """(out, gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC)), like the reference's.
+
+    Chunks whose middle is empty (a prefill's first sink + w + align tokens) are causal
+    attention: with ``Config.full_prefix`` they run as such (cuDNN on a GPU), the others through
+    the scoring, selection and gathered-attention kernels."""
     reference.check_args(q, k, v)
     check_head_dim(q.shape[3])
-    config = config or default_config(q.shape[3], jnp.dtype(q.dtype).itemsize,
-                                      geometry(q.shape, k.shape, sel).rows)
+    geo = geometry(q.shape, k.shape, sel)
+    config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
-    vals, idx, (q_rows, c0, c1, l0, geo) = _picks(q, k, sel=sel, q_start=q_start, config=config,
-                                                 interpret=interpret, q_lengths=q_lengths)
-    b, hkv, nc = geo.batch, geo.kv_heads, geo.num_chunks
-    rep = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc)).reshape(-1)
-    glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
-                                             vals.reshape(b * hkv * nc, -1), rep(c0), rep(l0),
-                                             sel)
-    glist, n_g = glist.reshape(b, hkv, nc, -1), n_g.reshape(b, hkv, nc)
-    meta = _meta(*(jnp.broadcast_to(x[:, None], (b, hkv, nc)) for x in (c0, c1, l0)), n_g)
+    prefix_mode, rotated = _resolve_modes(config, geo, q.dtype, interpret)
+    n_free = full_prefix_chunks(geo, q_start, prefix_mode)
+    b, hkv, nc, t = geo.batch, geo.kv_heads, geo.num_chunks, geo.num_queries
     inv_freq = reference.resolve_inv_freq(geo.head_dim, rope_theta, inv_freq)
     scale = reference.softmax_scale_or_default(geo.head_dim, softmax_scale)
-    o = _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo, config, interpret)
-    return reference.unpack_rows(o, geo), glist, n_g
+    q0 = reference.query_starts(q_start, b, geo.num_keys, t)
+    c0, c1, l0 = reference.chunk_bounds(q0, geo)
+    if n_free == nc:
+        glist, n_g = _sink_lists(c0, geo)
+    else:
+        vals, idx, (q_rows, *_) = _picks(q, k, sel=sel, q_start=q_start, config=config,
+                                         interpret=interpret, q_lengths=q_lengths)
+        rep = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc)).reshape(-1)
+        glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
+                                                 vals.reshape(b * hkv * nc, -1), rep(c0),
+                                                 rep(l0), sel)
+        glist, n_g = glist.reshape(b, hkv, nc, -1), n_g.reshape(b, hkv, nc)
+    if rotated or n_free:
+        qo = rotate_at(q, q0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], inv_freq)
+        window, ws = tail_window(k, q0, geo, inv_freq)
+    else:
+        ws = jnp.zeros((b,), jnp.int32)
+    outs = []
+    p = min(t, n_free * geo.chunk)
+    if n_free:  # the call starts at 0, so the window starts at key 0 too
+        outs.append(jax.nn.dot_product_attention(
+            qo[:, :p], window[:, :p], v[:, :p], scale=scale, is_causal=True,
+            implementation=prefix_mode))
+    if n_free < nc:
+        rest = slice(n_free, nc)
+        per_chunk = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc))
+        meta = _meta(*(per_chunk(x) for x in (c0, c1, l0)), n_g,
+                     jnp.broadcast_to(ws[:, None, None], (b, hkv, nc)))
+        tile = q_rows.shape[3]
+        extra = None
+        if rotated:
+            extra = (pad_to(reference.pack_rows(qo, geo), 3, tile)[:, :, rest], window)
+        o = _attend(q_rows[:, :, rest], k, v, glist[:, :, rest], meta[:, :, rest], inv_freq,
+                    scale, geo, config, interpret, extra)
+        outs.append(reference.unpack_rows(o, dataclasses.replace(geo, num_queries=t - p)))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return out, glist, n_g
 
 
 def reattention(

@@ -126,7 +126,21 @@ class Config:
 
     ``score_*``: the scoring + per-row top-k kernel; ``attn_*``: the gathered attention kernel.
     ``score_splits``: key-range splits of the scoring kernel (0: chosen from the grid size so
-    that a decode step, with few query rows, still fills the GPU)."""
+    that a decode step, with few query rows, still fills the GPU).
+
+    ``tail_keys``: how the attention kernel rotates the contiguous tail (local window + chunk):
+    "rotated" reads a copy of the tail window rotated once in XLA at the original positions
+    (scores depend on position differences only, and rows and tail share one re-numbering
+    offset) with one full-width dot per tile; "in_kernel" rotates every tile in every program at
+    the re-numbered positions; "auto": "rotated" unless the call has a single query (a decode
+    step, whose one row tile per kv head would not repay the copy) or the window is shorter
+    than one key tile (tiny calls; forcing "rotated" there is a ValueError).
+
+    ``full_prefix``: chunks with an empty middle region (the first sink + w + align tokens of a
+    call that starts at position 0) drop nothing, so they are plain causal attention: "cudnn" or
+    "xla" runs them through ``jax.nn.dot_product_attention`` with that implementation, "off"
+    through the kernels; "auto": "cudnn" for 16-bit inputs on a GPU (head dim <= 128), "off"
+    otherwise."""
 
     score_block_q: int = 64
     score_block_k: int = 64
@@ -137,6 +151,8 @@ class Config:
     attn_block_k: int = 64
     attn_warps: int = 4
     attn_stages: int = 2
+    tail_keys: str = "auto"
+    full_prefix: str = "auto"
 
     def __post_init__(self):
         for name in ("score_block_q", "score_block_k", "attn_block_q", "attn_block_k"):
@@ -145,6 +161,12 @@ class Config:
                 raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
         if self.score_splits < 0:
             raise ValueError(f"Config.score_splits must be >= 0; got {self.score_splits}")
+        if self.tail_keys not in ("auto", "rotated", "in_kernel"):
+            raise ValueError(f"Config.tail_keys must be 'auto', 'rotated' or 'in_kernel'; got "
+                             f"{self.tail_keys!r}")
+        if self.full_prefix not in ("auto", "cudnn", "xla", "off"):
+            raise ValueError(f"Config.full_prefix must be 'auto', 'cudnn', 'xla' or 'off'; got "
+                             f"{self.full_prefix!r}")
 
 
 def default_config(head_dim: int, itemsize: int, rows: int | None = None) -> Config:

@@ -8,6 +8,7 @@ compiled, plus real sizes (``-m gpu``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,9 +35,9 @@ def _config(**changes):
     return None if ON_GPU and not changes else Config(**{**SMALL.__dict__, **changes})
 
 
-def pallas_run(q, k, v, sel, config=None):
+def pallas_run(q, k, v, sel, config=None, q_start=None):
     """(out, glist, n_g) of the Pallas path with NaN-poisoned kernel outputs."""
-    return runs.pallas_fn(sel, config or _config())(q, k, v)
+    return runs.pallas_fn(sel, config or _config())(q, k, v, q_start)
 
 
 def reference_run(q, k, v, sel):
@@ -51,10 +52,13 @@ def assert_same_selection(got, want):
     np.testing.assert_array_equal(np.where(live, gl, 0), np.where(live, gl_ref, 0))
 
 
+@pytest.mark.parametrize("tail_keys", ["rotated", "in_kernel"])
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
-def test_fp32_matches_reference(case):
+def test_fp32_matches_reference(case, tail_keys):
+    """Both ways of rotating the tail: a copy rotated once at the original positions (the
+    default for prefill) and every tile in the kernel at the re-numbered positions."""
     q, k, v = make_qkv(case, seed=200 + case.length)
-    out, *selection = pallas_run(q, k, v, case.sel)
+    out, *selection = pallas_run(q, k, v, case.sel, _config(tail_keys=tail_keys))
     ref, *ref_selection = reference_run(q, k, v, case.sel)
     assert rel_err(out, ref) < TOL[jnp.float32]
     assert_same_selection(selection, ref_selection)
@@ -71,6 +75,61 @@ def test_bf16_matches_reference():
     assert_same_selection(selection, ref_selection)
     err = rel_err(out, ref)
     assert 1e-4 < err < TOL[jnp.bfloat16]  # really bf16 arithmetic, and close
+
+
+@pytest.mark.parametrize("tail_keys", ["rotated", "in_kernel"])
+def test_continuation_chunk_matches_reference(tail_keys):
+    """Queries continuing a cache from a traced per-element q_start (chunked prefill): the
+    rotated tail window starts past key 0 (ws > 0) and differs between the batch elements."""
+    case = Case(2, 150, 4, 2, 64, small(3, 16, 2, 4, 5, 8, 4))
+    q, k, v = make_qkv(case, seed=71)
+    starts = jnp.array([110, 90])  # element 1's keys past 129 are not yet "written": ignored
+    qc = jnp.stack([q[0, 110:150], q[1, 90:130]])
+    geo = R.geometry(qc.shape, k.shape, case.sel)
+    _, ws = P.tail_window(k, starts, geo, R.default_inv_freq(64))
+    assert np.asarray(ws).tolist() == [87, 67]  # W = 40 + 16 + 4 + 3 = 63 keys
+    out, *selection = pallas_run(qc, k, v, case.sel, _config(tail_keys=tail_keys), starts)
+    ref, *ref_selection = runs.reference_fn(case.sel)(qc, k, v, starts)
+    assert rel_err(out, ref) < TOL[jnp.float32]
+    assert_same_selection(selection, ref_selection)
+
+
+@pytest.mark.parametrize("length", [20, 100])
+def test_full_prefix_is_the_same_function(length):
+    """Chunks whose middle is empty (c0 < sink + w + align) run as plain causal attention
+    (``Config.full_prefix``, XLA here): all chunks at T = 20, three of 13 at T = 100."""
+    sel = small(3, 16, 2, 4, 5, 8, 4)
+    case = Case(2, length, 4, 2, 64, sel)
+    q, k, v = make_qkv(case, seed=81)
+    geo = R.geometry(q.shape, k.shape, sel)
+    n_free = P.full_prefix_chunks(geo, None, "xla")
+    assert n_free == min(geo.num_chunks, 3)
+    c0, _, l0 = R.chunk_bounds(R.query_starts(None, 2, length, length), geo)
+    empty = np.asarray(l0 == jnp.minimum(c0, sel.sink_tokens))[0]
+    assert empty[:n_free].all() and not empty[n_free:].any()  # exactly the middle-free chunks
+    out, *selection = pallas_run(q, k, v, sel, _config(full_prefix="xla"))
+    ref, *ref_selection = reference_run(q, k, v, sel)
+    assert rel_err(out, ref) < TOL[jnp.float32]
+    assert_same_selection(selection, ref_selection)
+    # Not at a start past 0, traced or not, nor with the keys of a longer cache, nor when off.
+    assert P.full_prefix_chunks(geo, jnp.int32(0), "xla") == 0
+    assert P.full_prefix_chunks(dataclasses.replace(geo, num_keys=length + 1), None, "xla") == 0
+    assert P.full_prefix_chunks(geo, 0, "xla") == n_free
+    assert P.full_prefix_chunks(geo, None, "off") == 0
+
+
+def test_config_rejects_unknown_modes():
+    """Unknown modes, and a rotated tail forced where the window is shorter than one tile."""
+    with pytest.raises(ValueError, match="tail_keys must be"):
+        Config(tail_keys="rotate")
+    with pytest.raises(ValueError, match="full_prefix must be"):
+        Config(full_prefix="flash")
+    q, k, v = make_qkv(Case(1, 12, 2, 1, 32), seed=3)  # a 12-key window, 16-key tiles
+    sel = small(2, 4, 1, 2, 3, 4, 2)
+    with pytest.raises(ValueError, match="fewer than attn_block_k=16"):
+        P.reattention_with_selection(q, k, v, sel=sel, config=_config(tail_keys="rotated"))
+    out = P.reattention_with_selection(q, k, v, sel=sel, config=_config())[0]  # "auto": in kernel
+    assert rel_err(out, reference_run(q, k, v, sel)[0]) < TOL[jnp.float32]
 
 
 @pytest.mark.parametrize("splits", [1, 3])
