@@ -94,6 +94,28 @@ def test_lowering_choice_and_errors():
                             interpret=True)
 
 
+def test_layers_share_one_lowered_kernel():
+    """A model calls the forward once per layer. Through ``pallas._mgpu_forward`` (a jit) every
+    call with the same shapes reuses one lowered kernel, so a module lowered for the GPU holds it
+    once; the bare ``pallas_mgpu.forward`` lowers it per call. Lowered for CUDA here, on the CPU,
+    with jax.export (Mosaic GPU lowering only; nothing compiles or runs)."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 256, 1, 64), jnp.bfloat16)
+    kc = jax.ShapeDtypeStruct((1, 16, 1, 64), jnp.bfloat16)
+
+    def module_chars(forward, layers: int) -> int:
+        def model(q, k, v, kc, vc):
+            for _ in range(layers):
+                q = q + forward(q, k, v, kc, vc, g=16, w=64, scale=0.125)[0]
+            return q
+        return len(jax.export.export(jax.jit(model), platforms=["cuda"])(q, k, k, kc, kc)
+                   .mlir_module())
+
+    one = module_chars(pallas._mgpu_forward, 1)
+    assert module_chars(pallas._mgpu_forward, 3) < 1.1 * one
+    assert module_chars(pallas_mgpu.forward, 3) > 2.5 * one  # what the jit saves
+
+
 # ----------------------------------------------------------------------------- GPU, real sizes
 @needs_hopper
 @pytest.mark.gpu
