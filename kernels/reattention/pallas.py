@@ -213,19 +213,27 @@ def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, *
             if masked:  # may run past the cache's end: clamped row indices
                 keys = krot_ref[jnp.clip(j - ws, 0, w_len - 1), :]
                 values = v_ref[jnp.minimum(j, s_len - 1), :]
-            else:  # whole tile <= every row's t < c1 <= S: contiguous
+            else:  # whole tile <= every row's t, and < S (tail_tiles): contiguous
                 keys = krot_ref[pl.ds(l0 + tb * bk - ws, bk), :]
                 values = v_ref[pl.ds(l0 + tb * bk, bk), :]
             return online_softmax_update(carry, dot(qo, keys, trans_b=True), values, scale2,
                                          mask, exp2)
         return body
 
-    t_min = jnp.minimum(c0 + lax.div(r0, groups), c1 - 1)  # padded rows: no later than c1 - 1
-    n_tail = cdiv(c1 - l0, bk)
-    unmasked = jnp.clip(lax.div(t_min - l0 + 1, bk), 0, n_tail)  # every key <= every row's t
+    unmasked, n_tail = tail_tiles(c0, c1, l0, r0, groups=groups, bk=bk, s_len=s_len)
     carry = lax.fori_loop(0, unmasked, tail(False), carry)
     acc, m, l = lax.fori_loop(unmasked, n_tail, tail(True), carry)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+def tail_tiles(c0, c1, l0, r0, *, groups: int, bk: int, s_len: int):
+    """(unmasked, n_tail): the tail [L0, c1) of the row tile starting at packed row r0 is
+    n_tail key tiles, of which the first ``unmasked`` precede every row's query AND the cache's
+    end: the kernel reads those as contiguous, unclamped tiles. Rows past c1 (padding) or past
+    the cache (a chunk written past S, whose rows are not stored) count as c1 - 1 and S - 1."""
+    t_min = jnp.minimum(c0 + lax.div(r0, groups), jnp.minimum(c1, s_len) - 1)
+    n_tail = cdiv(c1 - l0, bk)
+    return jnp.clip(lax.div(t_min - l0 + 1, bk), 0, n_tail), n_tail
 
 
 def rope_tables(n_pos: int, inv_freq: np.ndarray):
@@ -363,11 +371,14 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
     """(full-prefix mode, rotated tail?) of ``config`` for this call (``Config`` says what
     "auto" means)."""
     prefix = config.full_prefix
+    on_gpu = not interpret and jax.default_backend() == "gpu"
     if prefix == "auto":
-        cudnn_fits = (not interpret and jax.default_backend() == "gpu"
-                      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        cudnn_fits = (on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
                       and geo.head_dim <= 128 and geo.head_dim % 8 == 0)
         prefix = "cudnn" if cudnn_fits else "off"
+    elif prefix == "cudnn" and not on_gpu:
+        raise ValueError("Config.full_prefix='cudnn' needs a CUDA GPU and compiled kernels "
+                         "(interpret=False); use 'xla' or 'off' here")
     fits = min(window_length(geo), geo.num_keys) >= config.attn_block_k  # whole tiles exist
     if config.tail_keys == "rotated" and not fits:
         raise ValueError(f"Config.tail_keys='rotated' reads the tail in whole key tiles, but the "
@@ -381,9 +392,9 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
 def _sink_lists(c0, geo: Geometry):
     """The selection of chunks with empty middles: the list is the sink, n_g = min(sink, c0)."""
     b, hkv, nc = geo.batch, geo.kv_heads, geo.num_chunks
-    glist = jnp.broadcast_to(jnp.arange(geo.num_gathered, dtype=jnp.int32),
-                             (b, hkv, nc, geo.num_gathered))
     n_g = jnp.broadcast_to(jnp.minimum(c0, geo.sel.sink_tokens)[:, None], (b, hkv, nc))
+    slots = jnp.arange(geo.num_gathered, dtype=jnp.int32)
+    glist = jnp.where(slots < n_g[..., None], slots, 0)  # unused slots 0, as select_from_picks
     return glist, n_g.astype(jnp.int32)
 
 
@@ -418,17 +429,18 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
                                                  vals.reshape(b * hkv * nc, -1), rep(c0),
                                                  rep(l0), sel)
         glist, n_g = glist.reshape(b, hkv, nc, -1), n_g.reshape(b, hkv, nc)
-    if rotated or n_free:
-        qo = rotate_at(q, q0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], inv_freq)
-        window, ws = tail_window(k, q0, geo, inv_freq)
-    else:
-        ws = jnp.zeros((b,), jnp.int32)
+    window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),
+                                                                                  jnp.int32))
     outs = []
     p = min(t, n_free * geo.chunk)
-    if n_free:  # the call starts at 0, so the window starts at key 0 too
-        outs.append(jax.nn.dot_product_attention(
-            qo[:, :p], window[:, :p], v[:, :p], scale=scale, is_causal=True,
-            implementation=prefix_mode))
+    if n_free:  # the call starts at 0: query i and key i sit at position i
+        at_own = lambda x: rotate_at(x[:, :p], jnp.arange(p, dtype=jnp.int32)[None, :],
+                                     inv_freq)
+        keys = window[:, :p] if rotated else at_own(k)  # the window starts at key 0 here
+        with jax.default_matmul_precision("highest" if q.dtype == jnp.float32 else None):
+            outs.append(jax.nn.dot_product_attention(at_own(q), keys, v[:, :p], scale=scale,
+                                                     is_causal=True,
+                                                     implementation=prefix_mode))
     if n_free < nc:
         rest = slice(n_free, nc)
         per_chunk = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc))
@@ -436,7 +448,8 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
                      jnp.broadcast_to(ws[:, None, None], (b, hkv, nc)))
         tile = q_rows.shape[3]
         extra = None
-        if rotated:
+        if rotated:  # the rows rotated at their own positions, packed like q_rows
+            qo = rotate_at(q, q0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], inv_freq)
             extra = (pad_to(reference.pack_rows(qo, geo), 3, tile)[:, :, rest], window)
         o = _attend(q_rows[:, :, rest], k, v, glist[:, :, rest], meta[:, :, rest], inv_freq,
                     scale, geo, config, interpret, extra)
