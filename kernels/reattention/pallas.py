@@ -25,8 +25,9 @@ A prefill's first chunks (start < sink + w + align) have an empty middle: they a
 attention and run as such (``Config.full_prefix``, cuDNN on a GPU).
 
 The KV cache is read in place (vector-indexed loads, clamped to the cache), never padded; the
-one copy is the rotated tail window (at most T + w + align + sink keys of each kv head). Forward only: ReAttention is training-free. On CPU the same kernels run through the
-Pallas interpreter (``interpret=True``, the default off-GPU).
+one copy is the rotated tail window (at most T + w + align + sink keys of each kv head).
+Forward only: ReAttention is training-free. On CPU the same kernels run through the Pallas
+interpreter (``interpret=True``, the default off-GPU).
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
     elif prefix == "cudnn" and not on_gpu:
         raise ValueError("Config.full_prefix='cudnn' needs a CUDA GPU and compiled kernels "
                          "(interpret=False); use 'xla' or 'off' here")
-    fits = min(window_length(geo), geo.num_keys) >= config.attn_block_k  # whole tiles exist
+    fits = window_length(geo) >= config.attn_block_k  # whole tiles exist (W <= S)
     if config.tail_keys == "rotated" and not fits:
         raise ValueError(f"Config.tail_keys='rotated' reads the tail in whole key tiles, but the "
                          f"tail window holds {window_length(geo)} keys, fewer than "
