@@ -447,14 +447,15 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
         per_chunk = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc))
         meta = _meta(*(per_chunk(x) for x in (c0, c1, l0)), n_g,
                      jnp.broadcast_to(ws[:, None, None], (b, hkv, nc)))
-        tile = q_rows.shape[3]
+        geo_rest = dataclasses.replace(geo, num_queries=t - p)  # p is a multiple of C
         extra = None
-        if rotated:  # the rows rotated at their own positions, packed like q_rows
-            qo = rotate_at(q, q0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], inv_freq)
-            extra = (pad_to(reference.pack_rows(qo, geo), 3, tile)[:, :, rest], window)
+        if rotated:  # the rows past the prefix, rotated at their own positions, packed like q_rows
+            at_own = q0[:, None] + jnp.arange(p, t, dtype=jnp.int32)[None, :]
+            qo_rows = reference.pack_rows(rotate_at(q[:, p:], at_own, inv_freq), geo_rest)
+            extra = (pad_to(qo_rows, 3, q_rows.shape[3]), window)
         o = _attend(q_rows[:, :, rest], k, v, glist[:, :, rest], meta[:, :, rest], inv_freq,
                     scale, geo, config, interpret, extra)
-        outs.append(reference.unpack_rows(o, dataclasses.replace(geo, num_queries=t - p)))
+        outs.append(reference.unpack_rows(o, geo_rest))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out, glist, n_g
 
