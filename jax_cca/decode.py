@@ -34,9 +34,8 @@ Scores and softmax are float32 at the highest matmul precision, like the referen
 
 Implementations (:func:`decode_implementation`): with C = 1, ``"pallas"`` runs the split-K decode
 kernel of ``kernels/cca/pallas_decode.py`` (both caches; it reads only the blocks that can hold a
-visible key) and, for CCA, pools a completed group in that kernel's combine launch
-(``pallas_decode.cca_decode_step`` with ``kernels/cca/pallas_decode_pool.py``'s
-``pool_group``; power-of-two g and D); ``"xla"`` the masked softmax of
+visible key) and, for CCA, pools a completed group with the one-launch kernel of
+``kernels/cca/pallas_decode_pool.py`` (power-of-two g and D); ``"xla"`` the masked softmax of
 :func:`_attend` over every slot. Both compute the same function. Chunks of C > 1 rows always take
 the XLA path.
 
@@ -177,16 +176,22 @@ def _kernel_step(
 ) -> tuple[Float[Array, "B Hq D"], FullCache | CCACache]:
     """The Pallas decode step of one token at position ``first[b]`` over a cache it has already
     been written to (rotated k). Full attention: the kernel reads rows < t and takes the new
-    token from k, v. CCA (``pallas_decode.cca_decode_step``): the attention kernel reads the
-    cores and the ring, whose slot of the new token holds t (or, unwritten, t - R), neither of
-    which its mask admits; its combine launch also pools a group the new token completes, found
-    whole in the ring (instead of the XLA path's gather, pool and masked write)."""
+    token from k, v. CCA: the pooling kernel finds a completed group whole in the ring (one
+    launch instead of the XLA path's gather, pool and masked write), then the attention kernel
+    reads the cores and the ring, whose slot of the new token holds t (or, unwritten, t - R),
+    neither of which its mask admits."""
     if isinstance(cache, FullCache):
         return pallas_decode.full_decode_attention(q, k, v, cache.k, cache.v, first), cache
-    out, core_k, core_v = pallas_decode.cca_decode_step(
-        q, k, v, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, first, n_valid,
-        group_size=config.group_size, local_window=config.local_window, pooling=config.pooling)
-    return out, cache.replace(core_k=core_k, core_v=core_v)
+    g = config.group_size
+    if cache.num_core:
+        core_k, core_v = pallas_decode_pool.pool_decode_step(
+            q, cache.ring_k, cache.ring_v, cache.core_k, cache.core_v, first, n_valid,
+            group_size=g, pooling=config.pooling)
+        cache = cache.replace(core_k=core_k, core_v=core_v)
+    out = pallas_decode.cca_decode_attention(
+        q, k, v, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, first, group_size=g,
+        local_window=config.local_window)
+    return out, cache
 
 
 def rotates_in_kernel(cache: LayerCache, chunk: int, config: CCAConfig,
@@ -231,14 +236,6 @@ def decode_step_unrotated(
     else:
         k_buf, v_buf, modulus, limit = cache.ring_k, cache.ring_v, cache.ring, cache.max_len
     write = (n_valid > 0) & (first < limit)
-    if isinstance(cache, CCACache) and pallas_decode.rope_in_kernel_supported(
-            config.head_dim, cache.ring):
-        out, core_k, core_v, k_buf, v_buf = pallas_decode.cca_decode_step_unrotated(
-            qkv, cos, sin, cache.core_k, cache.core_v, k_buf, v_buf, first, n_valid, write,
-            num_heads=config.num_heads, group_size=config.group_size,
-            local_window=config.local_window, pooling=config.pooling)
-        return out, cache.replace(core_k=core_k, core_v=core_v, ring_k=k_buf, ring_v=v_buf,
-                                  lengths=first + n_valid)
     q, k, v, k_buf, v_buf = pallas_rope_append.rope_append(
         qkv, cos, sin, k_buf, v_buf, first, write, num_heads=config.num_heads, modulus=modulus)
     lengths = first + n_valid

@@ -43,7 +43,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from kernels.cca import pallas_decode_pool, pallas_rope_append
 from kernels.cca.pallas_common import (
     LOG2E, NEG, call, cdiv, dot, exp2_for, online_softmax_update, pad_to, resolve_interpret,
     window_start)
@@ -92,28 +91,17 @@ def default_num_splits(batch: int, kv_heads: int, capacity_blocks: int) -> int:
 
 
 def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
-            g: int, w: int, gp: int, exp2, rope: bool):
+            g: int, w: int, gp: int, exp2):
     """refs: (keys, values) per segment, then the partial output (Gp, D) and lse (Gp,), or
     (1, D) and (1,) for MHA, whose Gp rows are copies of its one query.
 
     ``segments``: static (kind, rows, real rows, ring) per segment (rows: padded to >= bk);
-    kind "keys" (positions < t), "core" (slots j < start(t) / g) or "ring" (modulus ``ring``).
-
-    ``rope`` (:func:`cca_decode_step_unrotated`): the query tile is un-rotated and ``refs``
-    starts with cos, sin, the write flag and the new token's un-rotated key and value; the
-    program rotates its query tile, and program (0, b, h) also writes the rotated key and the
-    value to ring slot t mod R through the two outputs after the partials (aliased to the ring
-    inputs, the last segment). The other programs may read that slot meanwhile: it is masked
-    (it holds t - R before the write and t after, neither in the visible range)."""
-    if rope:
-        cos_ref, sin_ref, write_ref, k_src, v_src, *refs = refs
+    kind "keys" (positions < t), "core" (slots j < start(t) / g) or "ring" (modulus ``ring``)."""
     n = len(segments)
     o_ref, lse_ref = refs[2 * n], refs[2 * n + 1]
     t = pos_ref[()]
     start = window_start(t, g, w) if g else None
     q = _query_rows(q_ref, gp)
-    if rope:
-        q = pallas_rope_append.rotate_tile(q, cos_ref, sin_ref)
     counts = []
     for kind, _, real, ring in segments:
         if kind == "keys":
@@ -160,23 +148,6 @@ def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits:
         o, lse = jnp.max(o, axis=0, keepdims=True), jnp.max(lse, axis=0, keepdims=True)
     o_ref[...] = o
     lse_ref[...] = lse
-    if rope:
-        ring_k_out, ring_v_out = refs[2 * n + 2], refs[2 * n + 3]
-
-        @pl.when((pl.program_id(0) == 0) & (write_ref[()] > 0))
-        def _():
-            row = pl.ds(lax.rem(t, segments[-1][3]), 1)
-            ring_k_out[row, :] = _rotated_row(k_src, cos_ref, sin_ref).astype(ring_k_out.dtype)
-            ring_v_out[row, :] = v_src[...][None, :].astype(ring_v_out.dtype)
-
-
-def _rotated_row(x_src, cos_ref, sin_ref):
-    """The (1, D) rotated row (float32 holding x's dtype's values) of a (D,) block: rotated as a
-    16-row tile of copies (a ``pl.dot`` operand), then one row taken (the max of equal rows)."""
-    x = x_src[...]
-    tile = jnp.broadcast_to(x[None, :], (MIN_BLOCK, x.shape[0]))
-    rotated = pallas_rope_append.rotate_tile(tile, cos_ref, sin_ref).astype(jnp.float32)
-    return jnp.max(rotated, axis=0, keepdims=True)
 
 
 def supports(head_dim: int) -> bool:
@@ -211,14 +182,8 @@ def _check(q, k_new, v_new, positions, caches):
                          f"{positions.dtype}")
 
 
-def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config, interpret,
-            pool: _Pool | None = None, rope: _Rope | None = None):
-    """segments: list of (kind, keys, values, ring modulus) with keys/values (B, S, Hkv, D).
-    ``pool``: see :func:`_combine`. ``rope``: q, k_new, v_new are the un-rotated views of
-    ``rope.qkv`` (their shapes and dtype are read); the kernels rotate, the attention kernel
-    writes the ring (the last segment, which must not need padding: R >= the key block), and
-    the result is (out, ring_k, ring_v) or, with ``pool``, (out, core_k, core_v, ring_k,
-    ring_v)."""
+def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config, interpret):
+    """segments: list of (kind, keys, values, ring modulus) with keys/values (B, S, Hkv, D)."""
     b, hq, d = q.shape
     hkv = k_new.shape[1]
     grp = hq // hkv
@@ -241,54 +206,29 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
         arrays += [keys, values]
     capacity = sum(-(-n // bk) for n in sizes)
     splits = config.num_splits or default_num_splits(b, hkv, max(capacity, 1))
-    q_tile = query_tile(q, hkv) if rope is None else rope.query_tile(hkv)
+    q_tile = query_tile(q, hkv)
     kernel = functools.partial(_kernel, segments=tuple(statics), bk=bk, scale2=scale * LOG2E,
-                               num_splits=splits, g=g, w=w, gp=gp, exp2=exp2_for(interpret),
-                               rope=rope is not None)
+                               num_splits=splits, g=g, w=w, gp=gp, exp2=exp2_for(interpret))
     kv_map = lambda s, bi, h: (bi, 0, h, 0)
     rows_out = gp if grp > 1 else 1  # partial rows written per program (see _kernel)
-    scalar = pl.BlockSpec((None,), lambda s, bi, h: (bi,))
-    in_specs = [scalar, pl.BlockSpec((None, None, q_tile.shape[2], d),
-                                     lambda s, bi, h: (bi, h, 0, 0))]
-    inputs = [positions.astype(jnp.int32), q_tile]
-    cache_specs = [pl.BlockSpec((None, rows, None, d), kv_map)
-                   for _, rows, _, _ in statics for _ in "kv"]
-    out_specs = [pl.BlockSpec((None, None, None, rows_out, d), lambda s, bi, h: (s, bi, h, 0, 0)),
-                 pl.BlockSpec((None, None, None, rows_out), lambda s, bi, h: (s, bi, h, 0))]
-    out_shape = [jax.ShapeDtypeStruct((splits, b, hkv, rows_out, d), jnp.float32),
-                 jax.ShapeDtypeStruct((splits, b, hkv, rows_out), jnp.float32)]
-    aliases = None
-    if rope is not None:
-        if statics[-1][0] != "ring" or statics[-1][1] != statics[-1][2]:
-            raise ValueError("the in-kernel RoPE path writes the ring, which must be the last "
-                             f"segment with at least {bk} rows; got {statics[-1]}")
-        vector = pl.BlockSpec((None, d), lambda s, bi, h: (bi, 0))
-        tokens, token_specs = rope.token_specs(lambda s, bi, h: (bi, h))
-        in_specs += [vector, vector, scalar, *token_specs]
-        inputs += [rope.cos, rope.sin, rope.write, *tokens]
-        n_in = len(inputs) + len(arrays)
-        aliases = {n_in - 2: 2, n_in - 1: 3}
-        out_specs += cache_specs[-2:]
-        out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays[-2:]]
-    o, lse, *ring = call(
+    o, lse = call(
         kernel,
         grid=(splits, b, hkv),
-        in_specs=in_specs + cache_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        inputs=inputs + arrays,
-        aliases=aliases,
+        in_specs=[pl.BlockSpec((None,), lambda s, bi, h: (bi,)),
+                  pl.BlockSpec((None, None, q_tile.shape[2], d), lambda s, bi, h: (bi, h, 0, 0))]
+        + [pl.BlockSpec((None, rows, None, d), kv_map) for _, rows, _, _ in statics for _ in "kv"],
+        out_specs=[pl.BlockSpec((None, None, None, rows_out, d),
+                                lambda s, bi, h: (s, bi, h, 0, 0)),
+                   pl.BlockSpec((None, None, None, rows_out), lambda s, bi, h: (s, bi, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, hkv, rows_out, d), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, hkv, rows_out), jnp.float32)],
+        inputs=[positions.astype(jnp.int32), q_tile, *arrays],
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         interpret=interpret,
         name="cca_decode" if g else "full_decode",
     )
-    if rope is not None and pool is not None:  # the pooling reads the ring after the write
-        pool = dataclasses.replace(pool, ring_k=ring[0], ring_v=ring[1])
-    result = _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp, pool, rope)
-    if rope is None:
-        return result
-    return (*result, *ring) if pool is not None else (result, *ring)
+    return _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp)
 
 
 def padded_heads(grp: int) -> int:
@@ -314,39 +254,16 @@ def _query_rows(q_ref, gp: int):
 UNROLL_SPLITS = 32  # the combine's loop over the splits is unrolled up to this many
 
 
-def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, splits: int, scale2: float,
-                    gp: int, exp2, pool: dict | None, rope: bool):
+def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int, scale2: float,
+                    gp: int, exp2):
     """Program (b, h): merges the P partial softmaxes of its G query heads (o (P, Gp, D)
     normalised, lse (P, Gp) base 2; Gp = 1 for MHA) with the new token's own key and value, in
     float32. The loop is unrolled (its loads independent of one another) up to
-    ``UNROLL_SPLITS`` splits.
-
-    ``pool`` (CCA, :func:`cca_decode_step`): the static arguments of
-    ``pallas_decode_pool.pool_group``; ``refs`` then starts with the position, n_valid, ring
-    k / v and the core k / v inputs, and ends with the core k / v outputs (aliased to those
-    inputs), and the program also pools the group its sequence's new token completes.
-
-    ``rope``: q and k are un-rotated and ``refs`` starts with cos and sin; the program rotates
-    them itself, as the attention kernel did (which also wrote the rotated key to the ring)."""
-    q_rows = q_ref[...]  # (rows, D): G rows padded to Gp, or MHA's one row
-    q = _query_rows(q_ref, gp)
-    if rope:
-        cos_ref, sin_ref, *refs = refs
-        q = pallas_rope_append.rotate_tile(q, cos_ref, sin_ref)
-        q_rows = q if q_rows.shape[0] == gp else jnp.max(q.astype(jnp.float32), axis=0,
-                                                              keepdims=True)
-        k_new = _rotated_row(k_ref, cos_ref, sin_ref)  # (1, D) float32
-    else:
-        k_new = k_ref[...].astype(jnp.float32)[None, :]
-    if pool is not None:
-        pos_ref, valid_ref, ring_k_ref, ring_v_ref, _, _, out_ref, core_k_ref, core_v_ref = refs
-        pallas_decode_pool.pool_group(pos_ref[()], valid_ref[()], q_rows, ring_k_ref,
-                                      ring_v_ref, core_k_ref, core_v_ref, **pool)
-    else:
-        (out_ref,) = refs
-    q = q.astype(jnp.float32)  # (Gp, D)
+    ``UNROLL_SPLITS`` splits."""
+    q = _query_rows(q_ref, gp).astype(jnp.float32)  # (Gp, D)
+    k_new = k_ref[...].astype(jnp.float32)  # (D,)
     v_new = v_ref[...].astype(jnp.float32)
-    s_new = jnp.sum(q * k_new, axis=1) * scale2  # (Gp,)
+    s_new = jnp.sum(q * k_new[None, :], axis=1) * scale2  # (Gp,)
     # The new token is always visible: start from it (weight 1 at its own score), so the
     # running maximum is finite and a share without a visible key (lse -huge) adds exactly 0.
     carry = (s_new, jnp.ones_like(s_new), jnp.broadcast_to(v_new[None, :], q.shape))
@@ -367,112 +284,32 @@ def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, splits: int, sca
     out_ref[...] = (acc / l[:, None]).astype(out_ref.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Pool:
-    """What :func:`cca_decode_step` hands the combine: the arrays of the pooling and its
-    static arguments (``pallas_decode_pool.pool_group``)."""
-
-    positions: jax.Array
-    n_valid: jax.Array
-    ring_k: jax.Array
-    ring_v: jax.Array
-    core_k: jax.Array
-    core_v: jax.Array
-    group_size: int
-    pooling: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rope:
-    """The un-rotated new token of :func:`cca_decode_step_unrotated`: ``qkv`` (B, Hq + 2 Hkv,
-    D), its ``num_heads`` query heads first; cos, sin (B, D) float32; ``write`` (B,) int32."""
-
-    qkv: jax.Array
-    cos: jax.Array
-    sin: jax.Array
-    write: jax.Array
-    num_heads: int
-
-    def query_tile(self, hkv: int):
-        """The un-rotated :func:`query_tile` (MHA: a view of qkv, no copy)."""
-        b, h3, d = self.qkv.shape
-        if self.num_heads == hkv:
-            return self.qkv.reshape(b, h3, 1, d)  # rows h < Hq are the query heads
-        return query_tile(self.qkv[:, :self.num_heads], hkv)
-
-    def token_specs(self, index):
-        """Inputs and specs of the new token's key and value rows of ``qkv`` for a grid whose
-        program's (batch, kv head) is ``index(*program_ids)``."""
-        d, hq = self.qkv.shape[2], self.num_heads
-        hkv = (self.qkv.shape[1] - hq) // 2
-
-        def spec(offset):
-            def block(*ids):
-                bi, h = index(*ids)
-                return bi, offset + h, 0
-            return pl.BlockSpec((None, None, d), block)
-
-        return [self.qkv, self.qkv], [spec(hq), spec(hq + hkv)]
-
-
-def _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp: int, pool: _Pool | None = None,
-             rope: _Rope | None = None):
+def _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp: int):
     """Merges P partial softmaxes (o (P, B, Hkv, Gp, D) normalised, lse (P, B, Hkv, Gp) base 2;
     Gp = 1 for MHA) with the new token's own key and value: one small kernel of B x Hkv programs
     (as XLA ops it was about six kernels per layer and decode step). ``q_tile``:
-    :func:`query_tile`. With ``pool`` the same launch pools the group the new token completes
-    and returns (out, core_k, core_v). With ``rope``, ``q_tile`` is un-rotated and the key and
-    value come from ``rope.qkv`` (``k_new``, ``v_new`` unused)."""
-    b, hkv, d = k_new.shape
-    rows = q_tile.shape[2]
+    :func:`query_tile`."""
+    b, hkv, rows, d = q_tile.shape
     splits, _, _, gp, _ = o.shape
-    static = None
+    kernel = functools.partial(_combine_kernel, splits=splits, scale2=scale * LOG2E, gp=gp,
+                               exp2=exp2_for(interpret))
     token = pl.BlockSpec((None, None, d), lambda bi, h: (bi, h, 0))
     tile = pl.BlockSpec((None, None, gp, d), lambda bi, h: (bi, h, 0, 0))
-    if rope is None:
-        tokens, token_specs = [k_new, v_new], [token, token]
-    else:
-        tokens, token_specs = rope.token_specs(lambda bi, h: (bi, h))
-    in_specs = [pl.BlockSpec((None, None, rows, d), lambda bi, h: (bi, h, 0, 0)), *token_specs,
-                pl.BlockSpec((splits, None, None, gp, d), lambda bi, h: (0, bi, h, 0, 0)),
-                pl.BlockSpec((splits, None, None, gp), lambda bi, h: (0, bi, h, 0))]
-    inputs = [q_tile, *tokens, o, lse]
-    if rope is not None:
-        vector = pl.BlockSpec((None, d), lambda bi, h: (bi, 0))
-        in_specs += [vector, vector]
-        inputs += [rope.cos, rope.sin]
-    out_specs = [tile]
-    out_shape = [jax.ShapeDtypeStruct((b, hkv, gp, d), q_tile.dtype)]
-    aliases = None
-    if pool is not None:
-        ring, n = pool.ring_k.shape[1], pool.core_k.shape[1]
-        static = dict(g=pool.group_size, n=n, ring=ring, heads=grp, scale=scale,
-                      pooling=pool.pooling)
-        scalar = pl.BlockSpec((None,), lambda bi, h: (bi,))
-        per_head = lambda m: pl.BlockSpec((None, m, None, d), lambda bi, h: (bi, 0, h, 0))
-        in_specs += [scalar, scalar, per_head(ring), per_head(ring), per_head(n), per_head(n)]
-        inputs += [pool.positions.astype(jnp.int32), pool.n_valid.astype(jnp.int32),
-                   pool.ring_k, pool.ring_v, pool.core_k, pool.core_v]
-        out_specs += [per_head(n), per_head(n)]
-        out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (pool.core_k, pool.core_v)]
-        aliases = {len(inputs) - 2: 1, len(inputs) - 1: 2}
-    kernel = functools.partial(_combine_kernel, splits=splits, scale2=scale * LOG2E, gp=gp,
-                               exp2=exp2_for(interpret), pool=static, rope=rope is not None)
-    out, *cores = call(
+    [out] = call(
         kernel,
         grid=(b, hkv),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        inputs=inputs,
-        aliases=aliases,
+        in_specs=[pl.BlockSpec((None, None, rows, d), lambda bi, h: (bi, h, 0, 0)), token, token,
+                  pl.BlockSpec((splits, None, None, gp, d), lambda bi, h: (0, bi, h, 0, 0)),
+                  pl.BlockSpec((splits, None, None, gp), lambda bi, h: (0, bi, h, 0))],
+        out_specs=[tile],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, gp, d), q_tile.dtype)],
+        inputs=[q_tile, k_new, v_new, o, lse],
         num_warps=4,
         num_stages=1,
         interpret=interpret,
-        name="decode_combine" if pool is None else "decode_combine_pool",
+        name="decode_combine",
     )
-    out = out[:, :, :grp].reshape(b, hkv * grp, d)
-    return out if pool is None else (out, *cores)
+    return out[:, :, :grp].reshape(b, hkv * grp, d)
 
 
 def full_decode_attention(
@@ -520,128 +357,6 @@ def cca_decode_attention(
     The ring must hold the whole local region, i.e. R >= w + g - 1 or R >= every position (as
     ``jax_cca.cache.ring_size`` sizes it); the core slots below start(t) / g must be pooled.
     """
-    _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group_size,
-               local_window)
-    ring = ring_k.shape[1]
-    return _decode(q, k_new, v_new, positions,
-                   [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)],
-                   g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
-                   interpret=interpret)
-
-
-def cca_decode_step(
-    q: Float[Array, "B Hq D"],
-    k_new: Float[Array, "B Hkv D"],
-    v_new: Float[Array, "B Hkv D"],
-    core_k: Float[Array, "B N Hkv D"],
-    core_v: Float[Array, "B N Hkv D"],
-    ring_k: Float[Array, "B R Hkv D"],
-    ring_v: Float[Array, "B R Hkv D"],
-    positions: Int[Array, "B"],
-    n_valid: Int[Array, "B"],
-    *,
-    group_size: int,
-    local_window: int,
-    pooling: str = "cca",
-    softmax_scale: float | None = None,
-    config: DecodeConfig | None = None,
-    interpret: bool | None = None,
-) -> tuple[Float[Array, "B Hq D"], Float[Array, "B N Hkv D"], Float[Array, "B N Hkv D"]]:
-    """(out, core_k, core_v): :func:`cca_decode_attention` of the new token, and the pooling of
-    ``pallas_decode_pool.pool_decode_step`` of the group it completes, in two launches instead of
-    three: the combine kernel pools as well (its grid, B x Hkv, and its query tile are the
-    pooling's).
-
-    The new token must already be in the ring (``n_valid[b] > 0``), as for the pooling kernel;
-    the attention kernel's mask admits neither t nor t - R in its slot. Both read the cache
-    before any core slot changes: the attention reads core slots j with ``(j + 1) g <=
-    start(t)``, and the group the new token completes ends at t, inside the local region, so
-    the slot the combine writes is not among them. The core arrays are updated in place when
-    the caller donates them. Needs power-of-two g and D and a ring of whole groups
-    (``pallas_decode_pool.supports``)."""
-    _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group_size,
-               local_window)
-    ring = ring_k.shape[1]
-    pallas_decode_pool.check_pooling(group_size, q.shape[2], ring, pooling)
-    if n_valid.shape != positions.shape or not jnp.issubdtype(n_valid.dtype, jnp.integer):
-        raise ValueError(f"n_valid must be {positions.shape} integers like positions; got "
-                         f"{n_valid.shape} {n_valid.dtype}")
-    segments = [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)]
-    kw = dict(g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
-              interpret=interpret)
-    if core_k.shape[1] == 0:  # no core slot to write
-        return _decode(q, k_new, v_new, positions, segments, **kw), core_k, core_v
-    pool = _Pool(positions, n_valid, ring_k, ring_v, core_k, core_v, group_size, pooling)
-    return _decode(q, k_new, v_new, positions, segments, pool=pool, **kw)
-
-
-def rope_in_kernel_supported(head_dim: int, ring: int) -> bool:
-    """Whether :func:`cca_decode_step_unrotated` takes a cache: the kernels' head dims and a
-    ring of at least 16 rows (never padded to a key block, so the kernel can write it)."""
-    return supports(head_dim) and ring >= MIN_BLOCK
-
-
-def cca_decode_step_unrotated(
-    qkv: Float[Array, "B H3 D"],
-    cos: Float[Array, "B D"],
-    sin: Float[Array, "B D"],
-    core_k: Float[Array, "B N Hkv D"],
-    core_v: Float[Array, "B N Hkv D"],
-    ring_k: Float[Array, "B R Hkv D"],
-    ring_v: Float[Array, "B R Hkv D"],
-    positions: Int[Array, "B"],
-    n_valid: Int[Array, "B"],
-    write: Int[Array, "B"],
-    *,
-    num_heads: int,
-    group_size: int,
-    local_window: int,
-    pooling: str = "cca",
-    softmax_scale: float | None = None,
-    config: DecodeConfig | None = None,
-    interpret: bool | None = None,
-):
-    """(out, core_k, core_v, ring_k, ring_v): ``pallas_rope_append.rope_append`` (RoPE of the
-    new token's q and k, and the ring write where ``write[b]``) followed by
-    :func:`cca_decode_step`, in two launches instead of three: the attention kernel rotates its
-    query tile and writes the ring row, the combine rotates q and k again (a few rows).
-
-    ``qkv``: the un-rotated projections, ``num_heads`` query heads then Hkv key and Hkv value
-    heads; cos, sin: ``jax_cca.rope.rope_cos_sin`` at ``positions`` (float32). RoPE rounds as
-    ``jax_cca.rope.apply_rope``. The ring must have at least 16 rows
-    (:func:`rope_in_kernel_supported`). The caches are updated in place when donated."""
-    b, h3, d = qkv.shape
-    hq = num_heads
-    hkv = (h3 - hq) // 2
-    if h3 != hq + 2 * hkv or hkv < 1:
-        raise ValueError(f"qkv has {h3} heads; expected num_heads ({hq}) + 2 x kv heads")
-    if cos.shape != (b, d) or sin.shape != (b, d):
-        raise ValueError(f"cos and sin must be (batch, head_dim) = {(b, d)}; got {cos.shape} "
-                         f"and {sin.shape}")
-    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]  # shapes only (unused views)
-    _check_cca(q, k, v, core_k, core_v, ring_k, ring_v, positions, group_size, local_window)
-    ring = ring_k.shape[1]
-    pallas_decode_pool.check_pooling(group_size, d, ring, pooling)
-    if not rope_in_kernel_supported(d, ring):
-        raise ValueError(f"the in-kernel RoPE decode step needs a ring of >= {MIN_BLOCK} rows; "
-                         f"got {ring}")
-    for name, x in (("n_valid", n_valid), ("write", write)):
-        if x.shape != positions.shape:
-            raise ValueError(f"{name} must be {positions.shape} like positions; got {x.shape}")
-    rope = _Rope(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), write.astype(jnp.int32),
-                 hq)
-    segments = [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)]
-    kw = dict(g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
-              interpret=interpret, rope=rope)
-    if core_k.shape[1] == 0:  # no core slot to write
-        out, ring_k, ring_v = _decode(q, k, v, positions, segments, **kw)
-        return out, core_k, core_v, ring_k, ring_v
-    pool = _Pool(positions, n_valid, ring_k, ring_v, core_k, core_v, group_size, pooling)
-    return _decode(q, k, v, positions, segments, pool=pool, **kw)
-
-
-def _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group_size,
-               local_window):
     from kernels.cca.reference import check_cca_hparams
 
     check_cca_hparams(group_size, local_window)
@@ -650,3 +365,8 @@ def _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group
     if core_k.shape != core_v.shape or ring_k.shape != ring_v.shape or ring_k.shape[1] < 1:
         raise ValueError(f"core_k {core_k.shape} / core_v {core_v.shape} and ring_k "
                          f"{ring_k.shape} / ring_v {ring_v.shape} must match pairwise, R >= 1")
+    ring = ring_k.shape[1]
+    return _decode(q, k_new, v_new, positions,
+                   [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)],
+                   g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
+                   interpret=interpret)

@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from kernels.cca import pallas_decode
 from kernels.cca.pallas_common import call, resolve_interpret
 
 
@@ -41,16 +42,13 @@ def supports(group_size: int, head_dim: int, ring: int) -> bool:
     return pow2(group_size) and pow2(head_dim) and ring % group_size == 0
 
 
-def pool_group(t, valid, q_rows, ring_k_ref, ring_v_ref, core_k_ref, core_v_ref, *, g: int,
-               n: int, ring: int, heads: int, scale: float, pooling: str):
-    """The pooling of one (sequence, kv head): if the token at position ``t`` (``valid``: it is
-    a real token, already in the ring) completes group ``j = t // g`` and slot j exists, writes
-    the group's core key and value to row j of ``core_k_ref``, ``core_v_ref`` ((N, D) refs).
-    ``q_rows`` (rows, D): the new token's G query heads of this kv head, zero rows past G
-    (their sum over the rows / ``heads`` is the pooling query). Shared by this module's kernel
-    and the decode combine (``pallas_decode.cca_decode_step``)."""
+def _kernel(pos_ref, valid_ref, q_ref, ring_k_ref, ring_v_ref, core_k_in, core_v_in,
+            core_k_ref, core_v_ref, *, g: int, n: int, ring: int, heads: int, scale: float,
+            pooling: str):
+    del core_k_in, core_v_in  # aliased to the outputs: only the completed group's row changes
+    t = pos_ref[()]
     j = lax.div(t, g)
-    done = (valid > 0) & (lax.rem(t + 1, g) == 0) & (j < n)
+    done = (valid_ref[()] > 0) & (lax.rem(t + 1, g) == 0) & (j < n)
 
     @pl.when(done)
     def _():
@@ -62,7 +60,7 @@ def pool_group(t, valid, q_rows, ring_k_ref, ring_v_ref, core_k_ref, core_v_ref,
         elif pooling == "max":
             k_core, v_core = jnp.max(keys, axis=0), jnp.max(values, axis=0)
         else:
-            q_pool = jnp.sum(q_rows.astype(jnp.float32), axis=0) / heads  # (D,); pad rows 0
+            q_pool = jnp.sum(q_ref[...].astype(jnp.float32), axis=0) / heads  # (D,); pad rows 0
             s = jnp.sum(keys * q_pool[None, :], axis=1) * scale  # (g,)
             p = jnp.exp(s - jnp.max(s))
             p = p / jnp.sum(p)
@@ -70,23 +68,6 @@ def pool_group(t, valid, q_rows, ring_k_ref, ring_v_ref, core_k_ref, core_v_ref,
             v_core = jnp.sum(p[:, None] * values, axis=0)
         core_k_ref[pl.ds(j, 1), :] = k_core[None, :].astype(core_k_ref.dtype)
         core_v_ref[pl.ds(j, 1), :] = v_core[None, :].astype(core_v_ref.dtype)
-
-
-def _kernel(pos_ref, valid_ref, q_ref, ring_k_ref, ring_v_ref, core_k_in, core_v_in,
-            core_k_ref, core_v_ref, **static):
-    del core_k_in, core_v_in  # aliased to the outputs: only the completed group's row changes
-    pool_group(pos_ref[()], valid_ref[()], q_ref[...], ring_k_ref, ring_v_ref, core_k_ref,
-               core_v_ref, **static)
-
-
-def check_pooling(group_size: int, head_dim: int, ring: int, pooling: str) -> None:
-    """The errors of :func:`pool_decode_step` (and of ``pallas_decode.cca_decode_step``) for
-    shapes the kernel cannot tile or an unknown pooling."""
-    if not supports(group_size, head_dim, ring):
-        raise ValueError(f"the decode pooling kernel needs power-of-two group size ({group_size}) "
-                         f"and head dim ({head_dim}) and a ring of whole groups (R = {ring})")
-    if pooling not in ("cca", "mean", "max"):
-        raise ValueError(f"pooling must be 'cca', 'mean' or 'max'; got {pooling!r}")
 
 
 def pool_decode_step(
@@ -112,16 +93,18 @@ def pool_decode_step(
     _, r, hkv, _ = ring_k.shape
     n = core_k.shape[1]
     g = group_size
-    check_pooling(g, d, r, pooling)
+    if not supports(g, d, r):
+        raise ValueError(f"the decode pooling kernel needs power-of-two group size ({g}) and head "
+                         f"dim ({d}) and a ring of whole groups (R = {r})")
+    if pooling not in ("cca", "mean", "max"):
+        raise ValueError(f"pooling must be 'cca', 'mean' or 'max'; got {pooling!r}")
     if n == 0:
         return core_k, core_v
     grp = hq // hkv
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     # The attention kernel's query tile (the same XLA value: one pad); zero rows add nothing to
     # the mean over the G heads.
-    from kernels.cca.pallas_decode import query_tile  # (pallas_decode imports this module)
-
-    q_tile = query_tile(q, hkv)
+    q_tile = pallas_decode.query_tile(q, hkv)
     kernel = functools.partial(_kernel, g=g, n=n, ring=r, heads=grp, scale=scale,
                                pooling=pooling)
     scalar = pl.BlockSpec((None,), lambda bi, h: (bi,))

@@ -24,11 +24,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from kernels.cca.pallas_common import call, dot, resolve_interpret
+from kernels.cca.pallas_common import call, resolve_interpret
 
 
 def supports(head_dim: int) -> bool:
@@ -48,25 +47,6 @@ def _rotate(x_ref, cos_ref, sin_ref, half: int):
     out1 = rnd(x1 * c1) + rnd(-x2 * s1)
     out2 = rnd(x2 * c2) + rnd(x1 * s2)
     return out1.astype(dt), out2.astype(dt)
-
-
-def rotate_tile(x, cos_ref, sin_ref):
-    """``x * cos + rotate_half(x) * sin`` of a (rows, D) tile (rows >= 16) in x's dtype, with
-    :func:`_rotate`'s rounding, for kernels that hold the tile whole (the decode kernels of
-    ``pallas_decode.py`` with ``rope``). ``rotate_half(x)`` is ``x @ R`` with R the (D, D)
-    matrix of the half swap (entries 0 and +-1): exact, as each output is one input element,
-    and it needs no concatenation, which the Triton lowering lacks."""
-    dt = x.dtype
-    d = x.shape[1]
-    half = d // 2
-    i = lax.broadcasted_iota(jnp.int32, (d, d), 0)
-    j = lax.broadcasted_iota(jnp.int32, (d, d), 1)
-    swap = jnp.where(i == j + half, -1.0, jnp.where(j == i + half, 1.0, 0.0)).astype(dt)
-    rotated = dot(x, swap)  # float32, exactly rotate_half(x)
-    c = cos_ref[...].astype(dt).astype(jnp.float32)[None, :]
-    s = sin_ref[...].astype(dt).astype(jnp.float32)[None, :]
-    rnd = lambda y: y.astype(dt).astype(jnp.float32)
-    return (rnd(x.astype(jnp.float32) * c) + rnd(rotated * s)).astype(dt)
 
 
 def _kernel(pos_ref, write_ref, cos_ref, sin_ref, x_ref, v_ref, k_buf_in, v_buf_in,

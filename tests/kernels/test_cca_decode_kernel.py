@@ -213,40 +213,6 @@ def test_pool_kernel_equals_xla_pooling(pooling, dtype):
     assert changed.sum() == 1 and changed[0, 2], changed
 
 
-@pytest.mark.parametrize("hq,hkv,pooling", [(6, 2, "cca"), (4, 4, "cca"), (6, 2, "max")])
-def test_decode_step_pools_in_the_combine(hq, hkv, pooling):
-    """``cca_decode_step`` (attention, with the pooling in the combine launch) returns the
-    output of ``cca_decode_attention`` and the core arrays of ``pool_decode_step``, bit for bit:
-    the same batch as above (a row completing a group, one not, one with n_valid 0, one past the
-    last core slot), GQA with G = 3 (padded query tile) and MHA (one query row)."""
-    d, g, w, max_len = 64, 4, 8, 30
-    config = _cache_config("cca", hq, hkv, d, g, w, "bfloat16").replace(pooling=pooling)
-    lengths = [11, 12, 19, 31]
-    n_valid = jnp.asarray([1, 1, 0, 1], jnp.int32)
-    cache = _random_cache(config, 4, max_len, lengths, seed=5)
-    q, k, v = _new_token(config, 4, seed=5)
-    ring = cache.append(k, v, n_valid)
-    q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    # The step's position is the length before the append.
-    args = (q, k, v, ring.core_k, ring.core_v, ring.ring_k, ring.ring_v, cache.lengths)
-    kw = dict(group_size=g, local_window=w)
-    with poison_outputs():
-        out, core_k, core_v = pallas_decode.cca_decode_step(*args, n_valid, pooling=pooling, **kw)
-        want_out = pallas_decode.cca_decode_attention(*args, **kw)
-        want_k, want_v = pallas_decode_pool.pool_decode_step(
-            q, ring.ring_k, ring.ring_v, ring.core_k, ring.core_v, cache.lengths, n_valid,
-            group_size=g, pooling=pooling)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want_out, np.float32))
-    np.testing.assert_array_equal(np.asarray(core_k, np.float32), np.asarray(want_k, np.float32))
-    np.testing.assert_array_equal(np.asarray(core_v, np.float32), np.asarray(want_v, np.float32))
-    changed = np.any(np.asarray(core_k != ring.core_k), axis=(2, 3))  # (B, N)
-    assert changed.sum() == 1 and changed[0, 2], changed
-    with pytest.raises(ValueError, match="power-of-two group size"):
-        pallas_decode.cca_decode_step(*args, n_valid, group_size=6, local_window=12)
-    with pytest.raises(ValueError, match="n_valid must be"):
-        pallas_decode.cca_decode_step(*args, n_valid[:2], **kw)
-
-
 def test_pool_kernel_refuses_shapes_it_cannot_tile():
     q, ring, core = jnp.ones((1, 2, 64)), jnp.ones((1, 12, 2, 64)), jnp.ones((1, 4, 2, 64))
     t = jnp.zeros((1,), jnp.int32)

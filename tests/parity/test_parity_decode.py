@@ -211,25 +211,14 @@ def _pool_case(g, hq, hkv, d, ring, dtype, seed, n):
 
 
 def _pool_twins(pooling, g, dtype, args):
-    """Triton's pooling against the Pallas pooling kernel and against the pooling that
-    ``pallas_decode.cca_decode_step`` does in its combine launch (the model's decode path)."""
     from kernels.cca import pallas_decode_pool
-
-    def fused(q, ring_k, ring_v, core_k, core_v, positions, n_valid):
-        new_k, new_v = ring_k[:, 0], ring_v[:, 0]  # any token: only the cores are compared
-        _, core_k, core_v = pallas_decode.cca_decode_step(
-            q, new_k, new_v, core_k, core_v, ring_k, ring_v, positions, n_valid, group_size=g,
-            local_window=g, pooling=pooling)
-        return core_k, core_v
 
     with poison_outputs():
         pallas = jax.jit(lambda *a: pallas_decode_pool.pool_decode_step(
             *a, group_size=g, pooling=pooling))(*args)
-        in_combine = jax.jit(fused)(*args)
     kernels = triton_module("kernels.cca.triton_decode_step")
     triton = kernels.pool_decode_step(*(_torch(a) for a in args), group_size=g, pooling=pooling)
-    for a, b, old in [*zip(triton, pallas, args[3:5], strict=True),
-                      *zip(triton, in_combine, args[3:5], strict=True)]:
+    for a, b, old in zip(triton, pallas, args[3:5], strict=True):
         a = a.float().cpu().numpy()
         changed = np.any(np.asarray(b, np.float32) != np.asarray(old, np.float32), axis=(2, 3))
         assert changed[:2].any(axis=1).all() and not changed[2:].any(), changed
@@ -249,55 +238,6 @@ def test_pool_decode_step_twins_agree(case):
     pooling, hq, hkv, d, g, ring, dtype = case
     args = _pool_case(g, hq, hkv, d, ring, dtype, seed=hq * g, n=ring // g + 3)
     _pool_twins(pooling, g, dtype, args)
-
-
-def _step_twins(hq, hkv, d, g, w, ring, n, dtype, positions, n_valid, seed):
-    """The model's two-launch CCA step (``pallas_decode.cca_decode_step_unrotated``: RoPE, ring
-    write, attention and pooling) against the Triton twins run one after another: RoPE + append,
-    pooling, attention. Output within the attention tolerance; the ring's rotated key rows within
-    RoPE's 2 ulp, its values to the bit; the core slots within the pooling's tolerance."""
-    from tests.kernels.test_rope_append_kernel import _cos_sin
-
-    rng = np.random.default_rng(seed)
-    b = len(positions)
-    qkv = _rand(rng, (b, hq + 2 * hkv, d), dtype)
-    ring_k, ring_v = (_rand(rng, (b, ring, hkv, d), dtype) for _ in "kv")
-    core_k, core_v = (_rand(rng, (b, n, hkv, d), dtype) for _ in "kv")
-    positions = jnp.asarray(positions, jnp.int32)
-    n_valid = jnp.asarray(n_valid, jnp.int32)
-    cos, sin = _cos_sin(positions, d, theta=500000.0)
-    with poison_outputs():
-        pallas = jax.jit(lambda *a: pallas_decode.cca_decode_step_unrotated(
-            *a, n_valid, n_valid, num_heads=hq, group_size=g, local_window=w))(
-            qkv, cos, sin, core_k, core_v, ring_k, ring_v, positions)
-    step = triton_module("kernels.cca.triton_decode_step")
-    attention = triton_module("kernels.cca.triton_decode")
-    t = lambda a: _torch(jnp.asarray(a))
-    with step.poison_outputs():
-        q, k, v, rk, rv = step.rope_append(t(qkv), t(cos), t(sin), t(ring_k), t(ring_v),
-                                           t(positions), t(n_valid > 0), num_heads=hq,
-                                           modulus=ring)
-        ck, cv = step.pool_decode_step(q, rk, rv, t(core_k), t(core_v), t(positions),
-                                       t(n_valid), group_size=g)
-        out = attention.cca_decode_attention(q, k, v, ck, cv, rk, rv, t(positions),
-                                             group_size=g, local_window=w)
-    host = lambda x: x.float().cpu().numpy()
-    assert rel_err(host(out), np.asarray(pallas[0], np.float32)) < TOL[dtype]
-    _close(host(rk), pallas[3], dtype, 2, atol_ulps=4)
-    _close(host(rv), pallas[4], dtype, 0)
-    for a, b in ((ck, pallas[1]), (cv, pallas[2])):
-        if dtype == "float32":
-            np.testing.assert_allclose(host(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-        else:
-            _close(host(a), b, dtype, 1, atol_ulps=0.1)
-
-
-@pytest.mark.parametrize("hq, hkv, dtype", [(4, 4, "float32"), (4, 2, "bfloat16")])
-def test_two_launch_decode_step_equals_the_twins_in_turn(hq, hkv, dtype):
-    """MHA and GQA, g = 4, w = 16 (a 20-row ring), 12 core slots: a row that completes group 1,
-    one that completes group 7 (its rows wrapped around the ring), one that completes none and
-    one that would complete group 11 but holds no new token."""
-    _step_twins(hq, hkv, 64, 4, 16, 20, 12, dtype, [7, 31, 30, 47], [1, 1, 1, 0], seed=hq + hkv)
 
 
 NORM_CASES = [((3, 1, 64), "float32", True), ((2, 256), "bfloat16", True),
@@ -333,13 +273,11 @@ def test_add_rms_norm_twins_agree(shape, dtype, with_residual):
 @needs_gpu
 def test_gpu_small_kernel_twins_at_real_sizes():
     """Compiled, bf16, LLaMA-2-7B shapes: RoPE/append into a 1,040-row ring at positions near
-    128K, pooling of 32/32 and 32/8 heads with g = 16 into 8K core slots (also as the model's
-    two-launch step against the twins in turn), add + RMSNorm of 25 rows of 4,096."""
+    128K, pooling of 32/32 and 32/8 heads with g = 16 into 8K core slots, add + RMSNorm of 25
+    rows of 4,096."""
     _rope_twins((32, 32, 128, 1040, 1040, "bfloat16"),
                 _rope_case(32, 32, 128, 1040, 1040, "bfloat16", 3, [131071, 131070, 70000]))
     for hkv in (32, 8):
         args = _pool_case(16, 32, hkv, 128, 1040, "bfloat16", seed=hkv, n=8192)
         _pool_twins("cca", 16, "bfloat16", args)
-        _step_twins(32, hkv, 128, 16, 1024, 1040, 8192, "bfloat16", [131071, 131070, 70015],
-                    [1, 1, 1], seed=hkv)
     test_add_rms_norm_twins_agree((25, 1, 4096), "bfloat16", True)
