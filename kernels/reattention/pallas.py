@@ -46,7 +46,7 @@ from jax_cca.rope import apply_rope, rope_cos_sin
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import params, reference
+from kernels.reattention import pallas_mgpu_score, params, reference
 from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
                                         next_power_of_2, round_up, score_splits)
 
@@ -107,11 +107,58 @@ def _score_kernel(meta_ref, q_ref, k_ref, vals_ref, idx_ref, *, sink: int, top_k
     idx_ref[...] = idxs
 
 
+def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> bool:
+    """Whether the scoring runs the Mosaic GPU kernel (``Config.score_lowering``)."""
+    if config.score_lowering == "triton":
+        return False
+    fits = pallas_mgpu_score.supports(q.dtype, q.shape[-1], k.shape[1], sel.top_k,
+                                      config.mgpu_block_k)
+    if config.score_lowering == "mosaic_gpu":
+        if not fits:
+            raise ValueError(
+                "score_lowering='mosaic_gpu' needs bfloat16/float16 q and k with head dim 64 or "
+                f"128, at least {config.mgpu_block_k} keys and top_k <= "
+                f"{pallas_mgpu_score.MAX_TOP_K}; got {q.dtype}, head dim {q.shape[-1]}, "
+                f"{k.shape[1]} keys, top_k {sel.top_k}")
+        if not interpret and not pallas_mgpu_score.available():
+            raise ValueError("score_lowering='mosaic_gpu' needs a Hopper (sm_90) GPU and jax's "
+                             "Mosaic GPU lowering")
+        return True
+    return fits and not interpret and pallas_mgpu_score.available()
+
+
+@functools.partial(jax.jit, static_argnames=("sink", "top_k", "splits", "split_len", "block_k",
+                                             "slots", "consumers", "interpret"))
+def _mgpu_score(q_rows, k, l0, **kwargs):
+    """``pallas_mgpu_score.score`` as one jitted function, so that the layers of a model share
+    one lowered kernel (as ``kernels.cca.pallas._mgpu_forward``)."""
+    return pallas_mgpu_score.score(q_rows, k, l0, **kwargs)
+
+
+def _merge_splits(vals, idx, top_k: int):
+    """Best top_k of each row's candidates from all splits, ties to the lower position."""
+    neg, idx = lax.sort((jnp.where(idx >= 0, -vals, jnp.inf), jnp.where(idx >= 0, idx, INT_MAX)),
+                        dimension=-1, num_keys=2)
+    vals, idx = -neg[..., :top_k], idx[..., :top_k]
+    return vals, jnp.where(idx == INT_MAX, -1, idx)
+
+
 def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool):
     """Per-row picks (vals, idx), (B, Hkv, NC, R_pad, K): unordered, idx -1 where none."""
     b, hkv, nc, r_pad, d = q_rows.shape
     s_len = k.shape[1]
     sel = geo.sel
+    if _uses_mgpu_score(q_rows, k, sel, config, interpret):
+        bk, rows = config.mgpu_block_k, pallas_mgpu_score.ROWS * config.mgpu_consumers
+        splits = score_splits(config, geo, nc * r_pad // rows)
+        split_len = round_up(max(s_len - sel.sink_tokens, 1), splits * bk) // splits
+        vals, idx = _mgpu_score(q_rows, k, meta[..., 2], sink=sel.sink_tokens, top_k=sel.top_k,
+                                splits=splits, split_len=split_len, block_k=bk,
+                                slots=config.mgpu_slots, consumers=config.mgpu_consumers,
+                                interpret=interpret)
+        vals = vals.transpose(0, 1, 2, 5, 3, 4).reshape(b, hkv, nc, r_pad, -1)
+        idx = idx.transpose(0, 1, 2, 5, 3, 4).reshape(b, hkv, nc, r_pad, -1)
+        return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
     bq, bk = config.score_block_q, config.score_block_k
     tiles = r_pad // bq
     splits = score_splits(config, geo, nc * tiles)
@@ -142,13 +189,7 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool):
     )
     vals = vals[..., : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nc, r_pad, -1)
     idx = idx[..., : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nc, r_pad, -1)
-    if splits > 1:  # best top_k of the splits' candidates, ties to the lower position
-        neg, idx = lax.sort((jnp.where(idx >= 0, -vals, jnp.inf), jnp.where(idx >= 0, idx,
-                                                                              INT_MAX)),
-                            dimension=-1, num_keys=2)
-        vals, idx = -neg[..., : sel.top_k], idx[..., : sel.top_k]
-        idx = jnp.where(idx == INT_MAX, -1, idx)
-    return vals, idx
+    return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
 
 
 # ----------------------------------------------------------------------------- 3. attention
@@ -346,6 +387,8 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
     c0, c1, l0 = reference.chunk_bounds(q0, geo)
     tile = max(config.score_block_q, config.attn_block_q)
+    if _uses_mgpu_score(q, k, sel, config, interpret):  # its programs take 64 x consumers rows
+        tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
     q_rows = pad_to(reference.pack_rows(q, geo), 3, tile)
     vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret)
     vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]

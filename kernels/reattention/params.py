@@ -140,7 +140,14 @@ class Config:
     call that starts at position 0) drop nothing, so they are plain causal attention: "cudnn" or
     "xla" runs them through ``jax.nn.dot_product_attention`` with that implementation, "off"
     through the kernels; "auto": "cudnn" for 16-bit inputs on a GPU (head dim <= 128), "off"
-    otherwise."""
+    otherwise.
+
+    ``score_lowering``: "triton" runs the scoring kernel through Pallas's Triton lowering (the
+    ``score_*`` tiles above), "mosaic_gpu" through the warp-specialised Mosaic GPU kernel
+    (``pallas_mgpu_score.py``: ``mgpu_consumers`` x 64 rows per program, ``mgpu_block_k`` keys
+    per tile, ``mgpu_slots`` shared-memory slots; Hopper, 16-bit, head dim 64 or 128,
+    top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU, else "triton".
+    H200, 128K, 32 heads, d = 128: 164 ms with the defaults, 200 ms through Triton."""
 
     score_block_q: int = 64
     score_block_k: int = 64
@@ -153,6 +160,10 @@ class Config:
     attn_stages: int = 2
     tail_keys: str = "auto"
     full_prefix: str = "auto"
+    score_lowering: str = "auto"
+    mgpu_block_k: int = 64
+    mgpu_slots: int = 4
+    mgpu_consumers: int = 4
 
     def __post_init__(self):
         for name in ("score_block_q", "score_block_k", "attn_block_q", "attn_block_k"):
@@ -167,6 +178,15 @@ class Config:
         if self.full_prefix not in ("auto", "cudnn", "xla", "off"):
             raise ValueError(f"Config.full_prefix must be 'auto', 'cudnn', 'xla' or 'off'; got "
                              f"{self.full_prefix!r}")
+        if self.score_lowering not in ("auto", "triton", "mosaic_gpu"):
+            raise ValueError(f"Config.score_lowering must be 'auto', 'triton' or 'mosaic_gpu'; "
+                             f"got {self.score_lowering!r}")
+        if self.mgpu_block_k not in (64, 128):
+            raise ValueError(f"Config.mgpu_block_k must be 64 or 128; got {self.mgpu_block_k}")
+        if self.mgpu_slots < 2:
+            raise ValueError(f"Config.mgpu_slots must be >= 2; got {self.mgpu_slots}")
+        if self.mgpu_consumers not in (2, 4):
+            raise ValueError(f"Config.mgpu_consumers must be 2 or 4; got {self.mgpu_consumers}")
 
 
 def default_config(head_dim: int, itemsize: int, rows: int | None = None) -> Config:

@@ -1,0 +1,69 @@
+"""The Mosaic GPU scoring kernel of ReAttention (``kernels/reattention/pallas_mgpu_score.py``).
+
+On a Hopper GPU (``-m gpu``) the compiled kernel's picks at 32K equal the Triton lowering's, with
+four consumers (the default) and two; the ReAttention op and parity suites run it too (``Config.
+score_lowering`` "auto"). On CPU only the argument checks run: jax 0.10's Mosaic GPU interpreter
+deadlocks on this kernel's barriers under the suite's XLA flags (it ran standalone with two
+consumers, picks equal to the reference, ties included), so the CPU twin of the same function is
+the Triton-lowered scoring kernel in the Pallas interpreter (``test_reattention_ops.py``,
+``test_picks_match_reference_topk``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.reattention import pallas as P
+from kernels.reattention import pallas_mgpu_score as M
+from kernels.reattention.params import Config
+from kernels.reattention.shapes import Case, gpu_cases, small
+from tests.kernels.test_reattention_reference import make_qkv
+
+needs_hopper = pytest.mark.skipif(not M.available(),
+                                  reason="needs a Hopper GPU (runs on the device machine)")
+
+
+def test_config_and_inputs_are_checked():
+    with pytest.raises(ValueError, match="score_lowering"):
+        Config(score_lowering="cuda")
+    with pytest.raises(ValueError, match="mgpu_consumers"):
+        Config(mgpu_consumers=3)
+    with pytest.raises(ValueError, match="mgpu_block_k"):
+        Config(mgpu_block_k=32)
+    case = Case(1, 200, 2, 1, 64, small(4, 32, 2, 3, 3, 64, 8))
+    q, k, _ = make_qkv(case, seed=6)  # float32: the Mosaic GPU kernel takes 16-bit inputs only
+    with pytest.raises(ValueError, match="score_lowering='mosaic_gpu' needs bfloat16"):
+        P.picks(q, k, sel=case.sel, config=Config(score_lowering="mosaic_gpu"), interpret=True)
+    rows = jnp.zeros((1, 1, 1, 128, 64), jnp.bfloat16)  # 128 rows: not a multiple of 64 x 4
+    with pytest.raises(ValueError, match="consumers"):
+        M.score(rows, k.astype(jnp.bfloat16), jnp.zeros((1, 1), jnp.int32), sink=4, top_k=2,
+                splits=1, split_len=256, interpret=True)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("consumers", [4, 2])
+@pytest.mark.parametrize("case", gpu_cases(32768), ids=lambda c: c.id)
+def test_gpu_picks_equal_triton_lowering(case, consumers):
+    """The authors' defaults at 32K, bf16: the two lowerings read the same bf16 products with
+    float32 sums, so their picks agree as sets (a summation-order near-tie may flip a rare one)
+    and their scores to float32 rounding."""
+    q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))
+
+    def picks(lowering):
+        config = Config(**{**P.default_config(128, 2, 512 * 32 // case.kv_heads).__dict__,
+                           "score_lowering": lowering, "mgpu_consumers": consumers})
+        return jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
+
+    vals_m, idx_m = picks("mosaic_gpu")
+    vals_t, idx_t = picks("triton")
+    same = np.sort(np.asarray(idx_m), -1) == np.sort(np.asarray(idx_t), -1)
+    assert same.mean() > 0.9999, same.mean()
+    live = np.asarray(idx_t) >= 0
+    assert live.mean() > 0.5
+    diff = np.abs(np.sort(np.asarray(vals_m), -1) - np.sort(np.asarray(vals_t), -1))
+    assert np.max(np.where(live & same, diff, 0)) < 1e-3 * np.max(np.abs(np.asarray(vals_t)))
+
