@@ -96,16 +96,24 @@ def interpret_params():
     return InterpretGPUParams()
 
 
+def layout_helpers(interpret: bool):
+    """(cast, iota) that pin register layouts on the GPU. The interpreter has no lowering for
+    register layouts, so there they are left to it (plain ``lax`` ops)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if interpret:
+        return (lambda x, layout: x,
+                lambda dt, shape, dim, layout: lax.broadcasted_iota(dt, shape, dim))
+    return (plgpu.layout_cast,
+            lambda dt, shape, dim, layout: plgpu.broadcasted_iota(dt, shape, dim, layout=layout))
+
+
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
             grp, scale, dtype, n_tiles, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
-    # The interpreter has no lowering for register layouts: there they are left to it.
-    cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
-    iota = ((lambda dt, shape, dim, layout: lax.broadcasted_iota(dt, shape, dim)) if interpret
-            else lambda dt, shape, dim, layout: plgpu.broadcasted_iota(dt, shape, dim,
-                                                                       layout=layout))
+    cast, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     wg = lax.axis_index("wg")

@@ -9,6 +9,8 @@ Three stages per chunk of queries (README.md in this folder):
    (rows, K) set: while some row's best remaining score beats its current k-th, that row's best
    key (lowest position among equal scores) replaces its current minimum. Writes each row's K
    (score, position) picks per split. Chunks run latest first: their middles are the longest.
+   On a Hopper GPU with 16-bit inputs the same stage runs as a warp-specialised Mosaic GPU
+   kernel instead (``pallas_mgpu_score.py``, ``Config.score_lowering``).
 2. Selection in XLA (``reference.select_from_picks``): merge the splits (a sort of splits * K
    candidates per row), count votes, keep the most-voted, expand spans, compact into the
    gathered list. O(C * G * K log) per chunk, independent of the context length.

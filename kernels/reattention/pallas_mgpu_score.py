@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import NEG, cdiv
-from kernels.cca.pallas_mgpu import available, interpret_params  # noqa: F401 (re-exported)
+from kernels.cca.pallas_mgpu import available, interpret_params, layout_helpers  # noqa: F401
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
 MAX_TOP_K = 8
@@ -81,10 +81,7 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (q_smem2, k_smem, v_out2, i_out2, flag2), (k_full, q_full), k_free = scoped
-    cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
-    iota = ((lambda dt, shape, dim, layout: lax.broadcasted_iota(dt, shape, dim)) if interpret
-            else lambda dt, shape, dim, layout: plgpu.broadcasted_iota(dt, shape, dim,
-                                                                       layout=layout))
+    cast, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     wg = lax.axis_index("wg")
