@@ -113,19 +113,10 @@ def _forward(q, k, v, kc, vc, *, g, w, scale, config: Config, interpret: bool):
 
 def _uses_mgpu(q, config: Config, interpret: bool) -> bool:
     """Whether the forward runs the Mosaic GPU kernel (``Config.forward_lowering``)."""
-    if config.forward_lowering == "triton":
-        return False
-    fits = pallas_mgpu.supports(q)
-    if config.forward_lowering == "mosaic_gpu":
-        if not fits:
-            raise ValueError(
-                "forward_lowering='mosaic_gpu' needs bfloat16/float16 inputs with head dim 64 or "
-                f"128 (and T padded to {pallas_mgpu.TILE}); got {q.dtype}, shape {tuple(q.shape)}")
-        if not interpret and not pallas_mgpu.available():
-            raise ValueError("forward_lowering='mosaic_gpu' needs a Hopper (sm_90) GPU and jax's "
-                             "Mosaic GPU lowering")
-        return True
-    return fits and not interpret and pallas_mgpu.available()
+    return pallas_mgpu.uses_mosaic_gpu(
+        config.forward_lowering, "forward_lowering", pallas_mgpu.supports(q),
+        f"bfloat16/float16 inputs with head dim 64 or 128 (and T padded to {pallas_mgpu.TILE}); "
+        f"got {q.dtype}, shape {tuple(q.shape)}", interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("g", "w", "scale"))

@@ -87,6 +87,24 @@ def available() -> bool:
         return False
 
 
+def uses_mosaic_gpu(setting: str, name: str, fits: bool, needs: str, interpret: bool) -> bool:
+    """Whether a kernel with a Triton and a Mosaic GPU lowering runs the latter. ``setting`` is
+    the config field ``name`` ("auto", "triton" or "mosaic_gpu"), ``fits`` whether the Mosaic GPU
+    kernel takes these inputs, ``needs`` what it takes (for the error): "mosaic_gpu" demands it
+    (a ValueError when it does not fit, or, compiled, without a Hopper GPU); "auto" takes it where
+    it fits on a Hopper GPU, never in the interpreter."""
+    if setting == "triton":
+        return False
+    if setting == "mosaic_gpu":
+        if not fits:
+            raise ValueError(f"{name}='mosaic_gpu' needs {needs}")
+        if not interpret and not available():
+            raise ValueError(f"{name}='mosaic_gpu' needs a Hopper (sm_90) GPU and jax's Mosaic "
+                             "GPU lowering")
+        return True
+    return fits and not interpret and available()
+
+
 def interpret_params():
     """Parameters of the Mosaic GPU interpreter (jax internals; None if this jax has none)."""
     try:

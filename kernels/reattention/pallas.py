@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from jax_cca.rope import apply_rope, rope_cos_sin
+from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
@@ -111,22 +112,13 @@ def _score_kernel(meta_ref, q_ref, k_ref, vals_ref, idx_ref, *, sink: int, top_k
 
 def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> bool:
     """Whether the scoring runs the Mosaic GPU kernel (``Config.score_lowering``)."""
-    if config.score_lowering == "triton":
-        return False
     fits = pallas_mgpu_score.supports(q.dtype, q.shape[-1], k.shape[1], sel.top_k,
                                       config.mgpu_block_k)
-    if config.score_lowering == "mosaic_gpu":
-        if not fits:
-            raise ValueError(
-                "score_lowering='mosaic_gpu' needs bfloat16/float16 q and k with head dim 64 or "
-                f"128, at least {config.mgpu_block_k} keys and top_k <= "
-                f"{pallas_mgpu_score.MAX_TOP_K}; got {q.dtype}, head dim {q.shape[-1]}, "
-                f"{k.shape[1]} keys, top_k {sel.top_k}")
-        if not interpret and not pallas_mgpu_score.available():
-            raise ValueError("score_lowering='mosaic_gpu' needs a Hopper (sm_90) GPU and jax's "
-                             "Mosaic GPU lowering")
-        return True
-    return fits and not interpret and pallas_mgpu_score.available()
+    return pallas_mgpu.uses_mosaic_gpu(
+        config.score_lowering, "score_lowering", fits,
+        f"bfloat16/float16 q and k with head dim 64 or 128, at least {config.mgpu_block_k} keys "
+        f"and top_k <= {pallas_mgpu_score.MAX_TOP_K}; got {q.dtype}, head dim {q.shape[-1]}, "
+        f"{k.shape[1]} keys, top_k {sel.top_k}", interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("sink", "top_k", "splits", "split_len", "block_k",
@@ -145,12 +137,13 @@ def _merge_splits(vals, idx, top_k: int):
     return vals, jnp.where(idx == INT_MAX, -1, idx)
 
 
-def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool):
-    """Per-row picks (vals, idx), (B, Hkv, NC, R_pad, K): unordered, idx -1 where none."""
+def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu: bool):
+    """Per-row picks (vals, idx), (B, Hkv, NC, R_pad, K): unordered, idx -1 where none. ``mgpu``:
+    through the Mosaic GPU kernel (``_uses_mgpu_score``; rows padded to its programs)."""
     b, hkv, nc, r_pad, d = q_rows.shape
     s_len = k.shape[1]
     sel = geo.sel
-    if _uses_mgpu_score(q_rows, k, sel, config, interpret):
+    if mgpu:
         bk, rows = config.mgpu_block_k, pallas_mgpu_score.ROWS * config.mgpu_consumers
         splits = score_splits(config, geo, nc * r_pad // rows)
         split_len = round_up(max(s_len - sel.sink_tokens, 1), splits * bk) // splits
@@ -389,10 +382,11 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
     c0, c1, l0 = reference.chunk_bounds(q0, geo)
     tile = max(config.score_block_q, config.attn_block_q)
-    if _uses_mgpu_score(q, k, sel, config, interpret):  # its programs take 64 x consumers rows
+    mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
+    if mgpu:  # its programs take 64 x consumers rows
         tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
     q_rows = pad_to(reference.pack_rows(q, geo), 3, tile)
-    vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret)
+    vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu)
     vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
     live = reference.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]  # (B, NC, R)

@@ -45,10 +45,10 @@ from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import NEG, cdiv
 from kernels.cca.pallas_mgpu import available, interpret_params, layout_helpers  # noqa: F401
+from kernels.reattention.reference import INT_MAX
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
 MAX_TOP_K = 8
-INT_MAX = 2**31 - 1
 
 
 def supports(dtype, head_dim: int, num_keys: int, top_k: int, block_k: int = 64) -> bool:
@@ -111,8 +111,6 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
         def some_row(pred):
             """Warpgroup-wide any() of a row predicate, through shared memory: the 64 flags
             are read back in a layout every warp holds whole, so the reduction is in-warp."""
-            if interpret:  # one thread per warpgroup: no shared memory needed
-                return jnp.max(pred.astype(jnp.int32)) > 0
             flag[...] = pred.astype(jnp.int32)
             every = plgpu.load(flag, (), layout=plgpu.Layout.WGMMA.reduce(0))
             return jnp.max(every) > 0
@@ -131,7 +129,8 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
                 return it + 1, s, s.max(axis=1), vals, idxs
 
             carry = (jnp.int32(0), scores, scores.max(axis=1), vals, idxs)
-            if interpret:  # same picks: a round where no row beats its k-th changes nothing
+            if interpret:  # top_k rounds, no shared-memory any(): the same picks, as a round
+                # where no row beats its k-th changes nothing
                 _, _, _, vals, idxs = lax.fori_loop(0, top_k, lambda i, c: body(c), carry)
                 return vals, idxs
             _, _, _, vals, idxs = lax.while_loop(cond, body, carry)
@@ -220,10 +219,9 @@ def score(
 
     b, hkv, nc, r, d = q_rows.shape
     s_len = k.shape[1]
-    if not (supports(q_rows.dtype, d, s_len, top_k, block_k) and q_rows.dtype == k.dtype
-            and r % ROWS == 0):
+    if not (supports(q_rows.dtype, d, s_len, top_k, block_k) and q_rows.dtype == k.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention scoring needs 16-bit q and k with head dim "
-                         f"64 or 128, rows padded to {ROWS}, at least {block_k} keys and top_k "
+                         f"64 or 128, at least {block_k} keys and top_k "
                          f"<= {MAX_TOP_K}; got {q_rows.dtype}/{k.dtype}, rows {tuple(q_rows.shape)}"
                          f", keys {tuple(k.shape)}, top_k {top_k}")
     if k.shape[0] != b or k.shape[2] != hkv or k.shape[3] != d or l0.shape != (b, nc):

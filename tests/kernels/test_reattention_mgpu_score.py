@@ -11,6 +11,8 @@ the Triton-lowered scoring kernel in the Pallas interpreter (``test_reattention_
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,8 +56,8 @@ def test_gpu_picks_equal_triton_lowering(case, consumers):
     q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))
 
     def picks(lowering):
-        config = Config(**{**P.default_config(128, 2, 512 * 32 // case.kv_heads).__dict__,
-                           "score_lowering": lowering, "mgpu_consumers": consumers})
+        config = dataclasses.replace(P.default_config(128, 2, 512 * 32 // case.kv_heads),
+                                     score_lowering=lowering, mgpu_consumers=consumers)
         return jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
 
     vals_m, idx_m = picks("mosaic_gpu")
