@@ -28,6 +28,18 @@ needs_hopper = pytest.mark.skipif(not M.available(),
                                   reason="needs a Hopper GPU (runs on the device machine)")
 
 
+def test_key_counts_the_kernel_cannot_read_fall_back():
+    """A cache length that is not a multiple of 8 cannot be read by the kernel's TMA copies: "auto"
+    keeps the Triton lowering there, and "mosaic_gpu" says why it cannot run."""
+    sel, config = small(4, 32, 2, 3, 3, 64, 8), Config(score_lowering="mosaic_gpu")
+    for s_len, fits in [(200, True), (201, False), (60, False)]:
+        q = jnp.zeros((1, s_len, 2, 64), jnp.bfloat16)
+        assert M.supports(q.dtype, 64, s_len, sel.top_k) == fits
+        if not fits:
+            with pytest.raises(ValueError, match="multiple of 8"):
+                P._uses_mgpu_score(q, q[:, :, :1], sel, config, interpret=True)
+
+
 def test_config_and_inputs_are_checked():
     with pytest.raises(ValueError, match="score_lowering"):
         Config(score_lowering="cuda")
@@ -48,15 +60,18 @@ def test_config_and_inputs_are_checked():
 @needs_hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("consumers", [4, 2])
-@pytest.mark.parametrize("case", gpu_cases(32768), ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [*gpu_cases(32768), Case(2, 20008, 10, 2, 64)],
+                         ids=lambda c: c.id)
 def test_gpu_picks_equal_triton_lowering(case, consumers):
-    """The authors' defaults at 32K, bf16: the two lowerings read the same bf16 products with
+    """The authors' defaults at 32K, and at a length that is a multiple of no key tile or chunk
+    (20008: the kernel needs multiples of 8; batch 2, 5 query heads per kv head, d = 64), bf16: the two lowerings read the same bf16 products with
     float32 sums, so their picks agree as sets (a summation-order near-tie may flip a rare one)
     and their scores to float32 rounding."""
     q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))
 
     def picks(lowering):
-        config = dataclasses.replace(P.default_config(128, 2, 512 * 32 // case.kv_heads),
+        rows = case.sel.chunk_size * case.q_heads // case.kv_heads
+        config = dataclasses.replace(P.default_config(case.head_dim, 2, rows),
                                      score_lowering=lowering, mgpu_consumers=consumers)
         return jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
 
