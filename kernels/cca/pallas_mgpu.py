@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,115 @@ def layout_helpers(interpret: bool):
             lambda dt, shape, dim, layout: plgpu.broadcasted_iota(dt, shape, dim, layout=layout))
 
 
+class Ring(NamedTuple):
+    """The key/value ring of a warp-specialised attention kernel: ``slots`` shared-memory key
+    and value blocks, their barriers (``*_full``: the producer's copy landed; ``*_free``: both
+    consumers are done with it) and ``turn``, the consumers' barrier for the tensor cores."""
+
+    k: Any
+    v: Any
+    k_full: Any
+    v_full: Any
+    k_free: Any
+    v_free: Any
+    turn: Any
+    slots: int
+
+
+def take_turn(turn) -> None:
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+
+def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype, visible,
+                 interpret: bool):
+    """Step ``s`` of a consumer warpgroup: the key block in ring slot ``s % slots`` through the
+    base-2 online softmax ``carry = (acc, m, l)`` of the 64 rows in ``q_smem``. ``visible``:
+    None (every key visible) or a function giving the (64, block) mask. The consumers take turns
+    on the tensor cores (``S = Q K^T``, then ``O += P V``) so that one's softmax overlaps the
+    other's matmuls; a block invisible to every row adds nothing (finite "minus infinity",
+    masked weights set to 0)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    acc, m, l = carry
+    slot = lax.rem(s, ring.slots)
+    bk = ring.k.shape[1]
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(ring.k.at[slot], (1, 0)))
+        take_turn(ring.turn)
+        return acc_ref[...]
+
+    if interpret:  # the interpreter has no transposed wgmma operands: plain dots
+        scores = lax.dot_general(q_smem[...], ring.k[slot], (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        take_turn(ring.turn)
+    else:
+        scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+    plgpu.barrier_arrive(ring.k_free.at[slot])
+    mask = None if visible is None else visible()
+    if mask is not None:
+        scores = jnp.where(mask, scores, NEG)
+    m_new = jnp.maximum(m, scores.max(axis=1) * scale2)
+    p = jnp.exp2(scores * scale2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp2(m - m_new)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l = l * alpha + p.sum(axis=1)
+    p16 = p.astype(dtype)
+    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+    plgpu.barrier_arrive(ring.turn)  # softmax done
+    plgpu.barrier_wait(ring.v_full.at[slot])
+    plgpu.barrier_wait(ring.turn)  # the tensor cores are ours
+
+    def wait_next_keys():
+        @pl.when(s + 1 < n_steps)
+        def _():
+            plgpu.barrier_wait(ring.k_full.at[lax.rem(s + 1, ring.slots)])
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, ring.v.at[slot])
+        wait_next_keys()
+
+    if interpret:  # and no run_state
+        acc = acc + jnp.dot(p16, ring.v[slot], preferred_element_type=jnp.float32)
+        wait_next_keys()
+    else:  # on the GPU, P V accumulates into O in the wgmma registers
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(ring.v_free.at[slot])
+    return acc, m_new, l
+
+
+def produce(ring: Ring, n_steps, fetch_k, fetch_v) -> None:
+    """The producer warpgroup: ``fetch_k(s, slot)`` / ``fetch_v(s, slot)`` (TMA copies that
+    arrive on ``ring.k_full`` / ``v_full``) for steps 0 .. n_steps - 1, each into a slot the
+    consumers have released; at the end, waits for their last release of every slot."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    for i in range(ring.slots):
+        @pl.when(i < n_steps)
+        def _():
+            fetch_k(i, i)
+            fetch_v(i, i)
+
+    @pl.loop(ring.slots, jnp.maximum(n_steps, ring.slots))
+    def _(s):
+        slot = lax.rem(s, ring.slots)
+        plgpu.barrier_wait(ring.k_free.at[slot])
+        fetch_k(s, slot)
+        plgpu.barrier_wait(ring.v_free.at[slot])
+        fetch_v(s, slot)
+
+    for i in range(ring.slots):  # the consumers' last release of each slot (every phase is seen)
+        @pl.when(i < n_steps)
+        def _():
+            plgpu.barrier_wait(ring.k_free.at[i])
+            plgpu.barrier_wait(ring.v_free.at[i])
+
+
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
             grp, scale, dtype, n_tiles, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -145,9 +255,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
     end = cdiv(t0 + TILE, bk)
     n_steps = nc + end - a0
 
-    def take_turn():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
+    ring = Ring(k_smem, v_smem, k_full, v_full, k_free, v_free, turn, slots)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -156,69 +264,26 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
         r0 = t0 + wg * ROWS
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, ROWS), h], qo_smem, q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
-        scale2 = scale * LOG2E
         m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         d = qo_smem.shape[-1]
         acc = cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_full.at[0])  # n_steps >= 1: every query sees itself
-        pl.when(wg == 1)(take_turn)  # consumer 0 goes first
+        pl.when(wg == 1)(lambda: take_turn(turn))  # consumer 0 goes first
 
         def step(kind: str, masked: bool):
             def body(s, carry):
-                acc, m, l = carry
-                slot = lax.rem(s, slots)
-
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    take_turn()
-                    return acc_ref[...]
-
-                if interpret:  # the interpreter has no transposed wgmma operands: plain dots
-                    scores = lax.dot_general(qo_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
-                    take_turn()
-                else:
-                    scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                if masked:
+                def visible():
                     rows = r0 + iota(jnp.int32, (ROWS, bk), 0, plgpu.Layout.WGMMA)
                     cols = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
                     if kind == "core":  # (j + 1) g <= start(t)  <=>  (j + 1) g + w - 1 <= t
-                        visible = (cols + s * bk) * g + (g + w - 1) <= rows
-                    else:
-                        keys = cols + (a0 + s - nc) * bk
-                        visible = (keys >= window_start(rows, g, w)) & (keys <= rows)
-                    scores = jnp.where(visible, scores, NEG)
-                m_new = jnp.maximum(m, scores.max(axis=1) * scale2)
-                p = jnp.exp2(scores * scale2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
-                if masked:
-                    p = jnp.where(visible, p, 0.0)
-                alpha = jnp.exp2(m - m_new)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l = l * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                plgpu.barrier_arrive(turn)  # softmax done
-                plgpu.barrier_wait(v_full.at[slot])
-                plgpu.barrier_wait(turn)  # the tensor cores are ours
+                        return (cols + s * bk) * g + (g + w - 1) <= rows
+                    keys = cols + (a0 + s - nc) * bk
+                    return (keys >= window_start(rows, g, w)) & (keys <= rows)
 
-                def wait_next_keys():
-                    @pl.when(s + 1 < n_steps)
-                    def _():
-                        plgpu.barrier_wait(k_full.at[lax.rem(s + 1, slots)])
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    wait_next_keys()
-
-                if interpret:  # and no run_state
-                    acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
-                    wait_next_keys()
-                else:  # on the GPU, P V accumulates into O in the wgmma registers
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+                return attend_block(s, carry, q_smem=qo_smem, ring=ring, n_steps=n_steps,
+                                    scale2=scale * LOG2E, dtype=dtype,
+                                    visible=visible if masked else None, interpret=interpret)
 
             return body
 
@@ -235,7 +300,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
         carry = lax.fori_loop(nc, nc + a1 - a0, step("raw", True), carry)
         carry = lax.fori_loop(nc + a1 - a0, nc + d0 - a0, step("raw", False), carry)
         acc, m, l = lax.fori_loop(nc + d0 - a0, n_steps, step("raw", True), carry)
-        pl.when(wg == 0)(take_turn)
+        pl.when(wg == 0)(lambda: take_turn(turn))
 
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         qo_smem[...] = acc.astype(dtype)
@@ -263,25 +328,8 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
                 plgpu.copy_gmem_to_smem(src_raw.at[b, pl.ds((a0 + s - nc) * bk, bk), kv_head],
                                         smem.at[slot], full.at[slot])
 
-        for i in range(slots):
-            @pl.when(i < n_steps)
-            def _():
-                fetch(kc_ref, k_ref, k_smem, k_full, i, i)
-                fetch(vc_ref, v_ref, v_smem, v_full, i, i)
-
-        @pl.loop(slots, jnp.maximum(n_steps, slots))
-        def _(s):
-            slot = lax.rem(s, slots)
-            plgpu.barrier_wait(k_free.at[slot])
-            fetch(kc_ref, k_ref, k_smem, k_full, s, slot)
-            plgpu.barrier_wait(v_free.at[slot])
-            fetch(vc_ref, v_ref, v_smem, v_full, s, slot)
-
-        for i in range(slots):  # the consumers' last release of each slot (every phase is seen)
-            @pl.when(i < n_steps)
-            def _():
-                plgpu.barrier_wait(k_free.at[i])
-                plgpu.barrier_wait(v_free.at[i])
+        produce(ring, n_steps, lambda s, slot: fetch(kc_ref, k_ref, k_smem, k_full, s, slot),
+                lambda s, slot: fetch(vc_ref, v_ref, v_smem, v_full, s, slot))
 
 
 def forward(

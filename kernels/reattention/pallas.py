@@ -21,13 +21,18 @@ Three stages per chunk of queries (README.md in this folder):
    tables (positions 0 .. n-1) built in XLA; the head dim is split into its two rotary halves,
    so those scores are two half-width dots. The tail is read from a copy rotated once at the
    original positions (``tail_window``; same scores, as rows and tail share one re-numbering
-   offset), one full-width dot per tile (``Config.tail_keys``).
+   offset), one full-width dot per tile (``Config.tail_keys``). On a Hopper GPU with 16-bit
+   inputs this stage runs as a warp-specialised Mosaic GPU kernel instead
+   (``pallas_mgpu_attend.py``, ``Config.attend_lowering``): the lists are first gathered and
+   rotated into contiguous blocks in XLA, a group of chunks at a time.
 
 A prefill's first chunks (start < sink + w + align) have an empty middle: they are causal
 attention and run as such (``Config.full_prefix``, cuDNN on a GPU).
 
-The KV cache is read in place (vector-indexed loads, clamped to the cache), never padded; the
-one copy is the rotated tail window (at most T + w + align + sink keys of each kv head).
+The Triton-lowered kernels read the KV cache in place (vector-indexed loads, clamped to the
+cache), never padded; their one copy is the rotated tail window (at most T + w + align + sink
+keys of each kv head). The Mosaic GPU attention also copies the values of that window and, a
+group at a time, the gathered lists (``Config.gather_bytes``).
 Forward only: ReAttention is training-free. On CPU the same kernels run through the Pallas
 interpreter (``interpret=True``, the default off-GPU).
 """
@@ -49,7 +54,7 @@ from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import pallas_mgpu_score, params, reference
+from kernels.reattention import pallas_mgpu_attend, pallas_mgpu_score, params, reference
 from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
                                         next_power_of_2, round_up, score_splits)
 
@@ -352,6 +357,60 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
     )[0]
 
 
+def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret: bool) -> bool:
+    """Whether the gathered attention runs the Mosaic GPU kernel (``Config.attend_lowering``)."""
+    fits = (pallas_mgpu_attend.supports(q.dtype, geo.head_dim) and rotated
+            and geo.num_queries > 1)
+    return pallas_mgpu.uses_mosaic_gpu(
+        config.attend_lowering, "attend_lowering", fits,
+        f"bfloat16/float16 inputs with head dim 64 or 128, the rotated tail (Config.tail_keys) "
+        f"and more than one query; got {q.dtype}, head dim {geo.head_dim}, tail "
+        f"{'rotated' if rotated else 'rotated in the kernel'}, {geo.num_queries} queries",
+        interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
+                                             "interpret"))
+def _mgpu_attend(qo_rows, kg, vg, k_window, v_window, meta, **kwargs):
+    """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers)."""
+    return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v_window, meta, **kwargs)
+
+
+def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geometry,
+                 config: Config, interpret: bool):
+    """The gathered attention through ``pallas_mgpu_attend``: chunks in groups whose gathered
+    lists (keys and values) fit in ``Config.gather_bytes``, one after the other (``lax.map``),
+    each group's lists gathered and rotated in XLA, then attended by the kernel."""
+    b, hkv, ncr, r_pad, d = qo_rows.shape
+    bk = config.mgpu_attend_block_k
+    ws = meta[:, 0, 0, 4]
+    v_window = jax.vmap(lambda vb, s: lax.dynamic_slice_in_dim(vb, s, window.shape[1], 0))(v, ws)
+    k_window = pallas_mgpu_attend.pad_window(window, bk)
+    v_window = pallas_mgpu_attend.pad_window(v_window, bk)
+    per_chunk = b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize * 2
+    n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
+    per_group = params.cdiv(ncr, n_groups)
+
+    def run(qo, gl, mt):
+        kg, vg = pallas_mgpu_attend.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk)
+        return _mgpu_attend(qo, kg, vg, k_window, v_window, mt, groups=geo.groups,
+                            num_keys=geo.num_keys, scale=scale, block_k=bk,
+                            slots=config.mgpu_attend_slots, interpret=interpret)
+
+    if n_groups == 1:
+        return run(qo_rows, glist, meta)
+
+    def grouped(x):  # (B, Hkv, NCr, ...) -> (groups, B, Hkv, per_group, ...), last chunk repeated
+        pad = [(0, 0)] * x.ndim
+        pad[2] = (0, n_groups * per_group - ncr)
+        x = jnp.pad(x, pad, mode="edge")
+        return jnp.moveaxis(x.reshape(b, hkv, n_groups, per_group, *x.shape[3:]), 2, 0)
+
+    out = lax.map(lambda xs: run(*xs), (grouped(qo_rows), grouped(glist), grouped(meta)))
+    out = jnp.moveaxis(out, 0, 2).reshape(b, hkv, n_groups * per_group, r_pad, d)
+    return out[:, :, :ncr]
+
+
 # ----------------------------------------------------------------------------- the op
 def check_head_dim(d: int) -> None:
     if d < 32 or d & (d - 1):
@@ -375,13 +434,14 @@ def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
 
 
 def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,
-           q_lengths=None):
+           q_lengths=None, row_multiple: int = 1):
+    """``row_multiple``: pad the packed rows to a multiple of it too (the attention's tiles)."""
     geo = geometry(q.shape, k.shape, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
     q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
     c0, c1, l0 = reference.chunk_bounds(q0, geo)
-    tile = max(config.score_block_q, config.attn_block_q)
+    tile = max(config.score_block_q, config.attn_block_q, row_multiple)
     mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
     if mgpu:  # its programs take 64 x consumers rows
         tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
@@ -453,6 +513,7 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
     prefix_mode, rotated = _resolve_modes(config, geo, q.dtype, interpret)
+    mgpu_attend = _uses_mgpu_attend(q, geo, config, rotated, interpret)
     n_free = full_prefix_chunks(geo, q_start, prefix_mode)
     b, hkv, nc, t = geo.batch, geo.kv_heads, geo.num_chunks, geo.num_queries
     inv_freq = reference.resolve_inv_freq(geo.head_dim, rope_theta, inv_freq)
@@ -462,8 +523,9 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     if n_free == nc:
         glist, n_g = _sink_lists(c0, geo)
     else:
-        vals, idx, (q_rows, *_) = _picks(q, k, sel=sel, q_start=q_start, config=config,
-                                         interpret=interpret, q_lengths=q_lengths)
+        vals, idx, (q_rows, *_) = _picks(
+            q, k, sel=sel, q_start=q_start, config=config, interpret=interpret,
+            q_lengths=q_lengths, row_multiple=pallas_mgpu_attend.TILE if mgpu_attend else 1)
         rep = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc)).reshape(-1)
         glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
                                                  vals.reshape(b * hkv * nc, -1), rep(c0),
@@ -492,8 +554,12 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
             at_own = q0[:, None] + jnp.arange(p, t, dtype=jnp.int32)[None, :]
             qo_rows = reference.pack_rows(rotate_at(q[:, p:], at_own, inv_freq), geo_rest)
             extra = (pad_to(qo_rows, 3, q_rows.shape[3]), window)
-        o = _attend(q_rows[:, :, rest], k, v, glist[:, :, rest], meta[:, :, rest], inv_freq,
-                    scale, geo, config, interpret, extra)
+        if mgpu_attend:
+            o = _attend_mgpu(extra[0], k, v, glist[:, :, rest], meta[:, :, rest], window,
+                             inv_freq, scale, geo, config, interpret)
+        else:
+            o = _attend(q_rows[:, :, rest], k, v, glist[:, :, rest], meta[:, :, rest], inv_freq,
+                        scale, geo, config, interpret, extra)
         outs.append(reference.unpack_rows(o, geo_rest))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out, glist, n_g

@@ -95,7 +95,10 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
     l0 = l0_ref[b, c]
     lo = sink + split * split_len
     hi = jnp.minimum(l0, lo + split_len)
-    n_steps = cdiv(jnp.maximum(hi - lo, 0), bk)
+    # Tiles start at a multiple of 8 (the TMA copy of a tiled shared-memory buffer divides its
+    # row offset by 8): from lo rounded down, the first tile masked below lo.
+    lo8 = lax.div(lo, 8) * 8
+    n_steps = jnp.where(hi > lo, cdiv(hi - lo8, bk), 0)
     chunk_row = (b * hkv + h) * nc + c  # q_ref: (B * Hkv * NC, R, D)
     out_row = chunk_row * splits + split  # outputs: (B * Hkv * NC * splits, K, R)
 
@@ -154,16 +157,20 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
                         return acc_ref[...]
                     scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                start = lo + s * bk
+                start = lo8 + s * bk
                 base = jnp.minimum(start, s_len - bk)  # the producer's clamped copy
                 cols = base + iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
-                if masked:  # the last tile: keys past hi, or re-read ones before start
-                    scores = jnp.where((cols >= start) & (cols < hi), scores, NEG)
+                if masked:  # first and last tiles: keys before lo or past hi, re-read ones
+                    scores = jnp.where((cols >= jnp.maximum(start, lo)) & (cols < hi), scores,
+                                       NEG)
                 return merge(scores, cols, vals, idxs)
             return body
 
-        carry = lax.fori_loop(0, jnp.maximum(n_steps - 1, 0), step(False), (vals, idxs))
-        vals, idxs = lax.fori_loop(jnp.maximum(n_steps - 1, 0), n_steps, step(True), carry)
+        first = jnp.minimum(n_steps, 1)
+        last = jnp.maximum(n_steps - 1, first)
+        carry = lax.fori_loop(0, first, step(True), (vals, idxs))
+        carry = lax.fori_loop(first, last, step(False), carry)
+        vals, idxs = lax.fori_loop(last, n_steps, step(True), carry)
 
         v_out, i_out = v_out2.at[wg], i_out2.at[wg]
         for i in range(top_k):
@@ -181,7 +188,7 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
         plgpu.set_max_registers(REGISTERS[consumers][1], action="decrease")
 
         def fetch(s, slot):
-            base = jnp.minimum(lo + s * bk, s_len - bk)
+            base = jnp.minimum(lo8 + s * bk, s_len - bk)
             plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(base, bk), h], k_smem.at[slot],
                                     k_full.at[slot])
 

@@ -147,7 +147,14 @@ class Config:
     (``pallas_mgpu_score.py``: ``mgpu_consumers`` x 64 rows per program, ``mgpu_block_k`` keys
     per tile, ``mgpu_slots`` shared-memory slots; Hopper, 16-bit, head dim 64 or 128, a key
     count that is a multiple of 8, top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU, else "triton".
-    H200, 128K, 32 heads, d = 128: 164 ms with the defaults, 200 ms through Triton."""
+    H200, 128K, 32 heads, d = 128: 164 ms with the defaults, 200 ms through Triton.
+
+    ``attend_lowering``: the same choice for the gathered attention. "mosaic_gpu" runs the
+    warp-specialised kernel of ``pallas_mgpu_attend.py`` (Hopper, 16-bit, head dim 64 or 128, the
+    rotated tail, more than one query): each chunk's list is first gathered and rotated into a
+    contiguous block in XLA, ``gather_bytes`` at a time (chunks are processed in groups whose
+    gathered keys and values fit in it), then read with ``mgpu_attend_block_k``-key TMA copies
+    through ``mgpu_attend_slots`` slots; "auto": "mosaic_gpu" where it applies on a Hopper GPU."""
 
     score_block_q: int = 64
     score_block_k: int = 64
@@ -164,6 +171,10 @@ class Config:
     mgpu_block_k: int = 64
     mgpu_slots: int = 4
     mgpu_consumers: int = 4
+    attend_lowering: str = "auto"
+    mgpu_attend_block_k: int = 128
+    mgpu_attend_slots: int = 2
+    gather_bytes: int = 1 << 30
 
     def __post_init__(self):
         for name in ("score_block_q", "score_block_k", "attn_block_q", "attn_block_k"):
@@ -181,6 +192,17 @@ class Config:
         if self.score_lowering not in ("auto", "triton", "mosaic_gpu"):
             raise ValueError(f"Config.score_lowering must be 'auto', 'triton' or 'mosaic_gpu'; "
                              f"got {self.score_lowering!r}")
+        if self.attend_lowering not in ("auto", "triton", "mosaic_gpu"):
+            raise ValueError(f"Config.attend_lowering must be 'auto', 'triton' or 'mosaic_gpu'; "
+                             f"got {self.attend_lowering!r}")
+        if self.mgpu_attend_block_k not in (64, 128):
+            raise ValueError(f"Config.mgpu_attend_block_k must be 64 or 128; got "
+                             f"{self.mgpu_attend_block_k}")
+        if self.mgpu_attend_slots < 2:
+            raise ValueError(f"Config.mgpu_attend_slots must be >= 2; got "
+                             f"{self.mgpu_attend_slots}")
+        if self.gather_bytes < 1:
+            raise ValueError(f"Config.gather_bytes must be positive; got {self.gather_bytes}")
         if self.mgpu_block_k not in (64, 128):
             raise ValueError(f"Config.mgpu_block_k must be 64 or 128; got {self.mgpu_block_k}")
         if self.mgpu_slots < 2:

@@ -20,7 +20,7 @@ import pytest
 
 from kernels.reattention import pallas as P
 from kernels.reattention import pallas_mgpu_score as M
-from kernels.reattention.params import Config
+from kernels.reattention.params import Config, Selection
 from kernels.reattention.shapes import Case, gpu_cases, small
 from tests.kernels.test_reattention_reference import make_qkv
 
@@ -60,11 +60,15 @@ def test_config_and_inputs_are_checked():
 @needs_hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("consumers", [4, 2])
-@pytest.mark.parametrize("case", [*gpu_cases(32768), Case(2, 20008, 10, 2, 64)],
+@pytest.mark.parametrize("case", [*gpu_cases(32768), Case(2, 20008, 10, 2, 64),
+                                  Case(1, 32768, 8, 2, 128, Selection(sink_tokens=20))],
                          ids=lambda c: c.id)
 def test_gpu_picks_equal_triton_lowering(case, consumers):
     """The authors' defaults at 32K, and at a length that is a multiple of no key tile or chunk
-    (20008: the kernel needs multiples of 8; batch 2, 5 query heads per kv head, d = 64), bf16: the two lowerings read the same bf16 products with
+    (20008: the kernel needs multiples of 8; batch 2, 5 query heads per kv head, d = 64), and
+    with a sink of 20 (the middle starts off the 8-row grid of the TMA copies, whose first tile
+    then starts at key 16 and is masked below 20), bf16: the two lowerings read the same bf16
+    products with
     float32 sums, so their picks agree as sets (a summation-order near-tie may flip a rare one)
     and their scores to float32 rounding."""
     q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))

@@ -1,0 +1,85 @@
+"""A/B of ReAttention's gathered-attention lowerings, one GPU process, alternating rounds:
+
+    PYTHONPATH=. python bench/ab_reattention_attend.py --out $OUT/ab_attend.json   # H200, ~3 min
+
+Each variant is the whole prefill op (``pallas.reattention``: cuDNN prefix, scoring, selection,
+gathered attention) with the authors' defaults, bf16, 32 query heads with 32 and 8 kv heads,
+d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block / ring depth
+or ``Config.gather_bytes`` differ, so the differences are the attention stage's. ``rel_vs_triton`` is each variant's
+output against the Triton lowering's (same selection, different rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from bench.common import environment, time_alternating
+from kernels.reattention import pallas
+from kernels.reattention.params import default_config
+
+VARIANTS = {
+    "triton": dict(attend_lowering="triton"),
+    "mgpu_bk128_s2": dict(attend_lowering="mosaic_gpu"),
+    "mgpu_bk64_s4": dict(attend_lowering="mosaic_gpu", mgpu_attend_block_k=64,
+                         mgpu_attend_slots=4),
+    "mgpu_bk128_s3": dict(attend_lowering="mosaic_gpu", mgpu_attend_slots=3),
+    "mgpu_gather256m": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 28),
+    "mgpu_gather4g": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 32),
+}
+
+
+def inputs(t: int, hkv: int, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    return (jax.random.normal(ks[0], (1, t, 32, 128), dtype),
+            jax.random.normal(ks[1], (1, t, hkv, 128), dtype),
+            jax.random.normal(ks[2], (1, t, hkv, 128), dtype))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="16384,32768,131072")
+    ap.add_argument("--kv-heads", default="32,8")
+    ap.add_argument("--variants", default="|".join(VARIANTS), help="names joined by '|'")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    names = args.variants.split("|")
+    rows = []
+    for t in map(int, args.lengths.split(",")):
+        for hkv in map(int, args.kv_heads.split(",")):
+            a = inputs(t, hkv)
+            base = default_config(128, 2, 512 * 32 // hkv)
+            fs, outs, row = {}, {}, {"T": t, "Hq": 32, "Hkv": hkv, "ms": {}, "errors": {}}
+            for n in names:
+                config = dataclasses.replace(base, **VARIANTS[n])
+                f = jax.jit(lambda q, k, v, c=config: pallas.reattention(q, k, v, config=c))
+                try:
+                    outs[n] = f(*a)
+                    fs[n] = (f, a)
+                except Exception as e:  # a variant that does not compile is a result too
+                    row["errors"][n] = f"{type(e).__name__}: {str(e)[:400]}"
+            calls = 20 if t <= 16384 else 5 if t <= 32768 else 2
+            row["ms"] = time_alternating(fs, calls=calls, rounds=args.rounds)
+            if "triton" in outs:
+                ref = outs["triton"].astype(jnp.float32)
+                row["rel_vs_triton"] = {
+                    n: float(jnp.linalg.norm(o.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+                    for n, o in outs.items()}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del a, fs, outs
+    result = {"env": environment(), "note": __doc__.splitlines()[0], "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""ReAttention's gathered attention as a Pallas kernel with the Mosaic GPU lowering (Hopper).
+
+Same function as ``pallas._attend_kernel`` with the rotated tail (``Config.tail_keys``): every
+row (query t, head of a kv head) of a chunk attends, with one online softmax, to the chunk's
+gathered list (slots ``0 .. n_g - 1``) and then to the contiguous tail ``[L0, c1)``, causal.
+What differs is where RoPE happens and how the work is scheduled:
+
+* **Rotation.** Scores depend on position differences only. A row of query t sits at the
+  re-numbered position ``n_g + t - L0`` and list slot i at i; with the row rotated at its original
+  position t, slot i is rotated at ``i + L0 - n_g`` (same difference), which :func:`gather_list`
+  does once in XLA while it gathers the list's keys into a contiguous block per (batch, kv head,
+  chunk). The tail is ``pallas.tail_window``'s copy, rotated at the original positions. So the
+  kernel is plain attention over two contiguous key sources, with one rotated query tile.
+* **Schedule** (the CCA forward's, ``kernels/cca/pallas_mgpu.py``): one CTA per (128 rows of a
+  chunk, batch, kv head), three warpgroups. The producer streams the list's key blocks, then the
+  tail's, through a ring of shared-memory slots with TMA copies; the two consumers own 64 rows
+  each (``S = Q K^T`` and ``O += P V`` on wgmma, a base-2 online softmax in registers) and take
+  turns on the tensor cores.
+
+Masks: list slots past ``n_g`` (its last block); tail keys before L0 (its first block starts at
+a multiple of 8 rows of the window, as TMA copies into tiled shared memory need) and after the
+row's query (causal, the last blocks). Rows are packed as in ``reference.pack_rows``: row r of a
+chunk is query ``c0 + r // G``, head ``r % G``; rows of queries past ``min(c1, S)`` (padding,
+or a chunk written past the cache) are computed as that last query (at least L0) and discarded
+by the caller.
+
+Supported (:func:`supports`): 16-bit inputs, head dim 64 or 128; the caller pads rows to a
+multiple of 128, the list to a multiple of the key block, and the window by one key block past
+a multiple of it (:func:`pad_window`). ``interpret=True`` runs the Mosaic GPU interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from kernels.cca.pallas_common import LOG2E, NEG, cdiv, pad_to
+from kernels.cca.pallas_mgpu import (Ring, attend_block, interpret_params, layout_helpers,
+                                     produce, take_turn)
+
+ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
+CONSUMERS = 2
+TILE = ROWS * CONSUMERS  # rows per CTA
+
+
+def supports(dtype, head_dim: int) -> bool:
+    """True where this kernel applies: 16-bit inputs with head dim 64 or 128."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim in (64, 128))
+
+
+def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref, scoped, *, groups, bk,
+            slots, tiles, nc, hkv, s_len, scale, dtype, interpret):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    (qo_smem2, k_smem, v_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
+    cast, iota = layout_helpers(interpret)
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    item = lax.axis_index("items")
+    c = lax.div(item, tiles)
+    tile = lax.rem(item, tiles)
+    chunk_row = (b * hkv + h) * nc + c  # q, o, kg, vg: (B * Hkv * NC, rows or slots, D)
+    c0, c1, l0, n_g, ws = (meta_ref[b, h, c, i] for i in range(5))
+    # Padding rows count as the chunk's last query, and rows of a chunk written past the cache
+    # (not stored) as at least L0, so that every row sees a key and the tail has a block.
+    last_t = jnp.minimum(c1, s_len) - 1
+    query_of = lambda r: jnp.maximum(jnp.minimum(c0 + lax.div(r, groups), last_t), l0)
+
+    # The CTA's stream: steps [0, nl) are list blocks, [nl, n_steps) tail blocks; tail block i
+    # holds window rows a0 + i bk .. (key ws + that row).
+    nl = cdiv(n_g, bk)
+    a0 = lax.div(l0 - ws, 8) * 8
+    t_cta = query_of(tile * TILE + TILE - 1)
+    n_steps = nl + cdiv(t_cta + 1 - ws - a0, bk)
+
+    ring = Ring(k_smem, v_smem, k_full, v_full, k_free, v_free, turn, slots)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem = qo_smem2.at[wg]
+        r0 = tile * TILE + wg * ROWS
+        plgpu.copy_gmem_to_smem(q_ref.at[chunk_row, pl.ds(r0, ROWS)], qo_smem, q_full.at[wg])
+        plgpu.barrier_wait(q_full.at[wg])
+        m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        d = qo_smem.shape[-1]
+        acc = cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(k_full.at[0])  # n_steps >= 1: every row sees its own query
+        pl.when(wg == 1)(lambda: take_turn(turn))  # consumer 0 goes first
+
+        def step(kind: str, masked: bool):
+            def body(s, carry):
+                def visible():
+                    cols = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
+                    if kind == "list":
+                        return cols + s * bk < n_g
+                    rows = r0 + iota(jnp.int32, (ROWS, bk), 0, plgpu.Layout.WGMMA)
+                    keys = cols + (ws + a0 + (s - nl) * bk)
+                    return (keys >= l0) & (keys <= query_of(rows))
+
+                return attend_block(s, carry, q_smem=qo_smem, ring=ring, n_steps=n_steps,
+                                    scale2=scale * LOG2E, dtype=dtype,
+                                    visible=visible if masked else None, interpret=interpret)
+
+            return body
+
+        # Which steps need a mask, for this consumer's rows: the list's last block if partial;
+        # the tail's first block (keys before L0) and the blocks from the first that holds a
+        # key past the consumer's first query (causal).
+        full_list = lax.div(n_g, bk)
+        t_min = query_of(r0)
+        unmasked_end = jnp.clip(lax.div(t_min + 1 - ws - a0, bk), 1, n_steps - nl)
+        carry = (acc, m, l)
+        carry = lax.fori_loop(0, full_list, step("list", False), carry)
+        carry = lax.fori_loop(full_list, nl, step("list", True), carry)
+        carry = lax.fori_loop(nl, nl + 1, step("tail", True), carry)
+        carry = lax.fori_loop(nl + 1, nl + unmasked_end, step("tail", False), carry)
+        acc, m, l = lax.fori_loop(nl + unmasked_end, n_steps, step("tail", True), carry)
+        pl.when(wg == 0)(lambda: take_turn(turn))
+
+        acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+        qo_smem[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[chunk_row, pl.ds(r0, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(src_list, src_tail, smem, full, s, slot):
+            @pl.when(s < nl)
+            def _():
+                block = jnp.minimum(s, src_list.shape[1] // bk - 1)  # s itself; static-safe
+                plgpu.copy_gmem_to_smem(src_list.at[chunk_row, pl.ds(block * bk, bk)],
+                                        smem.at[slot], full.at[slot])
+
+            @pl.when(s >= nl)
+            def _():
+                plgpu.copy_gmem_to_smem(src_tail.at[b, pl.ds(a0 + (s - nl) * bk, bk), h],
+                                        smem.at[slot], full.at[slot])
+
+        produce(ring, n_steps, lambda s, slot: fetch(kg_ref, kw_ref, k_smem, k_full, s, slot),
+                lambda s, slot: fetch(vg_ref, vw_ref, v_smem, v_full, s, slot))
+
+
+def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
+                glist: Int[Array, "B Hkv NC NG"], l0: Int[Array, "B Hkv NC"],
+                n_g: Int[Array, "B Hkv NC"], inv_freq, block_k: int):
+    """(kg, vg) (B, Hkv, NC, NGp, D), NG padded to a multiple of ``block_k``: the keys and
+    values of each chunk's list, the keys rotated at ``slot + L0 - n_g`` (float32 math), so that
+    they meet rows rotated at their original positions. Padding and unused slots hold key 0
+    (masked by the kernel).
+
+    The rotation is two: by the slot's angles (a table of NGp rows) and by the chunk's offset
+    (a row per chunk and kv head), so no element evaluates a cosine: at 128K with 32 kv heads
+    the lists hold 8e9 elements, and a cosine and a sine of each took about as long as the
+    gather's memory traffic."""
+    b, _, hkv, d = k.shape
+    glist = pad_to(glist, 3, block_k)
+    bi = jnp.arange(b)[:, None, None, None]
+    hi = jnp.arange(hkv)[None, :, None, None]
+    freq = jnp.asarray(inv_freq, jnp.float32)
+    slot_angle = jnp.arange(glist.shape[3], dtype=jnp.float32)[:, None] * freq  # (NGp, D/2)
+    offset_angle = (l0 - n_g).astype(jnp.float32)[..., None, None] * freq  # (B, Hkv, NC, 1, D/2)
+    tables = lax.optimization_barrier((jnp.cos(slot_angle), jnp.sin(slot_angle),
+                                       jnp.cos(offset_angle), jnp.sin(offset_angle)))
+    x = k[bi, glist, hi].astype(jnp.float32)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    for cos, sin in (tables[:2], tables[2:]):
+        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return jnp.concatenate([x1, x2], axis=-1).astype(k.dtype), v[bi, glist, hi]
+
+
+def pad_window(x: Float[Array, "B W Hkv D"], block_k: int) -> Float[Array, "B Wp Hkv D"]:
+    """The tail window padded with zeros to a multiple of ``block_k`` plus one block: the
+    kernel's tail blocks start up to 7 rows before L0 and may end up to a block past c1."""
+    w = x.shape[1]
+    return jnp.pad(x, [(0, 0), (0, -(-w // block_k) * block_k + block_k - w), (0, 0), (0, 0)])
+
+
+def attend(
+    qo_rows: Float[Array, "B Hkv NC R D"],
+    kg: Float[Array, "B Hkv NC NG D"],
+    vg: Float[Array, "B Hkv NC NG D"],
+    k_window: Float[Array, "B Wp Hkv D"],
+    v_window: Float[Array, "B Wp Hkv D"],
+    meta: Int[Array, "B Hkv NC 8"],
+    *,
+    groups: int,
+    num_keys: int,
+    scale: float,
+    block_k: int = 128,
+    slots: int = 2,
+    interpret: bool = False,
+) -> Float[Array, "B Hkv NC R D"]:
+    """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
+    over each chunk's list (``kg``, rotated at ``slot + L0 - n_g``; ``vg``) and its tail from the
+    windows (``pallas.tail_window``'s keys and the same rows of v, each padded by
+    :func:`pad_window`). ``meta[..., :5]`` = (c0, c1, L0, n_g, ws) per chunk; ``num_keys`` S."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, hkv, nc, r, d = qo_rows.shape
+    ng = kg.shape[3]
+    if not (supports(qo_rows.dtype, d) and qo_rows.dtype == kg.dtype == vg.dtype
+            == k_window.dtype == v_window.dtype):
+        raise ValueError(f"the Mosaic GPU ReAttention attention needs one 16-bit dtype and head "
+                         f"dim 64 or 128; got rows {qo_rows.dtype} with head dim {d}, list "
+                         f"{kg.dtype}/{vg.dtype}, window {k_window.dtype}/{v_window.dtype}")
+    if block_k not in (64, 128) or slots < 2:
+        raise ValueError(f"block_k must be 64 or 128 and slots >= 2; got {block_k}, {slots}")
+    if (kg.shape != vg.shape or kg.shape[:3] != (b, hkv, nc) or kg.shape[4] != d
+            or k_window.shape != v_window.shape or k_window.shape[::2] != (b, hkv)
+            or k_window.shape[3] != d or meta.shape != (b, hkv, nc, 8)):
+        raise ValueError(f"shapes disagree: rows {qo_rows.shape}, list {kg.shape}/{vg.shape}, "
+                         f"windows {k_window.shape}/{v_window.shape}, meta {meta.shape}")
+    if r % TILE or ng % block_k or k_window.shape[1] % block_k:
+        raise ValueError(f"rows ({r}) must be a multiple of {TILE}, the list ({ng}) and the "
+                         f"padded window ({k_window.shape[1]}) of block_k ({block_k})")
+    dtype = qo_rows.dtype
+    tiles = r // TILE
+    smem = functools.partial(plgpu.SMEM, transforms=(plgpu.TilingTransform((8, 64)),
+                                                     plgpu.SwizzleTransform(128)))
+
+    def entry(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref):
+        kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
+                                   nc=nc, hkv=hkv, s_len=num_keys, scale=scale, dtype=dtype,
+                                   interpret=interpret)
+        pl.run_scoped(
+            lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref,
+                                   scoped),
+            (smem((CONSUMERS, ROWS, d), dtype), smem((slots, block_k, d), dtype),
+             smem((slots, block_k, d), dtype)),
+            (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+             plgpu.Barrier(num_barriers=CONSUMERS)),
+            (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=slots),) * 2,
+            plgpu.Barrier(num_arrivals=CONSUMERS),
+            collective_axes="wg",
+        )
+
+    rows = (b * hkv * nc, r, d)
+    lists = (b * hkv * nc, ng, d)
+    o = plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(rows, dtype),
+        grid=(nc * tiles, b, hkv),
+        grid_names=("items", "batch", "heads"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params() if interpret else None,
+    )(meta.astype(jnp.int32), qo_rows.reshape(rows), kg.reshape(lists), vg.reshape(lists),
+      k_window, v_window)
+    return o.reshape(qo_rows.shape)

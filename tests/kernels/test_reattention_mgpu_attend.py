@@ -1,0 +1,158 @@
+"""The Mosaic GPU gathered attention of ReAttention (``kernels/reattention/pallas_mgpu_attend.py``).
+
+On CPU it runs through jax's Mosaic GPU interpreter at small sizes, against the Triton-lowered
+kernel in the Pallas interpreter and the float32 reference on the same bf16 inputs: chunks in
+several groups (``Config.gather_bytes``), GQA, a batch of two continuing a cache from different
+starts (the tail window starts past key 0, at rows that are not multiples of 8), a sink that
+leaves L0 off the 8-row grid of the TMA copies, a chunk written past the cache. The interpreter
+fills unwritten memory with NaN, so a row the kernel forgot fails. On a Hopper GPU (``-m gpu``)
+the compiled kernel runs at 32K with the authors' defaults and at awkward sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.cca.pallas_mgpu import available, interpret_params
+from kernels.reattention import pallas as P
+from kernels.reattention import pallas_mgpu_attend as M
+from kernels.reattention.params import Config, Selection
+from kernels.reattention.shapes import Case, gpu_cases, small
+from tests.kernels import reattention_runs as runs
+from tests.kernels.conftest import TOL, rel_err
+from tests.kernels.test_reattention_reference import make_qkv
+
+needs_hopper = pytest.mark.skipif(not available(),
+                                  reason="needs a Hopper GPU (runs on the device machine)")
+needs_interpreter = pytest.mark.skipif(interpret_params() is None,
+                                       reason="this jax has no Mosaic GPU interpreter")
+
+
+def _config(lowering: str, **changes) -> Config:
+    base = Config(score_block_q=16, score_block_k=16, score_stages=1, attn_block_q=16,
+                  attn_block_k=16, attn_stages=1, tail_keys="rotated", full_prefix="off",
+                  attend_lowering=lowering, mgpu_attend_block_k=64)
+    return dataclasses.replace(base, **changes)
+
+
+def _run(q, k, v, sel, config, q_start=None, interpret=True):
+    """Compiled on the GPU; op by op in the interpreter (jax 0.10's Mosaic GPU interpreter hangs
+    when the kernel is part of a larger jitted program; the kernel itself is jitted)."""
+    fn = lambda q, k, v, s: P.reattention_with_selection(q, k, v, sel=sel, q_start=s,
+                                                          config=config, interpret=interpret)
+    return fn(q, k, v, q_start) if interpret else jax.jit(fn)(q, k, v, q_start)
+
+
+def _check(case, q_start=None, num_keys=None, rows=None, **changes):
+    """Mosaic GPU (interpreted) against the Triton lowering (interpreted) and the reference."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=case.length, num_keys=num_keys))
+    if q_start is not None:
+        q_start = jnp.asarray(q_start)
+    out_m, gl_m, n_m = _run(q, k, v, case.sel, _config("mosaic_gpu", **changes), q_start)
+    out_t, gl_t, n_t = _run(q, k, v, case.sel, _config("triton"), q_start)
+    f32 = lambda x: x.astype(jnp.float32)
+    ref, _, n_ref = runs.reference_fn(case.sel)(f32(q), f32(k), f32(v), q_start)
+    rows = rows or slice(None)
+    np.testing.assert_array_equal(np.asarray(n_m), np.asarray(n_ref))
+    np.testing.assert_array_equal(np.asarray(n_t), np.asarray(n_ref))
+    assert np.isfinite(np.asarray(out_m, np.float32)).all()
+    err_m, err_t = rel_err(out_m[:, rows], ref[:, rows]), rel_err(out_t[:, rows], ref[:, rows])
+    assert 1e-4 < err_m < TOL[jnp.bfloat16], err_m  # really bf16, and close
+    assert err_m < 1.5 * err_t + 1e-3, (err_m, err_t)  # no worse than the Triton lowering
+    return n_m
+
+
+def test_config_and_inputs_are_checked():
+    for bad in [dict(attend_lowering="cuda"), dict(mgpu_attend_block_k=32),
+                dict(mgpu_attend_slots=1), dict(gather_bytes=0)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Config(**bad)
+    case = Case(1, 200, 2, 1, 64, small(4, 32, 2, 3, 3, 64, 8))
+    q, k, v = make_qkv(case, seed=6)  # float32: the kernel takes 16-bit inputs only
+    with pytest.raises(ValueError, match="attend_lowering='mosaic_gpu' needs bfloat16"):
+        _run(q, k, v, case.sel, _config("mosaic_gpu"))
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    with pytest.raises(ValueError, match="rotated tail"):  # the tail rotated in the kernel
+        _run(q, k, v, case.sel, _config("mosaic_gpu", tail_keys="in_kernel"))
+    rows = jnp.zeros((1, 1, 1, 64, 64), jnp.bfloat16)  # 64 rows: not a multiple of 128
+    lists = jnp.zeros((1, 1, 1, 128, 64), jnp.bfloat16)
+    window = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        M.attend(rows, lists, lists, window, window, jnp.zeros((1, 1, 1, 8), jnp.int32),
+                 groups=1, num_keys=200, scale=0.125, interpret=True)
+
+
+def test_auto_keeps_the_triton_lowering_off_hopper():
+    case = Case(1, 200, 2, 1, 64, small(4, 32, 2, 3, 3, 64, 8))
+    q = jnp.zeros((1, 200, 2, 64), jnp.bfloat16)
+    geo = P.geometry(q.shape, (1, 200, 1, 64), case.sel)
+    assert not P._uses_mgpu_attend(q, geo, Config(), rotated=True, interpret=True)
+    assert P._uses_mgpu_attend(q, geo, Config(attend_lowering="mosaic_gpu"), rotated=True,
+                               interpret=True)
+    decode = dataclasses.replace(geo, num_queries=1)  # one query: the Triton lowering
+    with pytest.raises(ValueError, match="more than one query"):
+        P._uses_mgpu_attend(q, decode, Config(attend_lowering="mosaic_gpu"), rotated=True,
+                            interpret=True)
+
+
+@needs_interpreter
+def test_interpreted_groups_of_chunks():
+    """MHA, four chunks with a middle in four groups of one (a list of 20 slots in a 64-slot
+    block: the last list block masked), sink 4 (L0 = 4 + 8 i: the tail's first block starts
+    4 rows early)."""
+    case = Case(1, 256, 2, 2, 64, small(4, 32, 2, 4, 4, 64, 8))
+    n_g = _check(case, gather_bytes=1)
+    assert (np.asarray(n_g)[..., 1:] > 4).all()  # chunks past the first selected something
+
+
+@needs_interpreter
+def test_interpreted_gqa_batch_continuation():
+    """G = 4 (rows packed four heads per query), d = 128, a batch of two continuing a cache
+    from starts 110 and 90: the tail windows start at keys 87 and 67, not multiples of 8."""
+    case = Case(2, 40, 8, 2, 128, small(3, 16, 2, 4, 5, 8, 4))
+    _check(case, q_start=[110, 90], num_keys=150)
+
+
+@needs_interpreter
+def test_interpreted_chunk_written_past_the_cache():
+    """q_start + T > S: rows inside the cache equal the reference; the rows past it are finite."""
+    case = Case(1, 69, 2, 2, 64, small(3, 5, 2, 4, 5, 64, 4))
+    _check(case, q_start=[113], num_keys=125, rows=slice(0, 12))
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    *gpu_cases(32768),
+    Case(2, 20011, 10, 2, 64, Selection(sink_tokens=20)),
+], ids=lambda c: c.id)
+def test_gpu_matches_triton_lowering_and_reference(case):
+    """bf16 at 32K with the authors' defaults (MHA and GQA), and batch 2 at a length that is a
+    multiple of no tile (5 query heads per kv head, d = 64, sink 20: L0 off the 8-row grid);
+    the last case also in groups of 3 chunks. Same selection as the Triton lowering, outputs
+    as close to the float32 reference."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=11))
+    rows = case.sel.chunk_size * case.q_heads // case.kv_heads
+
+    def run(lowering, **changes):
+        config = dataclasses.replace(P.default_config(case.head_dim, 2, rows),
+                                     attend_lowering=lowering, **changes)
+        return _run(q, k, v, case.sel, config, interpret=False)
+
+    out_m, gl_m, n_m = run("mosaic_gpu")
+    out_t, gl_t, n_t = run("triton")
+    np.testing.assert_array_equal(np.asarray(n_m), np.asarray(n_t))
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = runs.reference_fn(case.sel)(f32(q), f32(k), f32(v))[0]
+    err_m, err_t = rel_err(out_m, ref), rel_err(out_t, ref)
+    assert err_m < TOL[jnp.bfloat16] and err_m < 1.5 * err_t + 1e-3, (err_m, err_t)
+    if case.batch == 2:
+        per_chunk = 2 * 2 * P.round_up(case.sel.num_gathered(), 128) * 64 * 2 * 2
+        out_g, *_ = run("mosaic_gpu", gather_bytes=3 * per_chunk)
+        np.testing.assert_array_equal(np.asarray(out_g, np.float32), np.asarray(out_m, np.float32))
