@@ -100,6 +100,28 @@ def test_auto_keeps_the_triton_lowering_off_hopper():
                             interpret=True)
 
 
+def test_layers_share_one_lowered_kernel():
+    """The model calls the op once per layer; through ``pallas._mgpu_attend`` (a jit) the layers
+    share one lowered kernel (the CCA forward's compile-time lesson, issue 10). Lowered for CUDA
+    on the CPU with jax.export: the Mosaic GPU lowering runs, nothing compiles."""
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    rows, lists, window = bf16(1, 2, 3, 256, 128), bf16(1, 2, 3, 256, 128), bf16(1, 512, 2, 128)
+    meta = jax.ShapeDtypeStruct((1, 2, 3, 8), jnp.int32)
+
+    def module_chars(attend, layers: int) -> int:
+        def model(qo, kg, vg, kw, vw, mt):
+            for _ in range(layers):
+                qo = qo + attend(qo, kg, vg, kw, vw, mt, groups=2, num_keys=2000, scale=0.09,
+                                 block_k=128, slots=2, interpret=False)
+            return qo
+        return len(jax.export.export(jax.jit(model), platforms=["cuda"])(
+            rows, lists, lists, window, window, meta).mlir_module())
+
+    one = module_chars(P._mgpu_attend, 1)
+    assert module_chars(P._mgpu_attend, 3) < 1.1 * one
+    assert module_chars(M.attend, 3) > 2.5 * one  # what the jit saves
+
+
 @needs_interpreter
 def test_interpreted_groups_of_chunks():
     """MHA, four chunks with a middle in four groups of one (a list of 20 slots in a 64-slot
