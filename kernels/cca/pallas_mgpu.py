@@ -62,13 +62,19 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig.slots must be >= 2; got {self.slots}")
 
 
+def wgmma_inputs(dtype, head_dim: int) -> bool:
+    """Inputs the Mosaic GPU attention kernels take: 16-bit, head dim 64 or 128 (their wgmma
+    tiles and 128-byte swizzled shared memory)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim in (64, 128))
+
+
 def supports(q, config: MgpuConfig | None = None) -> bool:
     """True where this kernel computes the forward of padded q (B, T, Hq, D): 16-bit, head dim 64
     or 128, T a multiple of 128 and of the key block."""
     _, t, _, d = q.shape
     bk = (config or MgpuConfig()).block_k
-    return jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and (
-        d in (64, 128)) and t % TILE == 0 and t % bk == 0
+    return wgmma_inputs(q.dtype, d) and t % TILE == 0 and t % bk == 0
 
 
 def available() -> bool:
@@ -209,31 +215,32 @@ def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype,
     return acc, m_new, l
 
 
-def produce(ring: Ring, n_steps, fetch_k, fetch_v) -> None:
-    """The producer warpgroup: ``fetch_k(s, slot)`` / ``fetch_v(s, slot)`` (TMA copies that
-    arrive on ``ring.k_full`` / ``v_full``) for steps 0 .. n_steps - 1, each into a slot the
-    consumers have released; at the end, waits for their last release of every slot."""
+def produce(slots: int, n_steps, *streams) -> None:
+    """The producer warpgroup of a ring of ``slots`` shared-memory buffers: each stream is
+    ``(fetch, free)``, ``fetch(s, slot)`` issuing step s's TMA copy into ``slot`` and ``free`` the
+    barriers the consumers arrive on when they release a slot. Steps 0 .. n_steps - 1, each into
+    a slot released by the step ``slots`` earlier; at the end, waits for the consumers' last
+    release of every slot (so every barrier phase is seen)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    for i in range(ring.slots):
+    for i in range(slots):
         @pl.when(i < n_steps)
         def _():
-            fetch_k(i, i)
-            fetch_v(i, i)
+            for fetch, _ in streams:
+                fetch(i, i)
 
-    @pl.loop(ring.slots, jnp.maximum(n_steps, ring.slots))
+    @pl.loop(slots, jnp.maximum(n_steps, slots))
     def _(s):
-        slot = lax.rem(s, ring.slots)
-        plgpu.barrier_wait(ring.k_free.at[slot])
-        fetch_k(s, slot)
-        plgpu.barrier_wait(ring.v_free.at[slot])
-        fetch_v(s, slot)
+        slot = lax.rem(s, slots)
+        for fetch, free in streams:
+            plgpu.barrier_wait(free.at[slot])
+            fetch(s, slot)
 
-    for i in range(ring.slots):  # the consumers' last release of each slot (every phase is seen)
+    for i in range(slots):
         @pl.when(i < n_steps)
         def _():
-            plgpu.barrier_wait(ring.k_free.at[i])
-            plgpu.barrier_wait(ring.v_free.at[i])
+            for _, free in streams:
+                plgpu.barrier_wait(free.at[i])
 
 
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
@@ -328,8 +335,9 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
                 plgpu.copy_gmem_to_smem(src_raw.at[b, pl.ds((a0 + s - nc) * bk, bk), kv_head],
                                         smem.at[slot], full.at[slot])
 
-        produce(ring, n_steps, lambda s, slot: fetch(kc_ref, k_ref, k_smem, k_full, s, slot),
-                lambda s, slot: fetch(vc_ref, v_ref, v_smem, v_full, s, slot))
+        produce(slots, n_steps,
+                (lambda s, slot: fetch(kc_ref, k_ref, k_smem, k_full, s, slot), k_free),
+                (lambda s, slot: fetch(vc_ref, v_ref, v_smem, v_full, s, slot), v_free))
 
 
 def forward(

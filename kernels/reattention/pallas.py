@@ -297,6 +297,11 @@ def window_length(geo: Geometry) -> int:
                + sel.sink_tokens)
 
 
+def window_rows(x: Float[Array, "B S H D"], ws, w_len: int) -> Float[Array, "B W H D"]:
+    """Rows ws[b] .. ws[b] + w_len - 1 of each batch element."""
+    return jax.vmap(lambda xb, s: lax.dynamic_slice_in_dim(xb, s, w_len, axis=0))(x, ws)
+
+
 def tail_window(k, q0, geo: Geometry, inv_freq):
     """Keys every chunk's tail [L0, c1) can touch, rotated at their original positions:
     (rotated window (B, W, Hkv, D), its first key ws (B,)). W = min(S, T + w + align + sink)
@@ -305,7 +310,7 @@ def tail_window(k, q0, geo: Geometry, inv_freq):
     w_len = window_length(geo)
     ws = jnp.clip(q0 - sel.local_window - sel.middle_align - sel.sink_tokens, 0,
                   geo.num_keys - w_len)
-    window = jax.vmap(lambda kb, s: lax.dynamic_slice_in_dim(kb, s, w_len, axis=0))(k, ws)
+    window = window_rows(k, ws, w_len)
     positions = ws[:, None] + jnp.arange(w_len, dtype=jnp.int32)[None, :]
     return rotate_at(window, positions, inv_freq), ws
 
@@ -384,9 +389,8 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     b, hkv, ncr, r_pad, d = qo_rows.shape
     bk = config.mgpu_attend_block_k
     ws = meta[:, 0, 0, 4]
-    v_window = jax.vmap(lambda vb, s: lax.dynamic_slice_in_dim(vb, s, window.shape[1], 0))(v, ws)
     k_window = pallas_mgpu_attend.pad_window(window, bk)
-    v_window = pallas_mgpu_attend.pad_window(v_window, bk)
+    v_window = pallas_mgpu_attend.pad_window(window_rows(v, ws, window.shape[1]), bk)
     per_chunk = b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize * 2
     n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
     per_group = params.cdiv(ncr, n_groups)

@@ -41,7 +41,7 @@ from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import LOG2E, NEG, cdiv, pad_to
 from kernels.cca.pallas_mgpu import (Ring, attend_block, interpret_params, layout_helpers,
-                                     produce, take_turn)
+                                     produce, take_turn, wgmma_inputs)
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
 CONSUMERS = 2
@@ -50,8 +50,7 @@ TILE = ROWS * CONSUMERS  # rows per CTA
 
 def supports(dtype, head_dim: int) -> bool:
     """True where this kernel applies: 16-bit inputs with head dim 64 or 128."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and head_dim in (64, 128))
+    return wgmma_inputs(dtype, head_dim)
 
 
 def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref, scoped, *, groups, bk,
@@ -148,8 +147,9 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref, scoped, *, g
                 plgpu.copy_gmem_to_smem(src_tail.at[b, pl.ds(a0 + (s - nl) * bk, bk), h],
                                         smem.at[slot], full.at[slot])
 
-        produce(ring, n_steps, lambda s, slot: fetch(kg_ref, kw_ref, k_smem, k_full, s, slot),
-                lambda s, slot: fetch(vg_ref, vw_ref, v_smem, v_full, s, slot))
+        produce(slots, n_steps,
+                (lambda s, slot: fetch(kg_ref, kw_ref, k_smem, k_full, s, slot), k_free),
+                (lambda s, slot: fetch(vg_ref, vw_ref, v_smem, v_full, s, slot), v_free))
 
 
 def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],

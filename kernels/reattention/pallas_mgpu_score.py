@@ -44,7 +44,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import NEG, cdiv
-from kernels.cca.pallas_mgpu import available, interpret_params, layout_helpers  # noqa: F401
+from kernels.cca.pallas_mgpu import (available, interpret_params,  # noqa: F401
+                                     layout_helpers, produce, wgmma_inputs)
 from kernels.reattention.reference import INT_MAX
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
@@ -56,8 +57,7 @@ def supports(dtype, head_dim: int, num_keys: int, top_k: int, block_k: int = 64)
     of keys and a multiple of 8 (the TMA descriptor of the cache, read in place, tiles its
     sequence dimension by 8; Mosaic GPU rejects other lengths), top_k <= 8 (the caller pads the
     rows to a multiple of 64 x consumers)."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and head_dim in (64, 128) and num_keys >= block_k and num_keys % 8 == 0
+    return (wgmma_inputs(dtype, head_dim) and num_keys >= block_k and num_keys % 8 == 0
             and 1 <= top_k <= MAX_TOP_K)
 
 
@@ -192,21 +192,7 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
             plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(base, bk), h], k_smem.at[slot],
                                     k_full.at[slot])
 
-        for i in range(slots):
-            @pl.when(i < n_steps)
-            def _():
-                fetch(i, i)
-
-        @pl.loop(slots, jnp.maximum(n_steps, slots))
-        def _(s):
-            slot = lax.rem(s, slots)
-            plgpu.barrier_wait(k_free.at[slot])
-            fetch(s, slot)
-
-        for i in range(slots):  # the consumers' last release of each slot
-            @pl.when(i < n_steps)
-            def _():
-                plgpu.barrier_wait(k_free.at[i])
+        produce(slots, n_steps, (fetch, k_free))
 
 
 def score(

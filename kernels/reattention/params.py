@@ -189,24 +189,18 @@ class Config:
         if self.full_prefix not in ("auto", "cudnn", "xla", "off"):
             raise ValueError(f"Config.full_prefix must be 'auto', 'cudnn', 'xla' or 'off'; got "
                              f"{self.full_prefix!r}")
-        if self.score_lowering not in ("auto", "triton", "mosaic_gpu"):
-            raise ValueError(f"Config.score_lowering must be 'auto', 'triton' or 'mosaic_gpu'; "
-                             f"got {self.score_lowering!r}")
-        if self.attend_lowering not in ("auto", "triton", "mosaic_gpu"):
-            raise ValueError(f"Config.attend_lowering must be 'auto', 'triton' or 'mosaic_gpu'; "
-                             f"got {self.attend_lowering!r}")
-        if self.mgpu_attend_block_k not in (64, 128):
-            raise ValueError(f"Config.mgpu_attend_block_k must be 64 or 128; got "
-                             f"{self.mgpu_attend_block_k}")
-        if self.mgpu_attend_slots < 2:
-            raise ValueError(f"Config.mgpu_attend_slots must be >= 2; got "
-                             f"{self.mgpu_attend_slots}")
+        for name in ("score_lowering", "attend_lowering"):
+            if getattr(self, name) not in ("auto", "triton", "mosaic_gpu"):
+                raise ValueError(f"Config.{name} must be 'auto', 'triton' or 'mosaic_gpu'; got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("mgpu_block_k", "mgpu_attend_block_k"):
+            if getattr(self, name) not in (64, 128):
+                raise ValueError(f"Config.{name} must be 64 or 128; got {getattr(self, name)}")
+        for name in ("mgpu_slots", "mgpu_attend_slots"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"Config.{name} must be >= 2; got {getattr(self, name)}")
         if self.gather_bytes < 1:
             raise ValueError(f"Config.gather_bytes must be positive; got {self.gather_bytes}")
-        if self.mgpu_block_k not in (64, 128):
-            raise ValueError(f"Config.mgpu_block_k must be 64 or 128; got {self.mgpu_block_k}")
-        if self.mgpu_slots < 2:
-            raise ValueError(f"Config.mgpu_slots must be >= 2; got {self.mgpu_slots}")
         if self.mgpu_consumers not in (2, 4):
             raise ValueError(f"Config.mgpu_consumers must be 2 or 4; got {self.mgpu_consumers}")
 
