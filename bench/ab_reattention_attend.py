@@ -15,12 +15,11 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from bench.common import environment, time_alternating
+from bench.common import time_alternating, write_rows
 from kernels.reattention import pallas
 from kernels.reattention.params import default_config
 
@@ -75,9 +74,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
             del a, fs, outs
-    result = {"env": environment(), "note": __doc__.splitlines()[0], "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    write_rows(rows, __doc__.splitlines()[0], args.out)
     return 0
 
 

@@ -123,3 +123,10 @@ def save_results(name: str, payload: dict) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def write_rows(rows: list, note: str, out: str | None) -> None:
+    """An A/B script's result file (when ``out`` is given): the environment, a note, the rows."""
+    if out:
+        Path(out).write_text(json.dumps({"env": environment(), "note": note, "rows": rows},
+                                        indent=1))

@@ -9,28 +9,32 @@ The last warpgroup streams the split's key tiles through a ring of ``slots`` sha
 buffers with TMA copies; each consumer warpgroup owns 64 rows and computes ``S = Q K^T`` on
 wgmma.
 
-The running top-k of a row is kept sorted in registers, as ``top_k`` row vectors of scores and of
-positions. A key tile merges in rounds: a round takes each row's best remaining key (the lowest
-column among equal maxima) and inserts it where it beats the row's k-th entry; rounds go on while
-that holds for some row of the warpgroup (at most ``top_k``). Insertion is elementwise on the
-row vectors; "some row" is a warpgroup-wide reduction through a 64-entry shared-memory buffer
-(one per consumer). Equal scores keep the entry already in the set: it has the lower position,
-as tiles are swept in position order and a round extracts equal maxima lowest column first.
+The top-k merge runs below Pallas's array semantics (``_lane_topk``, ``plgpu.inline_mgpu``):
+each thread keeps a sorted list of its own columns of each of its two rows, and each row a
+threshold, at most its exact k-th best score so far. A tile costs, per thread and row, a max
+over the thread's scores, a compare with the threshold and a warp vote; only when some lane of
+the warp beats its threshold does the warp walk the tile, insert those scores into their own
+lists and recompute the thresholds (shuffles within the quad of lanes that share a row). After
+the last tile the lists are merged into each row's top_k in ``top_k`` rounds (``_rounds``).
+Ties keep the lower position: tiles are swept in position order, a thread inserts only strictly
+better scores, and the final rounds take the lowest position among equal maxima.
 
-Where the time goes (H200, 128K, 32 heads, d = 128; ``bench/results/score_mgpu_variants_h200
-.json``): the merge rounds, not the matmuls. Without them the sweep runs at 640-700 TF/s; with
-them at 370 (the Triton lowering: 300). Each row records about 4 ln(N / 4) new entries over N
-keys, and a round costs a pass over the whole 64-row tile for any one of its rows, so four
-consumers with 64-key tiles (more warps to hide the rounds' latency, narrower rounds) are the
-defaults.
+Where the time goes (H200, 128K, 32 heads, d = 128): the merge, not the matmuls. Without any
+merge the sweep runs at 640-700 TF/s (``bench/results/score_mgpu_variants_h200.json``). The
+first version merged the rows' lists in rounds while some row of the warpgroup gained (a
+shared-memory any()): 370 TF/s, as about 4 ln(N / 4) new entries per row over N keys made a
+warpgroup-wide round necessary on most tiles. With the per-thread lists, 540-580 TF/s
+(``bench/results/ab_reattention_score_h200.json``). Four consumers with 64-key tiles are the
+defaults: more warps hide the merge's latency (two consumers: 360 TF/s).
 
 Output: ``(vals, idx)`` of shape (B, Hkv, NC, splits, top_k, R), each row's entries sorted by
 score (idx -1 and the score ``NEG`` where a row has fewer than top_k keys), for
 ``pallas._score`` to merge like the Triton kernel's.
 
 Supported (:func:`supports`): 16-bit inputs, head dim 64 or 128, at least one key tile of keys
-and a multiple of 8, top_k <= 8; the caller pads the rows to a multiple of 64 x consumers. ``interpret=True`` runs
-the Mosaic GPU interpreter on CPU.
+and a multiple of 8, top_k <= 8; the caller pads the rows to a multiple of 64 x consumers.
+``interpret=True`` runs the Mosaic GPU interpreter on CPU, with the rows' lists merged tile by
+tile in ``top_k`` rounds instead (the interpreter cannot run ``inline_mgpu``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
@@ -61,19 +66,163 @@ def supports(dtype, head_dim: int, num_keys: int, top_k: int, block_k: int = 64)
             and 1 <= top_k <= MAX_TOP_K)
 
 
-def _insert(vals, idxs, m, j):
+def _insert(vals, idxs, m, j, *, where=jnp.where, gt=lambda a, b: a > b):
     """Sorted insertion of (m, j) into each row's list (vals[0] >= vals[1] >= ...): entries it
-    beats strictly move down one place; the last falls off. Elementwise on row vectors."""
-    beats = [m > v for v in vals]
+    beats strictly move down one place; the last falls off. Elementwise on row vectors, or on
+    scalars (``where`` / ``gt`` from MLIR's arith dialect, in ``_lane_topk``)."""
+    beats = [gt(m, v) for v in vals]
     new_vals, new_idxs = [], []
     for i in range(len(vals)):
         if i == 0:
-            new_vals.append(jnp.where(beats[0], m, vals[0]))
-            new_idxs.append(jnp.where(beats[0], j, idxs[0]))
+            new_vals.append(where(beats[0], m, vals[0]))
+            new_idxs.append(where(beats[0], j, idxs[0]))
         else:  # moved down from i - 1, or the new entry lands here, or unchanged
-            new_vals.append(jnp.where(beats[i - 1], vals[i - 1], jnp.where(beats[i], m, vals[i])))
-            new_idxs.append(jnp.where(beats[i - 1], idxs[i - 1], jnp.where(beats[i], j, idxs[i])))
+            new_vals.append(where(beats[i - 1], vals[i - 1], where(beats[i], m, vals[i])))
+            new_idxs.append(where(beats[i - 1], idxs[i - 1], where(beats[i], j, idxs[i])))
     return new_vals, new_idxs
+
+
+def _rounds(scores, cols, vals, idxs, rounds: int):
+    """Merges a (64, n) tile of (score, position) candidates into the rows' sorted lists (row
+    vectors) in ``rounds`` rounds: a round takes each row's best remaining candidate (the lowest
+    position among equal maxima) and inserts it where it beats the row's last entry. With
+    ``rounds`` = top_k nothing that belongs in a row's top_k is left out."""
+    for _ in range(rounds):
+        m = scores.max(axis=1)
+        mb = lax.broadcast_in_dim(m, scores.shape, [0])
+        j = jnp.where(scores == mb, cols, INT_MAX).min(axis=1)
+        vals, idxs = _insert(vals, idxs, m, j)
+        scores = jnp.where(cols == lax.broadcast_in_dim(j, scores.shape, [0]), NEG, scores)
+    return vals, idxs
+
+
+def lane_width(top_k: int) -> int:
+    """Columns of the (64, n) WGMMA-layout arrays that hold the per-thread lists: a thread holds
+    n / 4 entries of each of its two rows, at least top_k."""
+    return 8 * -(-top_k // 2)
+
+
+def _lane_topk(top_k: int, bk: int):
+    """The per-tile merge on the GPU, below Pallas's array semantics (``plgpu.inline_mgpu``).
+
+    In the WGMMA register layout each thread holds two rows of a (64, bk) score tile, bk / 4
+    columns of each (columns 8 j + 2 (lane % 4) + e; the four lanes of a quad share the row).
+    Each thread keeps its own sorted list per row, of the columns it holds, in a (64,
+    ``lane_width``) array of the same layout: the union of a quad's lists holds the row's top_k
+    (an entry leaves a list only for better ones of the same row), and ``_rounds`` merges it once
+    at the end. Next to the lists, each row carries a threshold: the quad's k-th best score,
+    counting equal scores of different lanes once, so at most the row's exact k-th best. A score
+    can enter the row's top_k only if it beats it (strictly: on ties the earlier, lower position
+    stays).
+
+    A tile costs, per thread and row, a max over its bk / 4 scores, one compare with the
+    threshold and a warp vote. Only where some lane of the warp has a score above its threshold
+    does the warp (uniformly) go through the tile score by score in column order, inserting
+    those above the threshold into their own lane's list (divergent, rare), then recompute the
+    threshold: top_k rounds of a quad-wide max (two butterfly shuffles) of the lists' heads.
+
+    Arguments: the (64, bk) float32 scores, the (64,) int32 position of the tile's column 0 (the
+    same in every row), the rows' thresholds and the lists' scores and positions; returns the
+    new thresholds and lists."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, gpu, llvm, scf, vector
+
+    wgmma, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+    width = lane_width(top_k)
+    per_thread = width // 4
+    lists = (plgpu.ShapeDtypeStruct((ROWS,), jnp.float32, layout=row),
+             plgpu.ShapeDtypeStruct((ROWS, width), jnp.float32, layout=wgmma),
+             plgpu.ShapeDtypeStruct((ROWS, width), jnp.int32, layout=wgmma))
+
+    @plgpu.inline_mgpu(arg_types=(wgmma, row, row, wgmma, wgmma), return_type=lists)
+    def merge(ctx, scores, base, thresholds, vals, idxs):
+        del ctx
+        import jax.experimental.mosaic.gpu as mgpu
+        from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+        i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+        const = lambda x: arith.constant(i32, x)
+        take = lambda vec, e: vector.extract(vec, dynamic_position=[],
+                                             static_position=ir.DenseI64ArrayAttr.get([e]))
+        gt = lambda a, b: arith.cmpf(arith.CmpFPredicate.OGT, a, b)
+
+        def tree_max(xs):
+            while len(xs) > 1:
+                xs = [arith.maximumf(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i]
+                      for i in range(0, len(xs), 2)]
+            return xs[0]
+
+        def warp_any(pred):
+            """Whether pred holds in some lane of the warp (the same answer in every lane)."""
+            flag = llvm.inline_asm(
+                i32, [arith.extui(i32, pred)],
+                "{ .reg .pred p; setp.ne.u32 p, $1, 0; vote.sync.any.pred p, p, 0xffffffff; "
+                "selp.u32 $0, 1, 0, p; }", "=r,r", asm_dialect=0, has_side_effects=True)
+            return arith.cmpi(arith.CmpIPredicate.ne, flag, const(0))
+
+        def branch(cond, then, current):
+            op = scf.IfOp(cond, [x.type for x in current], has_else=True)
+            with ir.InsertionPoint(op.then_block):
+                scf.yield_(then())
+            with ir.InsertionPoint(op.else_block):
+                scf.yield_(current)
+            return list(op.results)
+
+        def quad_kth(lv):
+            """The top_k-th best of the quad's lists (equal heads of different lanes pop
+            together, so this is at most the exact k-th best)."""
+            lv = list(lv)
+            neg = arith.constant(f32, NEG)
+            for _ in range(top_k):
+                m = lv[0]
+                for stride in (1, 2):
+                    m = arith.maximumf(m, mgpu_utils.shfl_bfly(m, stride))
+                pop = arith.cmpf(arith.CmpFPredicate.OEQ, lv[0], m)
+                lv = [arith.select(pop, nxt, cur) for cur, nxt in zip(lv, lv[1:] + [neg])]
+            return m
+
+        tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
+        lane_col = arith.muli(arith.andi(tid, const(3)), const(2))  # 2 (lane % 4)
+        s_regs = scores.registers.reshape(bk // 8, 2)  # [column block j, row h] <2 x f32>
+        v_regs = vals.registers.reshape(per_thread // 2, 2)
+        i_regs = idxs.registers.reshape(per_thread // 2, 2)
+        b_regs = base.registers.reshape(2)  # [row h] <1 x i32>
+        t_regs = thresholds.registers.reshape(2)  # [row h] <1 x f32>
+        new_v, new_i, new_t = (np.empty_like(r) for r in (v_regs, i_regs, t_regs))
+
+        for h in range(2):
+            lv = [take(v_regs[p // 2, h], p % 2) for p in range(per_thread)]
+            li = [take(i_regs[p // 2, h], p % 2) for p in range(per_thread)]
+            xs = [take(s_regs[j, h], e) for j in range(bk // 8) for e in range(2)]
+            thr = take(t_regs[h], 0)
+
+            def tile(lv=lv, li=li, xs=xs, h=h, thr=thr):
+                col0 = arith.addi(take(b_regs[h], 0), lane_col)
+                cur = lv + li
+                for n, x in enumerate(xs):  # column 8 (n // 2) + n % 2 of this thread
+                    def one(cur=cur, x=x, n=n):
+                        col = arith.addi(col0, const(8 * (n // 2) + n % 2))
+                        v, i = _insert(cur[:per_thread], cur[per_thread:], x, col,
+                                       where=arith.select, gt=gt)
+                        return v + i
+                    cur = branch(gt(x, thr), one, cur)
+                return [quad_kth(cur[:per_thread])] + cur
+
+            out = branch(warp_any(gt(tree_max(xs), thr)), tile, [thr] + lv + li)
+            new_t[h] = vector.broadcast(t_regs[h].type, out[0])
+            out = out[1:]
+            for p in range(0, per_thread, 2):
+                for regs, like, first in ((new_v, v_regs, 0), (new_i, i_regs, per_thread)):
+                    vec = vector.broadcast(like[0, 0].type, out[first + p])
+                    regs[p // 2, h] = vector.insert(out[first + p + 1], vec, dynamic_position=[],
+                                                    static_position=ir.DenseI64ArrayAttr.get([1]))
+        wrap = lambda regs, like: mgpu.FragmentedArray(
+            _registers=regs.reshape(like.registers.shape), _layout=like.layout,
+            _is_signed=like.is_signed)
+        return wrap(new_t, thresholds), wrap(new_v, vals), wrap(new_i, idxs)
+
+    return merge
 
 
 REGISTERS = {2: (232, 40), 4: (112, 32)}  # per thread (consumer, producer), by consumer count
@@ -83,7 +232,7 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
             splits, split_len, tiles, nc, hkv, consumers, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    (q_smem2, k_smem, v_out2, i_out2, flag2), (k_full, q_full), k_free = scoped
+    (q_smem2, k_smem, v_out2, i_out2), (k_full, q_full), k_free = scoped
     cast, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
@@ -106,45 +255,23 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
     def _consumer():
         plgpu.set_max_registers(REGISTERS[consumers][0], action="increase")
         q_smem = q_smem2.at[wg]
-        flag = flag2.at[wg]
         r0 = tile * (consumers * ROWS) + wg * ROWS
         plgpu.copy_gmem_to_smem(q_ref.at[chunk_row, pl.ds(r0, ROWS)], q_smem, q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         vals = [cast(jnp.full((ROWS,), NEG, jnp.float32), row_layout)] * top_k
         idxs = [cast(jnp.full((ROWS,), -1, jnp.int32), row_layout)] * top_k
-
-        def some_row(pred):
-            """Warpgroup-wide any() of a row predicate, through shared memory: the 64 flags
-            are read back in a layout every warp holds whole, so the reduction is in-warp."""
-            flag[...] = pred.astype(jnp.int32)
-            every = plgpu.load(flag, (), layout=plgpu.Layout.WGMMA.reduce(0))
-            return jnp.max(every) > 0
-
-        def merge(scores, cols, vals, idxs):
-            def cond(carry):
-                it, _, m, vals, _ = carry
-                return (it < top_k) & some_row(m > vals[-1])
-
-            def body(carry):
-                it, s, m, vals, idxs = carry
-                mb = lax.broadcast_in_dim(m, s.shape, [0])
-                j = jnp.where(s == mb, cols, INT_MAX).min(axis=1)
-                vals, idxs = _insert(vals, idxs, m, j)
-                s = jnp.where(cols == lax.broadcast_in_dim(j, s.shape, [0]), NEG, s)
-                return it + 1, s, s.max(axis=1), vals, idxs
-
-            carry = (jnp.int32(0), scores, scores.max(axis=1), vals, idxs)
-            if interpret:  # top_k rounds, no shared-memory any(): the same picks, as a round
-                # where no row beats its k-th changes nothing
-                _, _, _, vals, idxs = lax.fori_loop(0, top_k, lambda i, c: body(c), carry)
-                return vals, idxs
-            _, _, _, vals, idxs = lax.while_loop(cond, body, carry)
-            return vals, idxs
+        if interpret:  # the rows' lists, merged tile by tile in top_k rounds
+            carry = (vals, idxs)
+        else:  # every thread's own lists (``_lane_topk``), merged into the rows' at the end
+            width = lane_width(top_k)
+            carry = (cast(jnp.full((ROWS,), NEG, jnp.float32), row_layout),
+                     cast(jnp.full((ROWS, width), NEG, jnp.float32), plgpu.Layout.WGMMA),
+                     cast(jnp.full((ROWS, width), -1, jnp.int32), plgpu.Layout.WGMMA))
+            lane_merge = _lane_topk(top_k, bk)
 
         def step(masked: bool):
             def body(s, carry):
-                vals, idxs = carry
                 slot = lax.rem(s, slots)
                 plgpu.barrier_wait(k_full.at[slot])
                 if interpret:
@@ -159,18 +286,23 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
                 plgpu.barrier_arrive(k_free.at[slot])
                 start = lo8 + s * bk
                 base = jnp.minimum(start, s_len - bk)  # the producer's clamped copy
-                cols = base + iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
+                if masked or interpret:
+                    cols = base + iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
                 if masked:  # first and last tiles: keys before lo or past hi, re-read ones
                     scores = jnp.where((cols >= jnp.maximum(start, lo)) & (cols < hi), scores,
                                        NEG)
-                return merge(scores, cols, vals, idxs)
+                if interpret:
+                    return _rounds(scores, cols, *carry, top_k)
+                return lane_merge(scores, cast(jnp.full((ROWS,), base, jnp.int32), row_layout),
+                                  *carry)
             return body
 
         first = jnp.minimum(n_steps, 1)
         last = jnp.maximum(n_steps - 1, first)
-        carry = lax.fori_loop(0, first, step(True), (vals, idxs))
+        carry = lax.fori_loop(0, first, step(True), carry)
         carry = lax.fori_loop(first, last, step(False), carry)
-        vals, idxs = lax.fori_loop(last, n_steps, step(True), carry)
+        carry = lax.fori_loop(last, n_steps, step(True), carry)
+        vals, idxs = carry if interpret else _rounds(*carry[1:], vals, idxs, top_k)
 
         v_out, i_out = v_out2.at[wg], i_out2.at[wg]
         for i in range(top_k):
@@ -238,8 +370,7 @@ def score(
             lambda *scoped: kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped),
             (smem((consumers, ROWS, d), dtype), smem((slots, block_k, d), dtype),
              plgpu.SMEM((consumers, top_k, ROWS), jnp.float32),
-             plgpu.SMEM((consumers, top_k, ROWS), jnp.int32),
-             plgpu.SMEM((consumers, ROWS), jnp.int32)),
+             plgpu.SMEM((consumers, top_k, ROWS), jnp.int32)),
             (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=consumers)),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
             collective_axes="wg",

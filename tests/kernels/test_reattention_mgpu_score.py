@@ -1,11 +1,13 @@
 """The Mosaic GPU scoring kernel of ReAttention (``kernels/reattention/pallas_mgpu_score.py``).
 
-On a Hopper GPU (``-m gpu``) the compiled kernel's picks at 32K equal the Triton lowering's, with
-four consumers (the default) and two; the ReAttention op and parity suites run it too (``Config.
-score_lowering`` "auto"). On CPU only the argument checks run: jax 0.10's Mosaic GPU interpreter
-deadlocks on this kernel's barriers under the suite's XLA flags (it ran standalone with two
-consumers, picks equal to the reference, ties included), so the CPU twin of the same function is
-the Triton-lowered scoring kernel in the Pallas interpreter (``test_reattention_ops.py``,
+On a Hopper GPU (``-m gpu``) the compiled kernel's picks equal the Triton lowering's: at 32K
+with four consumers (the default) and two, and at 16K with other top_k and 128-key tiles; the
+ReAttention op and parity suites run it too (``Config.score_lowering`` "auto"). On CPU the
+argument checks run, and the kernel is lowered for CUDA (``jax.export``: the Mosaic GPU lowering
+with its ``inline_mgpu`` merge runs, nothing compiles) for each width of the per-thread lists.
+jax 0.10's Mosaic GPU interpreter deadlocks on this kernel's barriers under the suite's XLA
+flags, and cannot run ``inline_mgpu`` at all, so the CPU twin of the same function is the
+Triton-lowered scoring kernel in the Pallas interpreter (``test_reattention_ops.py``,
 ``test_picks_match_reference_topk``).
 """
 
@@ -57,6 +59,34 @@ def test_config_and_inputs_are_checked():
                 splits=1, split_len=256, interpret=True)
 
 
+@pytest.mark.parametrize("consumers,top_k,block_k", [(4, 4, 64), (2, 3, 64), (4, 8, 128),
+                                                      (2, 1, 128)])
+def test_lowers_for_cuda(consumers, top_k, block_k):
+    """The kernel lowers for CUDA on the CPU (the Mosaic GPU lowering and the MLIR of the
+    per-thread merge, whose lists hold 2, 4 or 8 entries per thread and row here), with a sink
+    off the 8-row grid and two key splits."""
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    rows, k = bf16(1, 2, 3, 64 * consumers, 128), bf16(1, 4096, 2, 128)
+    l0 = jax.ShapeDtypeStruct((1, 3), jnp.int32)
+
+    def score(rows, k, l0):
+        return M.score(rows, k, l0, sink=20, top_k=top_k, splits=2, split_len=2048,
+                       block_k=block_k, consumers=consumers)
+
+    exported = jax.export.export(jax.jit(score), platforms=["cuda"])(rows, k, l0)
+    assert [o.shape for o in exported.out_avals] == [(1, 2, 3, 2, top_k, 64 * consumers)] * 2
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k,block_k", [(3, 128), (8, 64), (1, 64)])
+def test_gpu_top_k_and_key_tiles(top_k, block_k):
+    """Other top_k (lists of 4 and 8 entries per thread and row; a top_k of 1) and 128-key
+    tiles, GQA at 16K: picks equal the Triton lowering's."""
+    case = Case(1, 16384, 32, 8, 128, Selection(top_k=top_k, local_window=2048))
+    _check_picks(case, consumers=4, block_k=block_k)
+
+
 @needs_hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("consumers", [4, 2])
@@ -71,12 +101,17 @@ def test_gpu_picks_equal_triton_lowering(case, consumers):
     products with
     float32 sums, so their picks agree as sets (a summation-order near-tie may flip a rare one)
     and their scores to float32 rounding."""
+    _check_picks(case, consumers=consumers)
+
+
+def _check_picks(case: Case, consumers: int, block_k: int = 64):
     q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))
 
     def picks(lowering):
         rows = case.sel.chunk_size * case.q_heads // case.kv_heads
         config = dataclasses.replace(P.default_config(case.head_dim, 2, rows),
-                                     score_lowering=lowering, mgpu_consumers=consumers)
+                                     score_lowering=lowering, mgpu_consumers=consumers,
+                                     mgpu_block_k=block_k)
         return jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
 
     vals_m, idx_m = picks("mosaic_gpu")
@@ -87,4 +122,3 @@ def test_gpu_picks_equal_triton_lowering(case, consumers):
     assert live.mean() > 0.5
     diff = np.abs(np.sort(np.asarray(vals_m), -1) - np.sort(np.asarray(vals_t), -1))
     assert np.max(np.where(live & same, diff, 0)) < 1e-3 * np.max(np.abs(np.asarray(vals_t)))
-
