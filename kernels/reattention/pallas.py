@@ -55,8 +55,9 @@ from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F40
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
 from kernels.reattention import pallas_mgpu_attend, pallas_mgpu_score, params, reference
-from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
-                                        next_power_of_2, round_up, score_splits)
+from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
+                                        default_config, geometry, next_power_of_2, round_up,
+                                        score_splits)
 
 POS = -NEG  # padding columns of the running top-k set: never its minimum
 INT_MAX = reference.INT_MAX
@@ -206,20 +207,26 @@ def _rotate(x1, x2, cos, sin, dtype):
 
 
 def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, *refs,
-                   groups: int, bk: int, s_len: int, n_pos: int, tiles: int, scale: float,
-                   exp2, rotated_tail: bool):
+                   groups: int, bk: int, s_len: int, n_pos: int, tiles: int, splits: int,
+                   scale: float, exp2, rotated_tail: bool):
     """``rotated_tail``: two more inputs, the rows rotated at their ORIGINAL positions and the
     keys of the tail window rotated at theirs (window row i is key ws + i, ws = meta[4]); the
     tail is then plain attention, one full-width dot per tile with no rotation in the kernel.
     RoPE scores depend on position differences only, and the tail and the rows are re-numbered
     by the same offset n_g - L0, so this is the same function (up to the rounding of the angles,
-    which are taken at the original positions)."""
-    qo_ref, krot_ref, o_ref = refs if rotated_tail else (None, None, refs[0])
+    which are taken at the original positions).
+
+    ``splits`` > 1: program i takes split i % splits of the row tile's key tiles (the list's,
+    then the tail's, as one sequence cut into equal runs) and writes its normalised partial
+    output and base-2 log-sum-exp (0 and ``NEG`` where it saw no key) for ``_merge_partials``."""
+    n_in = 2 if rotated_tail else 0
+    qo_ref, krot_ref = refs[:n_in] if rotated_tail else (None, None)
+    o_ref, lse_ref = refs[n_in:] if splits > 1 else (refs[n_in], None)
     half = cos_ref.shape[1]
     dtype = q_ref.dtype
     bq = q_ref.shape[0]
     c0, c1, l0, n_g = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
-    r0 = lax.rem(pl.program_id(0), tiles) * bq
+    r0 = lax.rem(lax.div(pl.program_id(0), splits), tiles) * bq
     t = c0 + lax.div(r0 + jnp.arange(bq, dtype=jnp.int32), groups)  # query position of each row
     q_pos = jnp.minimum(n_g + t - l0, n_pos - 1)
     f32 = lambda x: x.astype(jnp.float32)
@@ -241,7 +248,12 @@ def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, *
         return _online_step(carry, qr1, qr2, kr1, kr2, values, scale2, (slots < n_g)[None, :],
                             exp2)
 
-    carry = lax.fori_loop(0, cdiv(n_g, bk), gathered, carry)
+    unmasked, n_tail = tail_tiles(c0, c1, l0, r0, groups=groups, bk=bk, s_len=s_len)
+    n_list = cdiv(n_g, bk)
+    per = cdiv(n_list + n_tail, splits)
+    lo = lax.rem(pl.program_id(0), splits) * per  # this split's run of key tiles [lo, lo + per)
+    hi = lo + per
+    carry = lax.fori_loop(jnp.minimum(lo, n_list), jnp.minimum(hi, n_list), gathered, carry)
     if rotated_tail:
         qo, ws, w_len = qo_ref[...], meta_ref[4], krot_ref.shape[0]
 
@@ -262,10 +274,15 @@ def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, *
                                          mask, exp2)
         return body
 
-    unmasked, n_tail = tail_tiles(c0, c1, l0, r0, groups=groups, bk=bk, s_len=s_len)
-    carry = lax.fori_loop(0, unmasked, tail(False), carry)
-    acc, m, l = lax.fori_loop(unmasked, n_tail, tail(True), carry)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    run = lambda a, b: (jnp.clip(lo - n_list, a, b), jnp.clip(hi - n_list, a, b))
+    carry = lax.fori_loop(*run(0, unmasked), tail(False), carry)
+    acc, m, l = lax.fori_loop(*run(unmasked, n_tail), tail(True), carry)
+    if splits == 1:
+        o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    else:
+        seen = l > 0
+        o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+        lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), NEG)
 
 
 def tail_tiles(c0, c1, l0, r0, *, groups: int, bk: int, s_len: int):
@@ -327,11 +344,13 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
     ng_pad = glist.shape[3]
     n_pos = ng_pad + round_up(geo.tail, bk)
     cos, sin = rope_tables(n_pos, inv_freq)
+    splits = attend_splits(config, geo, nc * tiles * b * hkv, params.cdiv(n_pos, bk))
     kernel = functools.partial(_attend_kernel, groups=geo.groups, bk=bk, s_len=s_len,
-                               n_pos=n_pos, tiles=tiles, scale=scale, exp2=exp2_for(interpret),
-                               rotated_tail=rotated is not None)
-    chunk_of = lambda i: lax.div(i, tiles)
-    row_map = lambda i, bi, h: (bi, h, chunk_of(i), lax.rem(i, tiles), 0)
+                               n_pos=n_pos, tiles=tiles, splits=splits, scale=scale,
+                               exp2=exp2_for(interpret), rotated_tail=rotated is not None)
+    chunk_of = lambda i: lax.div(i, tiles * splits)
+    tile_of = lambda i: lax.rem(lax.div(i, splits), tiles)
+    row_map = lambda i, bi, h: (bi, h, chunk_of(i), tile_of(i), 0)
     kv_spec = pl.BlockSpec((None, s_len, None, d), lambda i, bi, h: (bi, 0, h, 0))
     table_spec = pl.BlockSpec((n_pos, d // 2), lambda i, bi, h: (0, 0))
     in_specs = [
@@ -348,18 +367,36 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
                      pl.BlockSpec((None, window.shape[1], None, d),
                                   lambda i, bi, h: (bi, 0, h, 0))]
         inputs += [qo_rows, window]
-    return call(
+    if splits == 1:
+        out_specs = [pl.BlockSpec((None, None, None, bq, d), row_map)]
+        out_shape = [jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)]
+    else:  # per split: normalised partial output (float32) and base-2 log-sum-exp
+        split_map = lambda i, bi, h: (bi, h, chunk_of(i), lax.rem(i, splits), tile_of(i))
+        out_specs = [pl.BlockSpec((None, None, None, None, bq, d), lambda *g: (*split_map(*g), 0)),
+                     pl.BlockSpec((None, None, None, None, bq), split_map)]
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, nc, splits, r_pad, d), jnp.float32),
+                     jax.ShapeDtypeStruct((b, hkv, nc, splits, r_pad), jnp.float32)]
+    outs = call(
         kernel,
-        grid=(nc * tiles, b, hkv),
+        grid=(nc * tiles * splits, b, hkv),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, None, bq, d), row_map)],
-        out_shape=[jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         inputs=inputs,
         num_warps=config.attn_warps,
         num_stages=config.attn_stages,
         interpret=interpret,
         name="reattention_attend",
-    )[0]
+    )
+    return outs[0] if splits == 1 else _merge_partials(*outs).astype(q_rows.dtype)
+
+
+def _merge_partials(o: Float[Array, "B Hkv NC P R D"], lse: Float[Array, "B Hkv NC P R"]):
+    """The softmax over all key splits from each split's normalised output and base-2
+    log-sum-exp (splits that saw no key: lse ``NEG``, weight 0)."""
+    top = jnp.max(lse, axis=3, keepdims=True)
+    w = jnp.exp2(lse - top)
+    return jnp.sum(w[..., None] * o, axis=3) / jnp.sum(w, axis=3)[..., None]
 
 
 def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret: bool) -> bool:
@@ -561,9 +598,12 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
         if mgpu_attend:
             o = _attend_mgpu(extra[0], k, v, glist[:, :, rest], meta[:, :, rest], window,
                              inv_freq, scale, geo, config, interpret)
-        else:
-            o = _attend(q_rows[:, :, rest], k, v, glist[:, :, rest], meta[:, :, rest], inv_freq,
-                        scale, geo, config, interpret, extra)
+        else:  # the rows padded for its own tiles only (the Mosaic GPU scoring pads a decode
+            # step's G rows to 64 x consumers: programs of padding here)
+            r_att = round_up(geo.rows, config.attn_block_q)
+            extra = extra and (extra[0][:, :, :, :r_att], extra[1])
+            o = _attend(q_rows[:, :, rest, :r_att], k, v, glist[:, :, rest], meta[:, :, rest],
+                        inv_freq, scale, geo, config, interpret, extra)
         outs.append(reference.unpack_rows(o, geo_rest))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out, glist, n_g

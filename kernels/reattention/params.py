@@ -126,7 +126,10 @@ class Config:
 
     ``score_*``: the scoring + per-row top-k kernel; ``attn_*``: the gathered attention kernel.
     ``score_splits``: key-range splits of the scoring kernel (0: chosen from the grid size so
-    that a decode step, with few query rows, still fills the GPU).
+    that a decode step, with few query rows, still fills the GPU). ``attn_splits``: the same
+    for the Triton-lowered attention kernel, whose key tiles (list, then tail) are split across
+    programs and the partial softmaxes merged in XLA (flash-decoding); 0: split only a decode
+    step (a single query), by :func:`attend_splits`.
 
     ``tail_keys``: how the attention kernel rotates the contiguous tail (local window + chunk):
     "rotated" reads a copy of the tail window rotated once in XLA at the original positions
@@ -147,7 +150,7 @@ class Config:
     (``pallas_mgpu_score.py``: ``mgpu_consumers`` x 64 rows per program, ``mgpu_block_k`` keys
     per tile, ``mgpu_slots`` shared-memory slots; Hopper, 16-bit, head dim 64 or 128, a key
     count that is a multiple of 8, top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU, else "triton".
-    H200, 128K, 32 heads, d = 128: 164 ms with the defaults, 200 ms through Triton.
+    H200, 128K, 32 heads, d = 128: 114 ms with the defaults, 200 ms through Triton.
 
     ``attend_lowering``: the same choice for the gathered attention. "mosaic_gpu" runs the
     warp-specialised kernel of ``pallas_mgpu_attend.py`` (Hopper, 16-bit, head dim 64 or 128, the
@@ -165,6 +168,7 @@ class Config:
     attn_block_k: int = 64
     attn_warps: int = 4
     attn_stages: int = 2
+    attn_splits: int = 0
     tail_keys: str = "auto"
     full_prefix: str = "auto"
     score_lowering: str = "auto"
@@ -181,8 +185,9 @@ class Config:
             b = getattr(self, name)
             if b < 16 or b & (b - 1):
                 raise ValueError(f"Config.{name} must be a power of two >= 16; got {b}")
-        if self.score_splits < 0:
-            raise ValueError(f"Config.score_splits must be >= 0; got {self.score_splits}")
+        for name in ("score_splits", "attn_splits"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Config.{name} must be >= 0; got {getattr(self, name)}")
         if self.tail_keys not in ("auto", "rotated", "in_kernel"):
             raise ValueError(f"Config.tail_keys must be 'auto', 'rotated' or 'in_kernel'; got "
                              f"{self.tail_keys!r}")
@@ -221,8 +226,11 @@ def default_config(head_dim: int, itemsize: int, rows: int | None = None) -> Con
         fit = max(16, next_power_of_2(rows))
         config = dataclasses.replace(config, score_block_q=min(config.score_block_q, fit),
                                      attn_block_q=min(config.attn_block_q, fit))
-        if fit <= 32:  # few rows: a decode step, bandwidth-bound; fewer warps per program
-            config = dataclasses.replace(config, score_warps=4, attn_warps=4)
+        if fit <= 32:  # few rows: a decode step, bandwidth-bound; fewer warps per program,
+            # and two Mosaic GPU scoring consumers, whose 64-row wgmma tiles are mostly
+            # padding here (bench/results/ab_reattention_decode_h200.json: 128K d = 128 step
+            # 191 us against 225 with four, 1M d = 64 469 us against 575)
+            config = dataclasses.replace(config, score_warps=4, attn_warps=4, mgpu_consumers=2)
     return config
 
 
@@ -238,3 +246,14 @@ def score_splits(config: Config, geo: Geometry, row_tiles: int) -> int:
     programs = row_tiles * geo.batch * geo.kv_heads
     most = max(1, cdiv(middle, 8 * config.score_block_k))
     return max(1, min(most, cdiv(TARGET_PROGRAMS, programs)))
+
+
+def attend_splits(config: Config, geo: Geometry, programs: int, key_tiles: int) -> int:
+    """Key-range splits of the Triton-lowered attention kernel (``Config.attn_splits``; 0: a
+    decode step gets enough splits for about ``TARGET_PROGRAMS`` programs, each at least 4 of
+    its ``key_tiles`` key tiles long; a prefill keeps one)."""
+    if config.attn_splits:
+        return config.attn_splits
+    if geo.num_queries > 1:
+        return 1
+    return max(1, min(key_tiles // 4, cdiv(TARGET_PROGRAMS, programs)))

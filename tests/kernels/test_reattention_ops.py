@@ -19,7 +19,7 @@ import pytest
 from jax_cca import ops
 from kernels.reattention import pallas as P
 from kernels.reattention import reference as R
-from kernels.reattention.params import Config
+from kernels.reattention.params import Config, attend_splits
 from kernels.reattention.shapes import CPU_CASES, Case, gpu_cases, small
 from tests.kernels import reattention_runs as runs
 from tests.kernels.conftest import TOL, rel_err
@@ -121,6 +121,42 @@ def test_chunk_written_past_the_cache(tail_keys):
     assert reads > 0  # not vacuous
 
 
+@pytest.mark.parametrize("tail_keys,splits", [("rotated", 2), ("in_kernel", 5)])
+def test_attention_key_splits(tail_keys, splits):
+    """Config.attn_splits: each program takes a run of a row tile's key tiles (list, then
+    tail; 5 splits leave some runs empty) and XLA merges the partial softmaxes; the same
+    function as one split, up to float32 rounding, with every partial output written."""
+    case = CPU_CASES[1]
+    q, k, v = make_qkv(case, seed=211)
+    out, *selection = pallas_run(q, k, v, case.sel, _config(tail_keys=tail_keys,
+                                                            attn_splits=splits))
+    one, *_ = pallas_run(q, k, v, case.sel, _config(tail_keys=tail_keys))
+    ref, *ref_selection = reference_run(q, k, v, case.sel)
+    assert rel_err(out, ref) < TOL[jnp.float32]
+    assert rel_err(out, one) < 1e-6
+    assert_same_selection(selection, ref_selection)
+
+
+def test_decode_splits_its_attention(monkeypatch):
+    """A decode step (one query) splits its attention's key tiles across programs by default
+    (``params.attend_splits``: 2 runs of 4 tiles here); batch elements at different lengths
+    against the reference."""
+    case = Case(2, 300, 8, 2, 64)
+    q, k, v = make_qkv(case, seed=53)
+    kw = dict(sink_tokens=4, local_window=64, top_k=2, max_selected=4, span=8, middle_align=16)
+    lengths = jnp.array([190, 300])
+    qd = q[jnp.arange(2), lengths - 1]
+    chosen = []
+    monkeypatch.setattr(P, "attend_splits", lambda *a: chosen.append(attend_splits(*a)) or
+                        chosen[-1])
+    with P.poison_outputs():
+        got = jax.jit(functools.partial(P.reattention_decode, config=_config(), **kw))(
+            qd, k, v, lengths)
+    assert chosen == [2]
+    want = jax.jit(functools.partial(R.reattention_decode, **kw))(qd, k, v, lengths)
+    assert rel_err(got, want) < TOL[jnp.float32]
+
+
 @pytest.mark.parametrize("length", [20, 100])
 def test_full_prefix_is_the_same_function(length):
     """Chunks whose middle is empty (c0 < sink + w + align) run as plain causal attention
@@ -147,11 +183,14 @@ def test_full_prefix_is_the_same_function(length):
 
 
 def test_config_rejects_unknown_modes():
-    """Unknown modes, and a rotated tail forced where the window is shorter than one tile."""
+    """Unknown modes, a negative split count, and a rotated tail forced where the window is
+    shorter than one tile."""
     with pytest.raises(ValueError, match="tail_keys must be"):
         Config(tail_keys="rotate")
     with pytest.raises(ValueError, match="full_prefix must be"):
         Config(full_prefix="flash")
+    with pytest.raises(ValueError, match="attn_splits must be >= 0"):
+        Config(attn_splits=-1)
     q, k, v = make_qkv(Case(1, 12, 2, 1, 32), seed=3)  # a 12-key window, 16-key tiles
     sel = small(2, 4, 1, 2, 3, 4, 2)
     with pytest.raises(ValueError, match="fewer than attn_block_k=16"):
