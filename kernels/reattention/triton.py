@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from kernels.reattention import reference_torch
-from kernels.reattention.params import (Config, Geometry, Selection, default_config, geometry,
-                                        next_power_of_2, round_up, score_splits)
+from kernels.reattention.params import (Config, Geometry, Selection, attend_splits, cdiv,
+                                        default_config, geometry, next_power_of_2, round_up,
+                                        score_splits)
 from kernels.triton_common import INTERPRET
 from kernels.triton_common import dot as _dot
 from kernels.triton_common import dot_mode as _dot_mode
@@ -131,16 +132,22 @@ def _attend_tile(acc, m, l, qr1, qr2, k_base, v_base, krows, p0, COS, SIN, strid
 
 
 @triton.jit
-def _attend_kernel(META, Q, K, V, GLIST, COS, SIN, O,
+def _attend_kernel(META, Q, K, V, GLIST, COS, SIN, O, LSE,
                    sm_b, sm_h, sm_c, sq_b, sq_h, sq_c, sq_r, sk_b, sk_t, sk_h, sg_b, sg_h, sg_c,
-                   s_len, n_pos, tiles, groups, scale2,
+                   so_b, so_h, so_c, so_p, so_r, sl_b, sl_h, sl_c, sl_p,
+                   s_len, n_pos, tiles, splits, groups, scale2,
                    BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                   DOT: tl.constexpr):
+                   DOT: tl.constexpr, PARTIAL: tl.constexpr):
+    """Program (chunk, row tile, split): the row tile's key tiles, the list's then the tail's,
+    form one sequence cut into ``splits`` equal runs. PARTIAL: write this run's normalised
+    output (float32, 0 where it saw no key) and base-2 log-sum-exp (NEG there) to O / LSE at
+    split index p; otherwise the output itself (one split)."""
     pid = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
     hk = tl.program_id(2).to(tl.int64)
-    chunk = (pid // tiles).to(tl.int64)
-    r0 = (pid % tiles) * BQ
+    chunk = (pid // (tiles * splits)).to(tl.int64)
+    r0 = ((pid // splits) % tiles) * BQ
+    part = pid % splits
     meta = META + bi * sm_b + hk * sm_h + chunk * sm_c
     c0 = tl.load(meta)
     c1 = tl.load(meta + 1)
@@ -164,29 +171,47 @@ def _attend_kernel(META, Q, K, V, GLIST, COS, SIN, O,
     v_base = V + bi * sk_b + hk * sk_h
     g_base = GLIST + bi * sg_b + hk * sg_h + chunk * sg_c
 
+    # This program's run [first, last) of the sequence: n_list list tiles, then n_tail tail
+    # tiles, of which the first ``unmasked`` precede every row's query.
+    t_min = c0 + r0 // groups
+    n_tail = tl.cdiv(c1 - l0, BK)
+    unmasked = tl.minimum((t_min - l0 + 1) // BK, n_tail)
+    n_list = tl.cdiv(n_g, BK)
+    per = tl.cdiv(n_list + n_tail, splits)
+    first = part * per
+    last = first + per
+
     # The gathered list: slot i sits at position i.
-    for kb in range(0, tl.cdiv(n_g, BK)):
+    for kb in range(tl.minimum(first, n_list), tl.minimum(last, n_list)):
         slots = kb * BK + tl.arange(0, BK)
         krows = tl.load(g_base + slots)
         acc, m, l = _attend_tile(acc, m, l, qr1, qr2, k_base, v_base, krows, kb * BK, COS, SIN,
                                  sk_t, (slots < n_g)[None, :], scale2, True, BK, D, HALF, DOT)
 
     # The tail: key j in [L0, c1) sits at position n_g + j - L0; row t sees j <= t.
-    t_min = c0 + r0 // groups
-    n_tail = tl.cdiv(c1 - l0, BK)
-    unmasked = tl.minimum((t_min - l0 + 1) // BK, n_tail)
-    for tb in range(0, unmasked):
+    lo_t = first - n_list
+    hi_t = last - n_list
+    for tb in range(tl.maximum(lo_t, 0), tl.minimum(hi_t, unmasked)):
         j = l0 + tb * BK + tl.arange(0, BK)
         acc, m, l = _attend_tile(acc, m, l, qr1, qr2, k_base, v_base, tl.minimum(j, s_len - 1),
                                  n_g + tb * BK, COS, SIN, sk_t, j[None, :], scale2, False, BK, D,
                                  HALF, DOT)
-    for tb in range(unmasked, n_tail):
+    for tb in range(tl.maximum(lo_t, unmasked), tl.minimum(hi_t, n_tail)):
         j = l0 + tb * BK + tl.arange(0, BK)
         acc, m, l = _attend_tile(acc, m, l, qr1, qr2, k_base, v_base, tl.minimum(j, s_len - 1),
                                  n_g + tb * BK, COS, SIN, sk_t, j[None, :] <= t[:, None], scale2,
                                  True, BK, D, HALF, DOT)
-    o_base = O + bi * sq_b + hk * sq_h + chunk * sq_c + r[:, None] * sq_r
-    tl.store(o_base + tl.arange(0, D)[None, :], (acc / l[:, None]).to(O.dtype.element_ty))
+    o_base = (O + bi * so_b + hk * so_h + chunk * so_c + part.to(tl.int64) * so_p
+              + r[:, None] * so_r)
+    if PARTIAL:
+        seen = l > 0
+        safe = tl.where(seen, l, 1.0)
+        tl.store(o_base + tl.arange(0, D)[None, :], tl.where(seen[:, None], acc / safe[:, None],
+                                                             0.0))
+        lse = LSE + bi * sl_b + hk * sl_h + chunk * sl_c + part.to(tl.int64) * sl_p + r
+        tl.store(lse, tl.where(seen, m + tl.math.log2(safe), NEG))
+    else:
+        tl.store(o_base + tl.arange(0, D)[None, :], (acc / l[:, None]).to(O.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -246,13 +271,25 @@ def attend(q_rows, k, v, glist, meta, inv_freq, scale: float, geo: Geometry, con
     glist = _pad_dim(glist.to(torch.int32), 3, bk)
     n_pos = glist.shape[3] + round_up(geo.tail, bk)
     cos, sin = rope_tables(n_pos, inv_freq, q_rows.device)
-    o = _output(q_rows.shape, q_rows.dtype, q_rows.device)
-    _attend_kernel[(nc * tiles, b, hkv)](
-        meta, q_rows, k, v, glist, cos, sin, o, *meta.stride()[:3], *q_rows.stride()[:4],
-        *k.stride()[:3], *glist.stride()[:3], k.shape[1], n_pos, tiles, geo.groups,
-        scale * LOG2E, BQ=bq, BK=bk, D=d, HALF=d // 2, DOT=_dot_mode(q_rows),
-        num_warps=config.attn_warps, num_stages=config.attn_stages)
-    return o
+    splits = attend_splits(config, geo, nc * tiles * b * hkv, cdiv(n_pos, bk))
+    if splits == 1:
+        o = _output(q_rows.shape, q_rows.dtype, q_rows.device)
+        lse, o_strides, lse_strides = o, (*o.stride()[:3], 0, o.stride()[3]), (0, 0, 0, 0)
+    else:  # partial outputs and log-sum-exps of the splits, merged below
+        o = _output((b, hkv, nc, splits, r_pad, d), torch.float32, q_rows.device)
+        lse = _output((b, hkv, nc, splits, r_pad), torch.float32, q_rows.device)
+        o_strides, lse_strides = o.stride()[:5], lse.stride()[:4]
+    _attend_kernel[(nc * tiles * splits, b, hkv)](
+        meta, q_rows, k, v, glist, cos, sin, o, lse, *meta.stride()[:3], *q_rows.stride()[:4],
+        *k.stride()[:3], *glist.stride()[:3], *o_strides, *lse_strides, k.shape[1], n_pos,
+        tiles, splits, geo.groups, scale * LOG2E, BQ=bq, BK=bk, D=d, HALF=d // 2,
+        DOT=_dot_mode(q_rows), PARTIAL=splits > 1, num_warps=config.attn_warps,
+        num_stages=config.attn_stages)
+    if splits == 1:
+        return o
+    weights = torch.exp2(lse - lse.amax(dim=3, keepdim=True))
+    merged = (weights[..., None] * o).sum(dim=3) / weights.sum(dim=3)[..., None]
+    return merged.to(q_rows.dtype)
 
 
 # ----------------------------------------------------------------------------- public

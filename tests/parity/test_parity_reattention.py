@@ -52,10 +52,13 @@ def make_inputs(case: Case, seed: int) -> dict:
     return dict(q=draw(case.q_heads), k=draw(case.kv_heads), v=draw(case.kv_heads))
 
 
-def run(impl: str, case: Case, inputs: dict, dtype: str = "float32", decode_lengths=None):
+def run(impl: str, case: Case, inputs: dict, dtype: str = "float32", decode_lengths=None,
+        config: Config | None = None):
     """[out, gathered lists, lengths] as numpy (out float32). References compute in float32 from
     the inputs rounded to ``dtype`` (the bits the kernels see). ``decode_lengths``: one decode
-    step per batch element at those lengths instead of a prefill."""
+    step per batch element at those lengths instead of a prefill. ``config``: the kernels'
+    (default: their own on a GPU, ``SMALL`` tiles in the interpreters)."""
+    config = config or (None if harness.on_gpu() else SMALL)
     kernel = impl in ("pallas", "triton")
     sel = _sel(case, decode_lengths)
     if impl in ("jnp_reference", "pallas"):
@@ -71,7 +74,7 @@ def run(impl: str, case: Case, inputs: dict, dtype: str = "float32", decode_leng
             lengths = jnp.asarray(decode_lengths)
             args = (q[jnp.arange(q.shape[0]), lengths - 1][:, None], k, v, lengths - 1)
         if kernel:
-            out, gl, n = runs.pallas_fn(sel, None if harness.on_gpu() else SMALL)(*args)
+            out, gl, n = runs.pallas_fn(sel, config)(*args)
         else:
             out, gl, n = runs.reference_fn(sel)(*args)
         assert out.dtype == args[0].dtype
@@ -91,7 +94,6 @@ def run(impl: str, case: Case, inputs: dict, dtype: str = "float32", decode_leng
         q, q_start = q[torch.arange(q.shape[0], device=device), lengths - 1][:, None], lengths - 1
     if kernel:
         kernels = triton_kernels()
-        config = None if harness.on_gpu() else SMALL
         with kernels.poison_outputs():
             out, gl, n = kernels.reattention_with_selection(q, k, v, sel=sel, q_start=q_start,
                                                             config=config)
@@ -156,6 +158,20 @@ def test_decode_every_pair_agrees():
     """One decode step per batch element, at different lengths of one cache."""
     case = Case(2, 77, 4, 1, 128, small(2, 16, 3, 5, 4, 1, 4))
     results = _all(case, make_inputs(case, seed=77), decode_lengths=[52, 77])
+    assert_all_pairs_agree(results, "float32")
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_attention_key_splits_every_pair_agrees(decode):
+    """``Config.attn_splits`` = 3 in both kernels (Pallas and Triton each cut the row tile's
+    key tiles into runs and merge the partial softmaxes their own way), for a prefill and for
+    decode steps; against the references and each other."""
+    import dataclasses
+
+    case = Case(2, 77, 4, 2, 64, small(2, 16, 3, 5, 4, 1 if decode else 16, 4))
+    config = dataclasses.replace(SMALL if not harness.on_gpu() else Config(), attn_splits=3)
+    kw = dict(decode_lengths=[52, 77]) if decode else {}
+    results = _all(case, make_inputs(case, seed=78), config=config, **kw)
     assert_all_pairs_agree(results, "float32")
 
 
