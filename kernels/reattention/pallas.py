@@ -475,14 +475,13 @@ def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
 
 
 def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,
-           q_lengths=None, row_multiple: int = 1):
-    """``row_multiple``: pad the packed rows to a multiple of it too (the attention's tiles)."""
+           q_lengths=None):
     geo = geometry(q.shape, k.shape, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
     q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
     c0, c1, l0 = reference.chunk_bounds(q0, geo)
-    tile = max(config.score_block_q, config.attn_block_q, row_multiple)
+    tile = max(config.score_block_q, config.attn_block_q)
     mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
     if mgpu:  # its programs take 64 x consumers rows
         tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
@@ -564,9 +563,8 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     if n_free == nc:
         glist, n_g = _sink_lists(c0, geo)
     else:
-        vals, idx, (q_rows, *_) = _picks(
-            q, k, sel=sel, q_start=q_start, config=config, interpret=interpret,
-            q_lengths=q_lengths, row_multiple=pallas_mgpu_attend.TILE if mgpu_attend else 1)
+        vals, idx, (q_rows, *_) = _picks(q, k, sel=sel, q_start=q_start, config=config,
+                                         interpret=interpret, q_lengths=q_lengths)
         rep = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc)).reshape(-1)
         glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
                                                  vals.reshape(b * hkv * nc, -1), rep(c0),
@@ -590,18 +588,19 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
         meta = _meta(*(per_chunk(x) for x in (c0, c1, l0)), n_g,
                      jnp.broadcast_to(ws[:, None, None], (b, hkv, nc)))
         geo_rest = dataclasses.replace(geo, num_queries=t - p)  # p is a multiple of C
+        # The attention's rows, padded for its own tiles only (q_rows may hold more: the
+        # Mosaic GPU scoring pads a decode step's G rows to 64 x consumers).
+        r_att = round_up(geo.rows, pallas_mgpu_attend.TILE if mgpu_attend else
+                         config.attn_block_q)
         extra = None
         if rotated:  # the rows past the prefix, rotated at their own positions, packed like q_rows
             at_own = q0[:, None] + jnp.arange(p, t, dtype=jnp.int32)[None, :]
             qo_rows = reference.pack_rows(rotate_at(q[:, p:], at_own, inv_freq), geo_rest)
-            extra = (pad_to(qo_rows, 3, q_rows.shape[3]), window)
+            extra = (pad_to(qo_rows, 3, r_att), window)
         if mgpu_attend:
             o = _attend_mgpu(extra[0], k, v, glist[:, :, rest], meta[:, :, rest], window,
                              inv_freq, scale, geo, config, interpret)
-        else:  # the rows padded for its own tiles only (the Mosaic GPU scoring pads a decode
-            # step's G rows to 64 x consumers: programs of padding here)
-            r_att = round_up(geo.rows, config.attn_block_q)
-            extra = extra and (extra[0][:, :, :, :r_att], extra[1])
+        else:
             o = _attend(q_rows[:, :, rest, :r_att], k, v, glist[:, :, rest], meta[:, :, rest],
                         inv_freq, scale, geo, config, interpret, extra)
         outs.append(reference.unpack_rows(o, geo_rest))

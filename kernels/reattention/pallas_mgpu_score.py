@@ -51,6 +51,7 @@ from jaxtyping import Array, Float, Int
 from kernels.cca.pallas_common import NEG, cdiv
 from kernels.cca.pallas_mgpu import (available, interpret_params,  # noqa: F401
                                      layout_helpers, produce, wgmma_inputs)
+from kernels.reattention import params
 from kernels.reattention.reference import INT_MAX
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
@@ -99,7 +100,7 @@ def _rounds(scores, cols, vals, idxs, rounds: int):
 def lane_width(top_k: int) -> int:
     """Columns of the (64, n) WGMMA-layout arrays that hold the per-thread lists: a thread holds
     n / 4 entries of each of its two rows, at least top_k."""
-    return 8 * -(-top_k // 2)
+    return 8 * params.cdiv(top_k, 2)
 
 
 def _lane_topk(top_k: int, bk: int):

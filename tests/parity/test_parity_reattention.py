@@ -35,6 +35,11 @@ SMALL = Config(score_block_q=16, score_block_k=16, score_stages=1, attn_block_q=
                attn_block_k=16, attn_stages=1)
 
 
+def kernel_config() -> Config | None:
+    """The kernels' tiles: their own defaults on a GPU, ``SMALL`` in the interpreters."""
+    return None if harness.on_gpu() else SMALL
+
+
 def triton_kernels():
     """kernels.reattention.triton, interpreted unless the suite runs with --gpu."""
     return harness.reattention_triton_kernels()
@@ -58,7 +63,7 @@ def run(impl: str, case: Case, inputs: dict, dtype: str = "float32", decode_leng
     the inputs rounded to ``dtype`` (the bits the kernels see). ``decode_lengths``: one decode
     step per batch element at those lengths instead of a prefill. ``config``: the kernels'
     (default: their own on a GPU, ``SMALL`` tiles in the interpreters)."""
-    config = config or (None if harness.on_gpu() else SMALL)
+    config = config or kernel_config()
     kernel = impl in ("pallas", "triton")
     sel = _sel(case, decode_lengths)
     if impl in ("jnp_reference", "pallas"):
@@ -169,7 +174,7 @@ def test_attention_key_splits_every_pair_agrees(decode):
     import dataclasses
 
     case = Case(2, 77, 4, 2, 64, small(2, 16, 3, 5, 4, 1 if decode else 16, 4))
-    config = dataclasses.replace(SMALL if not harness.on_gpu() else Config(), attn_splits=3)
+    config = dataclasses.replace(kernel_config() or Config(), attn_splits=3)
     kw = dict(decode_lengths=[52, 77]) if decode else {}
     results = _all(case, make_inputs(case, seed=78), config=config, **kw)
     assert_all_pairs_agree(results, "float32")
@@ -190,7 +195,7 @@ def _padded_runner(impl: str, sel):
             with pallas.poison_outputs():
                 return pallas.reattention_with_selection(
                     q, k, v, sel=sel, q_lengths=lengths,
-                    config=None if harness.on_gpu() else SMALL)
+                    config=kernel_config())
 
         jitted = jax.jit(fn)
         return lambda q, k, v, lengths: np.asarray(
@@ -208,7 +213,7 @@ def _padded_runner(impl: str, sel):
             with kernels.poison_outputs():
                 out = kernels.reattention_with_selection(
                     q, k, v, sel=sel, q_lengths=lengths,
-                    config=None if harness.on_gpu() else SMALL)[0]
+                    config=kernel_config())[0]
         else:
             out = reference_torch.reattention_with_selection(q, k, v, sel=sel,
                                                              q_lengths=lengths)[0]
