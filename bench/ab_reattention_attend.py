@@ -4,8 +4,9 @@
 
 Each variant is the whole prefill op (``pallas.reattention``: cuDNN prefix, scoring, selection,
 gathered attention) with the authors' defaults, bf16, 32 query heads with 32 and 8 kv heads,
-d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block / ring depth
-or ``Config.gather_bytes`` differ, so the differences are the attention stage's. ``rel_vs_triton`` is each variant's
+d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block / ring depth,
+``Config.gather_bytes`` or the list gather (``mgpu_xla_gather``: XLA's instead of
+``pallas_gather``'s) differ, so the differences are the attention stage's. ``rel_vs_triton`` is each variant's
 output against the Triton lowering's (same selection, different rounding).
 """
 
@@ -15,12 +16,13 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 
 from bench.common import time_alternating, write_rows
-from kernels.reattention import pallas
+from kernels.reattention import pallas, pallas_gather, pallas_mgpu_attend
 from kernels.reattention.params import default_config
 
 VARIANTS = {
@@ -31,7 +33,10 @@ VARIANTS = {
     "mgpu_bk128_s3": dict(attend_lowering="mosaic_gpu", mgpu_attend_slots=3),
     "mgpu_gather256m": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 28),
     "mgpu_gather4g": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 32),
+    "mgpu_xla_gather": dict(attend_lowering="mosaic_gpu", gather="xla"),
 }
+XLA_GATHER = types.SimpleNamespace(  # pallas_gather's interface, XLA's gather inside
+    gather_list=lambda *args, interpret=False: pallas_mgpu_attend.gather_list(*args))
 
 
 def inputs(t: int, hkv: int, dtype=jnp.bfloat16):
@@ -57,13 +62,18 @@ def main(argv=None) -> int:
             base = default_config(128, 2, 512 * 32 // hkv)
             fs, outs, row = {}, {}, {"T": t, "Hq": 32, "Hkv": hkv, "ms": {}, "errors": {}}
             for n in names:
-                config = dataclasses.replace(base, **VARIANTS[n])
+                change = dict(VARIANTS[n])
+                if change.pop("gather", None) == "xla":
+                    pallas.pallas_gather = XLA_GATHER  # read when f is traced, below
+                config = dataclasses.replace(base, **change)
                 f = jax.jit(lambda q, k, v, c=config: pallas.reattention(q, k, v, config=c))
                 try:
                     outs[n] = f(*a)
                     fs[n] = (f, a)
                 except Exception as e:  # a variant that does not compile is a result too
                     row["errors"][n] = f"{type(e).__name__}: {str(e)[:400]}"
+                finally:
+                    pallas.pallas_gather = pallas_gather
             calls = 20 if t <= 16384 else 5 if t <= 32768 else 2
             row["ms"] = time_alternating(fs, calls=calls, rounds=args.rounds)
             if "triton" in outs:

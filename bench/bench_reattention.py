@@ -7,7 +7,8 @@ Prefill, bf16, batch 1, 32 query heads with 32 and with 8 kv heads, d = 128, T =
 authors' defaults (sink 32, window 8192, top 4, 256 most-voted picks, spans of 32, chunks of 512):
 
 * ``reattention``: scoring + top-k kernel, XLA selection, gathered-attention kernel (all of it);
-  at some lengths also the cumulative stages (``score``, ``score+select``).
+  at some lengths also the cumulative stages (``score``, ``score+select``), and with
+  ``--profile`` its device time op by op (``profile``).
 * ``cudnn_causal``: ``jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")`` over
   the same T: the full attention ReAttention stands in for.
 * ``cudnn_causal_rope``: the same with RoPE applied to q and k first (positions 0 .. T-1, float32
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import environment, measure_peaks, time_fn
+from bench.device_trace import op_table
 from kernels.reattention import pallas, reference
 from kernels.reattention.params import Selection
 from kernels.reattention.shapes import Case, gpu_cases
@@ -100,7 +102,7 @@ def rel_err(a, b) -> float:
 
 
 def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
-                  check: bool) -> dict:
+                  check: bool, profile: bool = False) -> dict:
     sel = case.sel
     q, k, v = make_inputs(case, dtype)
     reps = 20 if case.length <= 16384 else 5 if case.length <= 32768 else 3  # short runs: noisy
@@ -121,6 +123,8 @@ def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
                     + (c0 - l0) * rows + rows * (rows + 1) / 2)
     res["attended_pairs"] = float(pairs)
     row["reattention"] = res
+    if profile:  # device time op by op (kernels, sorts, gathers, cuDNN prefix)
+        row["profile"] = op_table(lambda: reatt(q, k, v), steps=5, top=25)
     if breakdown:
         def score(q, k):
             return pallas.picks(q, k, sel=sel, interpret=interpret)
@@ -184,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     ap.add_argument("--breakdown", default="32768,131072", help="lengths with stage timings")
+    ap.add_argument("--profile", default="", help="lengths whose ReAttention prefill is "
+                    "also traced op by op (bench/device_trace.py)")
     ap.add_argument("--decode-1m", type=int, default=1 << 20, help="context of the 1B decode")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on CPU (interpreted "
                     "kernels, XLA baseline): checks that the script runs")
@@ -191,13 +197,14 @@ def main(argv=None) -> int:
     on_gpu = jax.default_backend() == "gpu"
     env = environment()
     if args.quick:
-        lengths, breakdown_at, one_m = [256, 520], {520}, 2048
+        lengths, breakdown_at, profile_at, one_m = [256, 520], {520}, {520}, 2048
         cases = lambda t: [Case(1, t, 4, 4, 64, QUICK_SEL), Case(1, t, 4, 2, 64, QUICK_SEL)]
         dtype, baseline, interpret = jnp.float32, "xla", None
         peaks = None
     else:
         lengths = [int(x) for x in args.lengths.split(",")]
         breakdown_at = {int(x) for x in args.breakdown.split(",") if x}
+        profile_at = {int(x) for x in args.profile.split(",") if x}
         one_m = args.decode_1m
         cases, dtype, baseline, interpret = gpu_cases, jnp.bfloat16, "cudnn", None
         peaks = measure_peaks() if on_gpu else None
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
         for case in cases(t):
             try:
                 row = bench_prefill(case, dtype, baseline, interpret, t in breakdown_at,
-                                    check=(t == lengths[0]))
+                                    check=(t == lengths[0]), profile=t in profile_at)
             except Exception:
                 row = {"case": case.id, "error": traceback.format_exc()[-2000:]}
             print(json.dumps(row), flush=True)

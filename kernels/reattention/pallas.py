@@ -24,7 +24,7 @@ Three stages per chunk of queries (README.md in this folder):
    offset), one full-width dot per tile (``Config.tail_keys``). On a Hopper GPU with 16-bit
    inputs this stage runs as a warp-specialised Mosaic GPU kernel instead
    (``pallas_mgpu_attend.py``, ``Config.attend_lowering``): the lists are first gathered and
-   rotated into contiguous blocks in XLA, a group of chunks at a time.
+   rotated into contiguous blocks (``pallas_gather.py``), a group of chunks at a time.
 
 A prefill's first chunks (start < sink + w + align) have an empty middle: they are causal
 attention and run as such (``Config.full_prefix``, cuDNN on a GPU).
@@ -54,7 +54,8 @@ from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import pallas_mgpu_attend, pallas_mgpu_score, params, reference
+from kernels.reattention import (pallas_gather, pallas_mgpu_attend, pallas_mgpu_score, params,
+                                 reference)
 from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
                                         default_config, geometry, next_power_of_2, round_up,
                                         score_splits)
@@ -422,7 +423,7 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
                  config: Config, interpret: bool):
     """The gathered attention through ``pallas_mgpu_attend``: chunks in groups whose gathered
     lists (keys and values) fit in ``Config.gather_bytes``, one after the other (``lax.map``),
-    each group's lists gathered and rotated in XLA, then attended by the kernel."""
+    each group's lists gathered and rotated (``pallas_gather``), then attended by the kernel."""
     b, hkv, ncr, r_pad, d = qo_rows.shape
     bk = config.mgpu_attend_block_k
     ws = meta[:, 0, 0, 4]
@@ -433,7 +434,8 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     per_group = params.cdiv(ncr, n_groups)
 
     def run(qo, gl, mt):
-        kg, vg = pallas_mgpu_attend.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk)
+        kg, vg = pallas_gather.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk,
+                                           interpret=interpret)
         return _mgpu_attend(qo, kg, vg, k_window, v_window, mt, groups=geo.groups,
                             num_keys=geo.num_keys, scale=scale, block_k=bk,
                             slots=config.mgpu_attend_slots, interpret=interpret)

@@ -1,0 +1,80 @@
+"""The gathered lists of the Mosaic GPU attention as one Pallas kernel (Triton lowering).
+
+Same function as ``pallas_mgpu_attend.gather_list`` (its XLA twin and reference): for every
+(batch, kv head, chunk) the keys and values of the chunk's list slots, the keys rotated at
+``slot + L0 - n_g`` in two steps (by the slot's angles, then by the chunk's offset), float32
+math, so that they meet query rows rotated at their original positions.
+
+Why a kernel: XLA's gathers of these rows ran at 0.5-2.2 TB/s on an H200 (profile of the 32K
+op, ``docs/perf-notes.md``), well below the copy rate, and they are most of the op's time that
+is neither a kernel nor cuDNN. Here a program copies ``BLOCK`` slots of one chunk: it loads
+their cache rows by index (vector loads of whole rows), rotates the keys in registers and
+writes both blocks contiguously, so every byte is read once and written once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from kernels.cca.pallas_common import call, pad_to
+
+BLOCK = 64  # list slots per program
+
+
+def _kernel(glist_ref, k_ref, v_ref, cos_ref, sin_ref, cos_off_ref, sin_off_ref, kg_ref, vg_ref,
+            *, half: int):
+    rows = glist_ref[...]
+    f32 = lambda x: x.astype(jnp.float32)
+    x1, x2 = f32(k_ref[rows, pl.ds(0, half)]), f32(k_ref[rows, pl.ds(half, half)])
+    for cos, sin in ((cos_ref[...], sin_ref[...]), (cos_off_ref[...][None, :],
+                                                   sin_off_ref[...][None, :])):
+        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    kg_ref[:, pl.ds(0, half)] = x1.astype(kg_ref.dtype)
+    kg_ref[:, pl.ds(half, half)] = x2.astype(kg_ref.dtype)
+    vg_ref[...] = v_ref[rows, :]
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
+def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
+                glist: Int[Array, "B Hkv NC NG"], l0: Int[Array, "B Hkv NC"],
+                n_g: Int[Array, "B Hkv NC"], inv_freq, block_k: int, interpret: bool = False):
+    """(kg, vg) (B, Hkv, NC, NGp, D), NG padded to a multiple of ``block_k`` (and of
+    ``BLOCK``): as ``pallas_mgpu_attend.gather_list``; padding slots hold key 0."""
+    b, s_len, hkv, d = k.shape
+    if d % 32 or d & (d - 1) or k.shape != v.shape or glist.shape[:2] != (b, hkv):
+        raise ValueError(f"the list gather needs k and v of one shape (B, S, Hkv, D) with D a "
+                         f"power of two >= 32 and lists (B, Hkv, NC, NG); got k {k.shape}, "
+                         f"v {v.shape}, lists {glist.shape}")
+    nc = glist.shape[2]
+    glist = pad_to(pad_to(glist, 3, block_k), 3, BLOCK)
+    ngp = glist.shape[3]
+    half = d // 2
+    freq = jnp.asarray(inv_freq, jnp.float32)
+    slot_angle = jnp.arange(ngp, dtype=jnp.float32)[:, None] * freq  # (NGp, D/2)
+    offset_angle = (l0 - n_g).astype(jnp.float32)[..., None] * freq  # (B, Hkv, NC, D/2)
+    tables = (jnp.cos(slot_angle), jnp.sin(slot_angle), jnp.cos(offset_angle),
+              jnp.sin(offset_angle))
+    per_slot = lambda c, j, bi, h: (bi, h, c, j)
+    out_spec = pl.BlockSpec((None, None, None, BLOCK, d), lambda c, j, bi, h: (bi, h, c, j, 0))
+    cache_spec = pl.BlockSpec((None, s_len, None, d), lambda c, j, bi, h: (bi, 0, h, 0))
+    slot_spec = pl.BlockSpec((BLOCK, half), lambda c, j, bi, h: (j, 0))
+    chunk_spec = pl.BlockSpec((None, None, None, half), lambda c, j, bi, h: (bi, h, c, 0))
+    out = jax.ShapeDtypeStruct((b, hkv, nc, ngp, d), k.dtype)
+    return call(
+        functools.partial(_kernel, half=half),
+        grid=(nc, ngp // BLOCK, b, hkv),
+        in_specs=[pl.BlockSpec((None, None, None, BLOCK), per_slot), cache_spec, cache_spec,
+                  slot_spec, slot_spec, chunk_spec, chunk_spec],
+        out_specs=[out_spec, out_spec],
+        out_shape=[out, out],
+        inputs=[glist, k, v, *tables],
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="reattention_gather",
+    )
