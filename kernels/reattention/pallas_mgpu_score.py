@@ -13,18 +13,21 @@ The top-k merge runs below Pallas's array semantics (``_lane_topk``, ``plgpu.inl
 each thread keeps a sorted list of its own columns of each of its two rows, and each row a
 threshold, at most its exact k-th best score so far. A tile costs, per thread and row, a max
 over the thread's scores, a compare with the threshold and a warp vote; only when some lane of
-the warp beats its threshold does the warp walk the tile, insert those scores into their own
-lists and recompute the thresholds (shuffles within the quad of lanes that share a row). After
-the last tile the lists are merged into each row's top_k in ``top_k`` rounds (``_rounds``).
-Ties keep the lower position: tiles are swept in position order, a thread inserts only strictly
-better scores, and the final rounds take the lowest position among equal maxima.
+the warp beats its threshold does every lane insert its best remaining score of the tile into
+its own list, again while some lane still beats (at most top_k times), and then recompute the
+thresholds (shuffles within the quad of lanes that share a row). After the last tile the lists
+are merged into each row's top_k in ``top_k`` rounds (``_rounds``). Ties keep the lower
+position: tiles are swept in position order, a tile's equal scores are taken lowest column
+first, a thread inserts only strictly better scores, and the final rounds take the lowest
+position among equal maxima.
 
 Where the time goes (H200, 128K, 32 heads, d = 128): the merge, not the matmuls. Without any
 merge the sweep runs at 640-700 TF/s (``bench/results/score_mgpu_variants_h200.json``). The
 first version merged the rows' lists in rounds while some row of the warpgroup gained (a
 shared-memory any()): 370 TF/s, as about 4 ln(N / 4) new entries per row over N keys made a
 warpgroup-wide round necessary on most tiles. With the per-thread lists, 540-580 TF/s
-(``bench/results/ab_reattention_score_h200.json``). Four consumers with 64-key tiles are the
+(``bench/results/ab_reattention_score_h200.json``), 585 with the pops (at 32K 450, at 16K
+290: a vote covers 8 rows, so over the first few thousand keys nearly every tile pops). Four consumers with 64-key tiles are the
 defaults: more warps hide the merge's latency (two consumers: 360 TF/s).
 
 Output: ``(vals, idx)`` of shape (B, Hkv, NC, splits, top_k, R), each row's entries sorted by
@@ -118,9 +121,15 @@ def _lane_topk(top_k: int, bk: int):
 
     A tile costs, per thread and row, a max over its bk / 4 scores, one compare with the
     threshold and a warp vote. Only where some lane of the warp has a score above its threshold
-    does the warp (uniformly) go through the tile score by score in column order, inserting
-    those above the threshold into their own lane's list (divergent, rare), then recompute the
-    threshold: top_k rounds of a quad-wide max (two butterfly shuffles) of the lists' heads.
+    does the warp (uniformly) pop: each lane inserts its best remaining score of the tile (the
+    lowest column among equal ones) into its own list and drops it from the tile, and pops
+    again while some lane's best remaining score beats its threshold, at most top_k times (a
+    lane's scores below its own top_k of the tile cannot reach the row's top_k). A lane whose
+    popped score is below its threshold inserts it too: its list stays the top entries of its
+    own columns, so nothing is lost. Then the threshold is recomputed: top_k rounds of a
+    quad-wide max (two butterfly shuffles) of the lists' heads. (Walking the tile score by
+    score instead, with a branch per score, took 12-16% longer at 16K-32K:
+    ``bench/results/ab_reattention_score_pop_h200.json``.)
 
     Arguments: the (64, bk) float32 scores, the (64,) int32 position of the tile's column 0 (the
     same in every row), the rows' thresholds and the lists' scores and positions; returns the
@@ -200,14 +209,26 @@ def _lane_topk(top_k: int, bk: int):
 
             def tile(lv=lv, li=li, xs=xs, h=h, thr=thr):
                 col0 = arith.addi(take(b_regs[h], 0), lane_col)
-                cur = lv + li
-                for n, x in enumerate(xs):  # column 8 (n // 2) + n % 2 of this thread
-                    def one(cur=cur, x=x, n=n):
-                        col = arith.addi(col0, const(8 * (n // 2) + n % 2))
-                        v, i = _insert(cur[:per_thread], cur[per_thread:], x, col,
-                                       where=arith.select, gt=gt)
-                        return v + i
-                    cur = branch(gt(x, thr), one, cur)
+                offs = [8 * (n // 2) + n % 2 for n in range(len(xs))]
+                neg = arith.constant(f32, NEG)
+
+                def pop(it, xs, cur):
+                    m = tree_max(xs)
+                    off = const(1 << 30)
+                    for n in reversed(range(len(xs))):  # lowest column among the maxima
+                        off = arith.select(arith.cmpf(arith.CmpFPredicate.OEQ, xs[n], m),
+                                           const(offs[n]), off)
+                    v, i = _insert(cur[:per_thread], cur[per_thread:], m,
+                                   arith.addi(col0, off), where=arith.select, gt=gt)
+                    cur = v + i
+                    if it + 1 == top_k:
+                        return cur
+                    xs = [arith.select(arith.cmpi(arith.CmpIPredicate.eq, off, const(o)), neg, x)
+                          for o, x in zip(offs, xs)]
+                    return branch(warp_any(gt(tree_max(xs), thr)),
+                                  lambda: pop(it + 1, xs, cur), cur)
+
+                cur = pop(0, xs, lv + li)
                 return [quad_kth(cur[:per_thread])] + cur
 
             out = branch(warp_any(gt(tree_max(xs), thr)), tile, [thr] + lv + li)
