@@ -477,17 +477,21 @@ def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
 
 
 def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,
-           q_lengths=None):
+           q_lengths=None, skip: int = 0):
+    """``picks`` and the packed rows it scored, of chunks ``skip`` .. NC - 1 only: a prefill's
+    first chunks have empty middles (``full_prefix_chunks``), so their picks would all be -1."""
     geo = geometry(q.shape, k.shape, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
     q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
-    c0, c1, l0 = reference.chunk_bounds(q0, geo)
+    c0, c1, l0 = (x[:, skip:] for x in reference.chunk_bounds(q0, geo))
     tile = max(config.score_block_q, config.attn_block_q)
     mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
     if mgpu:  # its programs take 64 x consumers rows
         tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
-    q_rows = pad_to(reference.pack_rows(q, geo), 3, tile)
+    p = skip * geo.chunk
+    geo_rows = dataclasses.replace(geo, num_queries=geo.num_queries - p)
+    q_rows = pad_to(reference.pack_rows(q[:, p:], geo_rows), 3, tile)
     vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu)
     vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
@@ -565,13 +569,20 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     if n_free == nc:
         glist, n_g = _sink_lists(c0, geo)
     else:
+        # The chunks run as full attention are neither scored nor selected: their lists are
+        # the sink, as the selection from no picks would give.
         vals, idx, (q_rows, *_) = _picks(q, k, sel=sel, q_start=q_start, config=config,
-                                         interpret=interpret, q_lengths=q_lengths)
-        rep = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc)).reshape(-1)
-        glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
-                                                 vals.reshape(b * hkv * nc, -1), rep(c0),
+                                         interpret=interpret, q_lengths=q_lengths, skip=n_free)
+        n_sel = nc - n_free
+        rep = lambda x: jnp.broadcast_to(x[:, None, n_free:], (b, hkv, n_sel)).reshape(-1)
+        glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * n_sel, -1),
+                                                 vals.reshape(b * hkv * n_sel, -1), rep(c0),
                                                  rep(l0), sel)
-        glist, n_g = glist.reshape(b, hkv, nc, -1), n_g.reshape(b, hkv, nc)
+        glist, n_g = glist.reshape(b, hkv, n_sel, -1), n_g.reshape(b, hkv, n_sel)
+        if n_free:
+            sink_lists, sink_n = _sink_lists(c0, geo)
+            glist = jnp.concatenate([sink_lists[:, :, :n_free], glist], axis=2)
+            n_g = jnp.concatenate([sink_n[:, :, :n_free], n_g], axis=2)
     window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),
                                                                                   jnp.int32))
     outs = []
@@ -603,7 +614,7 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
             o = _attend_mgpu(extra[0], k, v, glist[:, :, rest], meta[:, :, rest], window,
                              inv_freq, scale, geo, config, interpret)
         else:
-            o = _attend(q_rows[:, :, rest, :r_att], k, v, glist[:, :, rest], meta[:, :, rest],
+            o = _attend(q_rows[:, :, :, :r_att], k, v, glist[:, :, rest], meta[:, :, rest],
                         inv_freq, scale, geo, config, interpret, extra)
         outs.append(reference.unpack_rows(o, geo_rest))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
