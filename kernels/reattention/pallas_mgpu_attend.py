@@ -7,8 +7,9 @@ What differs is where RoPE happens and how the work is scheduled:
 
 * **Rotation.** Scores depend on position differences only. A row of query t sits at the
   re-numbered position ``n_g + t - L0`` and list slot i at i; with the row rotated at its original
-  position t, slot i is rotated at ``i + L0 - n_g`` (same difference), which :func:`gather_list`
-  does once in XLA while it gathers the list's keys into a contiguous block per (batch, kv head,
+  position t, slot i is rotated at ``i + L0 - n_g`` (same difference), which the op's list
+  gather (``pallas_gather.gather_list``, a kernel; :func:`gather_list` here is its XLA twin)
+  does once while it gathers the list's keys into a contiguous block per (batch, kv head,
   chunk). The tail is ``pallas.tail_window``'s copy, rotated at the original positions. So the
   kernel is plain attention over two contiguous key sources, with one rotated query tile.
 * **Schedule** (the CCA forward's, ``kernels/cca/pallas_mgpu.py``): one CTA per (128 rows of a
