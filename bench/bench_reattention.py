@@ -131,15 +131,17 @@ def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
     row["reattention"] = res
     if profile:  # device time op by op (kernels, sorts, gathers, cuDNN prefix)
         row["profile"] = op_table(lambda: reatt(q, k, v), steps=5, top=25)
-    if breakdown:
+    if breakdown:  # the op's own stages: the chunks it runs on cuDNN are not scored
+        skip = pallas.full_prefix_chunks(geo, None, "cudnn" if baseline == "cudnn" else "off")
+
         def score(q, k):
-            return pallas.picks(q, k, sel=sel, interpret=interpret)
+            return pallas.picks(q, k, sel=sel, interpret=interpret, skip=skip)
 
         def score_select(q, k):
-            vals, idx = pallas.picks(q, k, sel=sel, interpret=interpret)
+            vals, idx = pallas.picks(q, k, sel=sel, interpret=interpret, skip=skip)
             b, hkv, nc = idx.shape[:3]
-            c0b = jnp.broadcast_to(c0[:, None], (b, hkv, nc)).reshape(-1)
-            l0b = jnp.broadcast_to(l0[:, None], (b, hkv, nc)).reshape(-1)
+            c0b = jnp.broadcast_to(c0[:, None, skip:], (b, hkv, nc)).reshape(-1)
+            l0b = jnp.broadcast_to(l0[:, None, skip:], (b, hkv, nc)).reshape(-1)
             return reference.select_from_picks(idx.reshape(b * hkv * nc, -1),
                                                vals.reshape(b * hkv * nc, -1), c0b, l0b, sel)
 

@@ -468,12 +468,13 @@ def _meta(*fields):
 
 
 def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
-          interpret: bool | None = None, q_lengths=None):
+          interpret: bool | None = None, q_lengths=None, skip: int = 0):
     """The scoring kernel's per-row picks as (vals, idx) (B, Hkv, NC, R, K), unordered (idx -1:
     none; rows of queries past the end or past ``q_lengths``: -1), in the row order of
-    ``reference.pack_rows``."""
+    ``reference.pack_rows``. ``skip``: of chunks ``skip`` .. NC - 1 only (the op skips the chunks
+    it runs as full attention, ``full_prefix_chunks``)."""
     return _picks(q, k, sel=sel, q_start=q_start, config=config, interpret=interpret,
-                  q_lengths=q_lengths)[:2]
+                  q_lengths=q_lengths, skip=skip)[:2]
 
 
 def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,

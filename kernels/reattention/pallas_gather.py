@@ -46,11 +46,15 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     """(kg, vg) (B, Hkv, NC, NGp, D), NG padded to a multiple of ``block_k`` (and of
     ``BLOCK``): as ``pallas_mgpu_attend.gather_list``; padding slots hold key 0."""
     b, s_len, hkv, d = k.shape
-    if d % 32 or d & (d - 1) or k.shape != v.shape or glist.shape[:2] != (b, hkv):
-        raise ValueError(f"the list gather needs k and v of one shape (B, S, Hkv, D) with D a "
-                         f"power of two >= 32 and lists (B, Hkv, NC, NG); got k {k.shape}, "
-                         f"v {v.shape}, lists {glist.shape}")
+    if (d % 32 or d & (d - 1) or k.shape != v.shape or k.dtype != v.dtype or glist.ndim != 4
+            or glist.shape[:2] != (b, hkv)):
+        raise ValueError(f"the list gather needs k and v of one shape (B, S, Hkv, D) and dtype, "
+                         f"D a power of two >= 32, and lists (B, Hkv, NC, NG); got k {k.shape} "
+                         f"{k.dtype}, v {v.shape} {v.dtype}, lists {glist.shape}")
     nc = glist.shape[2]
+    if l0.shape != glist.shape[:3] or n_g.shape != glist.shape[:3]:
+        raise ValueError(f"l0 and n_g must be (B, Hkv, NC) = {glist.shape[:3]}; got {l0.shape}, "
+                         f"{n_g.shape}")
     glist = pad_to(pad_to(glist, 3, block_k), 3, BLOCK)
     ngp = glist.shape[3]
     half = d // 2

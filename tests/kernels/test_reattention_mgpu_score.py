@@ -1,7 +1,9 @@
 """The Mosaic GPU scoring kernel of ReAttention (``kernels/reattention/pallas_mgpu_score.py``).
 
 On a Hopper GPU (``-m gpu``) the compiled kernel's picks equal the Triton lowering's: at 32K
-with four consumers (the default) and two, and at 16K with other top_k and 128-key tiles; the
+with four consumers (the default) and two, and at 16K with other top_k and 128-key tiles; with
+integer scores (q, k in {-1, 0, 1}: ties everywhere) they equal the sort-based reference's bit
+for bit, the CPU twin of which runs the Triton lowering in the interpreter; the
 ReAttention op and parity suites run it too (``Config.score_lowering`` "auto"). On CPU the
 argument checks run, and the kernel is lowered for CUDA (``jax.export``: the Mosaic GPU lowering
 with its ``inline_mgpu`` merge runs, nothing compiles) for each width of the per-thread lists.
@@ -22,6 +24,7 @@ import pytest
 
 from kernels.reattention import pallas as P
 from kernels.reattention import pallas_mgpu_score as M
+from kernels.reattention import reference as R
 from kernels.reattention.params import Config, Selection
 from kernels.reattention.shapes import Case, gpu_cases, small
 from tests.kernels.test_reattention_reference import make_qkv
@@ -122,3 +125,64 @@ def _check_picks(case: Case, consumers: int, block_k: int = 64):
     assert live.mean() > 0.5
     diff = np.abs(np.sort(np.asarray(vals_m), -1) - np.sort(np.asarray(vals_t), -1))
     assert np.max(np.where(live & same, diff, 0)) < 1e-3 * np.max(np.abs(np.asarray(vals_t)))
+
+
+def _ternary(case: Case, seed: int):
+    """q and k with entries in {-1, 0, 1}: every q . k is a small integer, exact in any summation
+    order and in bfloat16 products, so scores tie often and both lowerings must break every tie
+    as the reference does (the lower position)."""
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    draw = lambda key, heads: jax.random.randint(key, (case.batch, case.length, heads,
+                                                       case.head_dim), -1, 2)
+    return (draw(kq, case.q_heads).astype(jnp.bfloat16),
+            draw(kk, case.kv_heads).astype(jnp.bfloat16))
+
+
+def _exact_picks(q, k, sel: Selection):
+    """Each packed row's top_k middle keys by ``reference.score_topk`` (a sort of every score,
+    ties to the lower position), chunk by chunk, as sorted position sets (B, Hkv, NC, R, K)."""
+    geo = R.geometry(q.shape, k.shape, sel)
+    f32 = lambda x: x.astype(jnp.float32)
+    rows = R.pack_rows(f32(q), geo)
+    k_heads = f32(k).transpose(0, 2, 1, 3)
+    _, _, l0 = R.chunk_bounds(R.query_starts(None, geo.batch, geo.num_keys, geo.num_queries), geo)
+    top = jax.jit(lambda r, l: R.score_topk(r, k_heads, l, sel)[1])
+    return np.stack([np.sort(np.asarray(top(rows[:, :, c], l0[:, c])), -1)
+                     for c in range(geo.num_chunks)], axis=2)
+
+
+def _check_ties(case: Case, config: Config, interpret):
+    q, k = _ternary(case, seed=case.sel.top_k)
+    _, idx = jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config,
+                                          interpret=interpret))(q, k)
+    got = np.sort(np.asarray(idx), -1)
+    want = _exact_picks(q, k, case.sel)
+    geo = R.geometry(q.shape, k.shape, case.sel)
+    t = np.asarray(R.row_positions(jnp.arange(geo.num_chunks) * geo.chunk, geo.rows, geo.groups))
+    real = t < case.length  # rows of queries past T (the last chunk's padding): no picks
+    assert (got[:, :, ~real] == -1).all()
+    assert (want[:, :, real] >= 0).mean() > 0.5  # most rows have a middle of top_k keys
+    np.testing.assert_array_equal(got[:, :, real], want[:, :, real])
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+def test_ties_go_to_the_lower_position(top_k):
+    """CPU twin of ``test_gpu_ties_go_to_the_lower_position``: the Triton-lowered scoring in the
+    Pallas interpreter, integer scores, picks equal the sort-based reference's bit for bit."""
+    case = Case(1, 300, 4, 2, 64, small(4, 32, top_k, 8, 3, 64, 8))
+    _check_ties(case, Config(score_block_q=16, score_block_k=16, score_stages=1,
+                             score_lowering="triton"), interpret=True)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k,block_k", [(1, 64), (3, 128), (4, 64), (8, 128)])
+def test_gpu_ties_go_to_the_lower_position(top_k, block_k):
+    """Integer scores (q, k in {-1, 0, 1}): the Mosaic GPU kernel's per-thread lists, pops and
+    final rounds must break every tie to the lower position; picks equal the sort-based
+    reference's bit for bit (8K, GQA, middles up to 7K keys)."""
+    case = Case(1, 8192, 8, 2, 64, Selection(top_k=top_k, local_window=1024))
+    rows = case.sel.chunk_size * case.q_heads // case.kv_heads
+    config = dataclasses.replace(P.default_config(64, 2, rows), score_lowering="mosaic_gpu",
+                                 mgpu_block_k=block_k)
+    _check_ties(case, config, interpret=False)
