@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from bench.common import environment, measure_peaks, time_fn, time_pipelined
 from bench.device_trace import op_table
 from kernels.reattention import pallas, reference
-from kernels.reattention.params import Selection
+from kernels.reattention.params import Selection, default_config
 from kernels.reattention.shapes import Case, gpu_cases
 
 ONE_B = dict(layers=16, kv_heads=8, head_dim=64)  # LLaMA-3.2-1B attention layout
@@ -132,7 +132,9 @@ def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
     if profile:  # device time op by op (kernels, sorts, gathers, cuDNN prefix)
         row["profile"] = op_table(lambda: reatt(q, k, v), steps=5, top=25)
     if breakdown:  # the op's own stages: the chunks it runs on cuDNN are not scored
-        skip = pallas.full_prefix_chunks(geo, None, "cudnn" if baseline == "cudnn" else "off")
+        config = default_config(case.head_dim, jnp.dtype(dtype).itemsize, geo.rows)
+        mode, _ = pallas._resolve_modes(config, geo, dtype, pallas.resolve_interpret(interpret))
+        skip = pallas.full_prefix_chunks(geo, None, mode)
 
         def score(q, k):
             return pallas.picks(q, k, sel=sel, interpret=interpret, skip=skip)

@@ -537,9 +537,10 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
 
 
 def _sink_lists(c0, geo: Geometry):
-    """The selection of chunks with empty middles: the list is the sink, n_g = min(sink, c0)."""
-    b, hkv, nc = geo.batch, geo.kv_heads, geo.num_chunks
-    n_g = jnp.broadcast_to(jnp.minimum(c0, geo.sel.sink_tokens)[:, None], (b, hkv, nc))
+    """The selection of the chunks starting at c0 (B, N) whose middles are empty: the list is
+    the sink, n_g = min(sink, c0)."""
+    n_g = jnp.broadcast_to(jnp.minimum(c0, geo.sel.sink_tokens)[:, None],
+                           (geo.batch, geo.kv_heads, c0.shape[1]))
     slots = jnp.arange(geo.num_gathered, dtype=jnp.int32)
     glist = jnp.where(slots < n_g[..., None], slots, 0)  # unused slots 0, as select_from_picks
     return glist, n_g.astype(jnp.int32)
@@ -567,23 +568,19 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     scale = reference.softmax_scale_or_default(geo.head_dim, softmax_scale)
     q0 = reference.query_starts(q_start, b, geo.num_keys, t)
     c0, c1, l0 = reference.chunk_bounds(q0, geo)
-    if n_free == nc:
-        glist, n_g = _sink_lists(c0, geo)
-    else:
-        # The chunks run as full attention are neither scored nor selected: their lists are
-        # the sink, as the selection from no picks would give.
+    # The chunks run as full attention are neither scored nor selected: their lists are the
+    # sink, as the selection from no picks would give.
+    glist, n_g = _sink_lists(c0[:, :n_free], geo)
+    if n_free < nc:
         vals, idx, (q_rows, *_) = _picks(q, k, sel=sel, q_start=q_start, config=config,
                                          interpret=interpret, q_lengths=q_lengths, skip=n_free)
         n_sel = nc - n_free
         rep = lambda x: jnp.broadcast_to(x[:, None, n_free:], (b, hkv, n_sel)).reshape(-1)
-        glist, n_g = reference.select_from_picks(idx.reshape(b * hkv * n_sel, -1),
-                                                 vals.reshape(b * hkv * n_sel, -1), rep(c0),
-                                                 rep(l0), sel)
-        glist, n_g = glist.reshape(b, hkv, n_sel, -1), n_g.reshape(b, hkv, n_sel)
-        if n_free:
-            sink_lists, sink_n = _sink_lists(c0, geo)
-            glist = jnp.concatenate([sink_lists[:, :, :n_free], glist], axis=2)
-            n_g = jnp.concatenate([sink_n[:, :, :n_free], n_g], axis=2)
+        picked, n_picked = reference.select_from_picks(idx.reshape(b * hkv * n_sel, -1),
+                                                       vals.reshape(b * hkv * n_sel, -1),
+                                                       rep(c0), rep(l0), sel)
+        glist = jnp.concatenate([glist, picked.reshape(b, hkv, n_sel, -1)], axis=2)
+        n_g = jnp.concatenate([n_g, n_picked.reshape(b, hkv, n_sel)], axis=2)
     window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),
                                                                                   jnp.int32))
     outs = []

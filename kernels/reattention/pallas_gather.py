@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import call, pad_to
+from kernels.reattention.pallas_mgpu_attend import list_rotation_tables
 
 BLOCK = 64  # list slots per program
 
@@ -58,11 +59,7 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     glist = pad_to(pad_to(glist, 3, block_k), 3, BLOCK)
     ngp = glist.shape[3]
     half = d // 2
-    freq = jnp.asarray(inv_freq, jnp.float32)
-    slot_angle = jnp.arange(ngp, dtype=jnp.float32)[:, None] * freq  # (NGp, D/2)
-    offset_angle = (l0 - n_g).astype(jnp.float32)[..., None] * freq  # (B, Hkv, NC, D/2)
-    tables = (jnp.cos(slot_angle), jnp.sin(slot_angle), jnp.cos(offset_angle),
-              jnp.sin(offset_angle))
+    tables = list_rotation_tables(ngp, l0, n_g, inv_freq)  # (NGp, D/2) x 2, (B, Hkv, NC, D/2) x 2
     per_slot = lambda c, j, bi, h: (bi, h, c, j)
     out_spec = pl.BlockSpec((None, None, None, BLOCK, d), lambda c, j, bi, h: (bi, h, c, j, 0))
     cache_spec = pl.BlockSpec((None, s_len, None, d), lambda c, j, bi, h: (bi, 0, h, 0))

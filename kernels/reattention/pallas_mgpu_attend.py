@@ -169,16 +169,25 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     glist = pad_to(glist, 3, block_k)
     bi = jnp.arange(b)[:, None, None, None]
     hi = jnp.arange(hkv)[None, :, None, None]
-    freq = jnp.asarray(inv_freq, jnp.float32)
-    slot_angle = jnp.arange(glist.shape[3], dtype=jnp.float32)[:, None] * freq  # (NGp, D/2)
-    offset_angle = (l0 - n_g).astype(jnp.float32)[..., None, None] * freq  # (B, Hkv, NC, 1, D/2)
-    tables = lax.optimization_barrier((jnp.cos(slot_angle), jnp.sin(slot_angle),
-                                       jnp.cos(offset_angle), jnp.sin(offset_angle)))
+    cos_s, sin_s, cos_o, sin_o = lax.optimization_barrier(
+        list_rotation_tables(glist.shape[3], l0, n_g, inv_freq))
     x = k[bi, glist, hi].astype(jnp.float32)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    for cos, sin in (tables[:2], tables[2:]):
+    for cos, sin in ((cos_s, sin_s), (cos_o[..., None, :], sin_o[..., None, :])):
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     return jnp.concatenate([x1, x2], axis=-1).astype(k.dtype), v[bi, glist, hi]
+
+
+def list_rotation_tables(slots: int, l0: Int[Array, "B Hkv NC"], n_g: Int[Array, "B Hkv NC"],
+                         inv_freq):
+    """The two rotations of a list's keys, as float32 (cos, sin) pairs: by each slot's angles,
+    (slots, D/2), then by each chunk's offset L0 - n_g, (B, Hkv, NC, D/2). Shared by
+    :func:`gather_list` and ``pallas_gather.gather_list``."""
+    freq = jnp.asarray(inv_freq, jnp.float32)
+    slot_angle = jnp.arange(slots, dtype=jnp.float32)[:, None] * freq
+    offset_angle = (l0 - n_g).astype(jnp.float32)[..., None] * freq
+    return (jnp.cos(slot_angle), jnp.sin(slot_angle), jnp.cos(offset_angle),
+            jnp.sin(offset_angle))
 
 
 def pad_window(x: Float[Array, "B W Hkv D"], block_k: int) -> Float[Array, "B Wp Hkv D"]:

@@ -150,7 +150,7 @@ class Config:
     (``pallas_mgpu_score.py``: ``mgpu_consumers`` x 64 rows per program, ``mgpu_block_k`` keys
     per tile, ``mgpu_slots`` shared-memory slots; Hopper, 16-bit, head dim 64 or 128, a key
     count that is a multiple of 8, top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU, else "triton".
-    H200, 128K, 32 heads, d = 128: 114 ms with the defaults, 200 ms through Triton.
+    H200, 128K, 32 heads, d = 128: 105-114 ms with the defaults, 200 ms through Triton.
 
     ``attend_lowering``: the same choice for the gathered attention. "mosaic_gpu" runs the
     warp-specialised kernel of ``pallas_mgpu_attend.py`` (Hopper, 16-bit, head dim 64 or 128, the
