@@ -2,7 +2,9 @@
 (``decode.norms_in_kernel``) on or off, and the decode kernel's launch rule (the default
 ``DecodeConfig``, 3 stages / about 256 programs, or 2 stages / about 384 programs, the best of
 an isolated H200 sweep, ``tune_decode_h200.json``), LLaMA-2-7B shapes, bf16, batch 1, CCA at
-``--context`` tokens (synthetic cache), random weights:
+``--context`` tokens (synthetic cache), random weights. ``--xla NAME=OPTION=VALUE,...`` adds a
+variant of the shipped step compiled with XLA options (``Lowered.compile(compiler_options=)``,
+e.g. ``pdl-on=xla_gpu_enable_pdl=true``); ``--variants`` picks which built-in ones run.
 
     PYTHONPATH=. python bench/ab_decode_step.py --out $OUT/ab_decode_step.json    # ~2 min, GPU
     PYTHONPATH=. python bench/ab_decode_step.py --quick                           # CPU check
@@ -55,13 +57,35 @@ VARIANTS = {"norm kernel, 3 stages/256": (True, False), "XLA norms, 3 stages/256
             "norm kernel, 2 stages/384": (True, True), "XLA norms, 2 stages/384": (False, True)}
 
 
+def _option(text: str) -> tuple[str, object]:
+    """'name=value' -> (name, value), with true/false and integers converted."""
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise SystemExit(f"--xla options are NAME=VALUE pairs; got {text!r}")
+    low = value.lower()
+    if low in ("true", "false"):
+        return name, low == "true"
+    return name, int(value) if value.lstrip("-").isdigit() else value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=None, help="tokens held (default 131072)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny model, CPU, interpreted kernels")
+    ap.add_argument("--variants", default=";".join(VARIANTS),
+                    help="built-in variants to run, separated by ';' ('' for none)")
+    ap.add_argument("--xla", action="append", default=[], metavar="NAME=OPTION=VALUE,...",
+                    help="a variant of the shipped step compiled with these XLA options")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    names = list(filter(None, args.variants.split(";")))
+    if unknown := set(names) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(unknown)}; built-in: {list(VARIANTS)}")
+    chosen = {n: (VARIANTS[n], None) for n in names}
+    for spec in args.xla:
+        name, _, opts = spec.partition("=")
+        chosen[name] = ((True, False), dict(_option(o) for o in opts.split(",") if o))
     t = args.context or (100 if args.quick else 131072)
     rounds = args.rounds or (1 if args.quick else 15)
     max_len = t + 64
@@ -72,10 +96,10 @@ def main(argv=None) -> int:
     cache = synthetic_cache(config, 1, max_len, t)
     tokens = jnp.zeros((1,), jnp.int32)
     steps = {}
-    for name, flags in VARIANTS.items():
+    for name, (flags, options) in chosen.items():
         with variant(*flags):
             t0 = time.perf_counter()
-            steps[name] = decode_fn(graphdef).lower(state, tokens, cache).compile()
+            steps[name] = decode_fn(graphdef).lower(state, tokens, cache).compile(options)
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     times = {n: [] for n in steps}
     per_round = 1 if args.quick else PIPELINE
@@ -93,6 +117,7 @@ def main(argv=None) -> int:
     read = weight_bytes_read(config, state, 1) + cache_bytes_read(config, t, max_len)
     rows = {n: {"ms": statistics.median(v[1:]), "runs_ms": v[1:]} for n, v in times.items()}
     result = {"env": environment(), "peaks": peaks, "context": t, "bytes_read": read,
+              "xla_options": {n: o for n, (_, o) in chosen.items() if o},
               "bound_ms": read / bw / 1e6 if bw else None, "variants": rows}
     for n, r in rows.items():
         bound = result["bound_ms"]

@@ -113,17 +113,19 @@ def reattention_table(data: dict) -> str:
             rows.append([r.get("case", "?"), "error"] + [""] * 8)
             continue
         rope = r.get("cudnn_causal_rope")  # results before 2026-12-04 do not have it
+        ms, ratio = _ms(r), _ratio(r)
         rows.append([_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", str(r["attended"]),
-                     f"{r['reattention']['median_ms']:.2f}",
-                     f"{r['cudnn_attended']['median_ms']:.2f}",
-                     f"{r['cudnn_causal']['median_ms']:.2f}",
-                     f"{rope['median_ms']:.2f}" if rope else "-",
-                     f"{r['overhead_vs_attended'] + 1:.2f}x", f"{r['ratio_vs_causal']:.2f}x",
-                     f"{r['ratio_vs_causal_rope']:.2f}x" if rope else "-"])
+                     ms("reattention"), ms("cudnn_attended"), ms("cudnn_causal"),
+                     ms("cudnn_causal_rope") if rope else "-",
+                     ratio("overhead_vs_attended", 1), ratio("ratio_vs_causal"),
+                     ratio("ratio_vs_causal_rope") if rope else "-"])
     table = _table(["T", "Hq/Hkv", "attended keys", "ReAttention ms",
                     "cuDNN at attended length ms", "cuDNN causal at T ms",
                     "cuDNN causal + RoPE at T ms", "time / cuDNN at attended length",
                     "time / cuDNN causal at T", "time / cuDNN causal + RoPE"], rows)
+    if any("pipelined_ratio_vs_causal" in r for r in data["prefill"]):
+        table = ("Times are one call (a wait after each) / back to back (the rate layer after "
+                 "layer in a model); ratios likewise.\n\n" + table)
     drows = []
     for r in data.get("decode") or []:
         if "reattention" not in r:
@@ -140,6 +142,24 @@ def reattention_table(data: dict) -> str:
                                    "one call, back to back where measured)", "full attention ms",
                                    "KV cache GiB (one layer)"], drows)
     return table
+
+
+def _ms(row: dict):
+    """name -> 'one call' ms of that timing, '/ back-to-back' ms where the row has it."""
+    def ms(name: str) -> str:
+        t = row[name]
+        one = f"{t['median_ms']:.2f}"
+        return f"{one} / {t['pipelined_ms']:.2f}" if "pipelined_ms" in t else one
+    return ms
+
+
+def _ratio(row: dict):
+    """(key, offset) -> the ratio (one call), '/ back to back' where the row has it."""
+    def ratio(key: str, offset: float = 0.0) -> str:
+        one = f"{row[key] + offset:.2f}x"
+        pipe = row.get(f"pipelined_{key}")
+        return f"{one} / {pipe + offset:.2f}x" if pipe is not None else one
+    return ratio
 
 
 def _step_ms(timing: dict) -> str:

@@ -303,8 +303,12 @@ def rope_tables(n_pos: int, inv_freq: np.ndarray):
 
 
 def rotate_at(x: Float[Array, "B N H D"], positions, inv_freq) -> Float[Array, "B N H D"]:
-    """RoPE of x at positions (B, N), float32 math (as the kernel's), cast back to x's dtype."""
-    cos, sin = rope_cos_sin(positions, inv_freq)
+    """RoPE of x at positions (B, N), float32 math (as the kernel's), cast back to x's dtype.
+
+    The (B, N, D) cos and sin are materialised first (``optimization_barrier``): fused into the
+    rotation, XLA evaluated them once per element of x, i.e. again for every head, and float32
+    sin / cos of large angles take the slow argument-reduction path."""
+    cos, sin = lax.optimization_barrier(rope_cos_sin(positions, inv_freq))
     return apply_rope(x.astype(jnp.float32), cos, sin).astype(x.dtype)
 
 
@@ -414,9 +418,9 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
                                              "interpret"))
-def _mgpu_attend(qo_rows, kg, vg, k_window, v_window, meta, **kwargs):
+def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, **kwargs):
     """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers)."""
-    return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v_window, meta, **kwargs)
+    return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, **kwargs)
 
 
 def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geometry,
@@ -426,9 +430,8 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     each group's lists gathered and rotated (``pallas_gather``), then attended by the kernel."""
     b, hkv, ncr, r_pad, d = qo_rows.shape
     bk = config.mgpu_attend_block_k
-    ws = meta[:, 0, 0, 4]
-    k_window = pallas_mgpu_attend.pad_window(window, bk)
-    v_window = pallas_mgpu_attend.pad_window(window_rows(v, ws, window.shape[1]), bk)
+    k_window, v_rows = pallas_mgpu_attend.tail_sources(
+        window, v, block_k=bk, num_queries=geo.num_queries, interpret=interpret)
     per_chunk = b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize * 2
     n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
     per_group = params.cdiv(ncr, n_groups)
@@ -436,7 +439,7 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     def run(qo, gl, mt):
         kg, vg = pallas_gather.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk,
                                            interpret=interpret)
-        return _mgpu_attend(qo, kg, vg, k_window, v_window, mt, groups=geo.groups,
+        return _mgpu_attend(qo, kg, vg, k_window, v_rows, mt, groups=geo.groups,
                             num_keys=geo.num_keys, scale=scale, block_k=bk,
                             slots=config.mgpu_attend_slots, interpret=interpret)
 

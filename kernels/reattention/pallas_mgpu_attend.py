@@ -10,8 +10,9 @@ What differs is where RoPE happens and how the work is scheduled:
   position t, slot i is rotated at ``i + L0 - n_g`` (same difference), which the op's list
   gather (``pallas_gather.gather_list``, a kernel; :func:`gather_list` here is its XLA twin)
   does once while it gathers the list's keys into a contiguous block per (batch, kv head,
-  chunk). The tail is ``pallas.tail_window``'s copy, rotated at the original positions. So the
-  kernel is plain attention over two contiguous key sources, with one rotated query tile.
+  chunk). The tail's keys are ``pallas.tail_window``'s copy, rotated at the original positions,
+  its values the cache's own rows. So the kernel is plain attention over two contiguous key
+  sources, with one rotated query tile.
 * **Schedule** (the CCA forward's, ``kernels/cca/pallas_mgpu.py``): one CTA per (128 rows of a
   chunk, batch, kv head), three warpgroups. The producer streams the list's key blocks, then the
   tail's, through a ring of shared-memory slots with TMA copies; the two consumers own 64 rows
@@ -25,9 +26,13 @@ chunk is query ``c0 + r // G``, head ``r % G``; rows of queries past ``min(c1, S
 or a chunk written past the cache) are computed as that last query (at least L0) and discarded
 by the caller.
 
+Tail blocks start up to 7 rows before L0 and may end up to a block past the window (or the
+cache): the TMA copies fill rows past the end of a buffer with zeros, keys there are masked
+(causal) and their values are finite. :func:`tail_sources` gives the kernel those buffers.
+
 Supported (:func:`supports`): 16-bit inputs, head dim 64 or 128; the caller pads rows to a
-multiple of 128, the list to a multiple of the key block, and the window by one key block past
-a multiple of it (:func:`pad_window`). ``interpret=True`` runs the Mosaic GPU interpreter.
+multiple of 128 and the list to a multiple of the key block. ``interpret=True`` runs the Mosaic
+GPU interpreter.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def supports(dtype, head_dim: int) -> bool:
     return wgmma_inputs(dtype, head_dim)
 
 
-def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref, scoped, *, groups, bk,
+def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, groups, bk,
             slots, tiles, nc, hkv, s_len, scale, dtype, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -136,7 +141,7 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref, scoped, *, g
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
-        def fetch(src_list, src_tail, smem, full, s, slot):
+        def fetch(src_list, src_tail, row0, smem, full, s, slot):
             @pl.when(s < nl)
             def _():
                 block = jnp.minimum(s, src_list.shape[1] // bk - 1)  # s itself; static-safe
@@ -144,13 +149,14 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref, scoped, *, g
                                         smem.at[slot], full.at[slot])
 
             @pl.when(s >= nl)
-            def _():
-                plgpu.copy_gmem_to_smem(src_tail.at[b, pl.ds(a0 + (s - nl) * bk, bk), h],
+            def _():  # rows past the buffer's end arrive as zeros
+                plgpu.copy_gmem_to_smem(src_tail.at[b, pl.ds(row0 + a0 + (s - nl) * bk, bk), h],
                                         smem.at[slot], full.at[slot])
 
+        # Tail keys from the window (row 0 = key ws), values from the cache (row 0 = key 0).
         produce(slots, n_steps,
-                (lambda s, slot: fetch(kg_ref, kw_ref, k_smem, k_full, s, slot), k_free),
-                (lambda s, slot: fetch(vg_ref, vw_ref, v_smem, v_full, s, slot), v_free))
+                (lambda s, slot: fetch(kg_ref, kw_ref, 0, k_smem, k_full, s, slot), k_free),
+                (lambda s, slot: fetch(vg_ref, v_ref, ws, v_smem, v_full, s, slot), v_free))
 
 
 def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
@@ -190,19 +196,29 @@ def list_rotation_tables(slots: int, l0: Int[Array, "B Hkv NC"], n_g: Int[Array,
             jnp.sin(offset_angle))
 
 
-def pad_window(x: Float[Array, "B W Hkv D"], block_k: int) -> Float[Array, "B Wp Hkv D"]:
-    """The tail window padded with zeros to a multiple of ``block_k`` plus one block: the
-    kernel's tail blocks start up to 7 rows before L0 and may end up to a block past c1."""
-    w = x.shape[1]
-    return jnp.pad(x, [(0, 0), (0, -(-w // block_k) * block_k + block_k - w), (0, 0), (0, 0)])
+def tail_sources(window: Float[Array, "B W Hkv D"], v: Float[Array, "B S Hkv D"], *,
+                 block_k: int, num_queries: int, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """The buffers the kernel reads the tails from: the rotated window (keys) and the cache's v
+    (values, read from row ws on). On the GPU they are used as they are, only their row counts
+    padded to a multiple of 8 where they are not (the TMA descriptor of a buffer copied into
+    8-row tiles needs it), and the TMA copies fill the rows past their ends with zeros. The
+    interpreter raises on such reads (and then hangs), so there both are padded with zeros as
+    far as a tail block can reach: a block past the last key, or past L0 of a chunk written
+    past the cache (L0 < q_start + T <= S + ``num_queries``)."""
+    def pad(x, extra):
+        n = -(-(x.shape[1] + extra) // 8) * 8
+        return jnp.pad(x, [(0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)]) if n > x.shape[1] else x
+
+    extra = num_queries + 2 * block_k if interpret else 0
+    return pad(window, extra), pad(v, extra)
 
 
 def attend(
     qo_rows: Float[Array, "B Hkv NC R D"],
     kg: Float[Array, "B Hkv NC NG D"],
     vg: Float[Array, "B Hkv NC NG D"],
-    k_window: Float[Array, "B Wp Hkv D"],
-    v_window: Float[Array, "B Wp Hkv D"],
+    k_window: Float[Array, "B W Hkv D"],
+    v: Float[Array, "B S Hkv D"],
     meta: Int[Array, "B Hkv NC 8"],
     *,
     groups: int,
@@ -213,39 +229,41 @@ def attend(
     interpret: bool = False,
 ) -> Float[Array, "B Hkv NC R D"]:
     """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
-    over each chunk's list (``kg``, rotated at ``slot + L0 - n_g``; ``vg``) and its tail from the
-    windows (``pallas.tail_window``'s keys and the same rows of v, each padded by
-    :func:`pad_window`). ``meta[..., :5]`` = (c0, c1, L0, n_g, ws) per chunk; ``num_keys`` S."""
+    over each chunk's list (``kg``, rotated at ``slot + L0 - n_g``; ``vg``) and its tail:
+    ``pallas.tail_window``'s keys (row i = key ws + i) and the cache's values (row i = key i),
+    both from :func:`tail_sources`. ``meta[..., :5]`` = (c0, c1, L0, n_g, ws) per chunk;
+    ``num_keys`` S."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, hkv, nc, r, d = qo_rows.shape
     ng = kg.shape[3]
     if not (supports(qo_rows.dtype, d) and qo_rows.dtype == kg.dtype == vg.dtype
-            == k_window.dtype == v_window.dtype):
+            == k_window.dtype == v.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention attention needs one 16-bit dtype and head "
                          f"dim 64 or 128; got rows {qo_rows.dtype} with head dim {d}, list "
-                         f"{kg.dtype}/{vg.dtype}, window {k_window.dtype}/{v_window.dtype}")
+                         f"{kg.dtype}/{vg.dtype}, window {k_window.dtype}, values {v.dtype}")
     if block_k not in (64, 128) or slots < 2:
         raise ValueError(f"block_k must be 64 or 128 and slots >= 2; got {block_k}, {slots}")
     if (kg.shape != vg.shape or kg.shape[:3] != (b, hkv, nc) or kg.shape[4] != d
-            or k_window.shape != v_window.shape or k_window.shape[::2] != (b, hkv)
-            or k_window.shape[3] != d or meta.shape != (b, hkv, nc, 8)):
+            or k_window.shape[::2] != (b, hkv) or v.shape[::2] != (b, hkv)
+            or k_window.shape[3] != d or v.shape[3] != d or meta.shape != (b, hkv, nc, 8)):
         raise ValueError(f"shapes disagree: rows {qo_rows.shape}, list {kg.shape}/{vg.shape}, "
-                         f"windows {k_window.shape}/{v_window.shape}, meta {meta.shape}")
-    if r % TILE or ng % block_k or k_window.shape[1] % block_k:
-        raise ValueError(f"rows ({r}) must be a multiple of {TILE}, the list ({ng}) and the "
-                         f"padded window ({k_window.shape[1]}) of block_k ({block_k})")
+                         f"window {k_window.shape}, values {v.shape}, meta {meta.shape}")
+    if r % TILE or ng % block_k or k_window.shape[1] % 8 or v.shape[1] % 8:
+        raise ValueError(f"rows ({r}) must be a multiple of {TILE}, the list ({ng}) of block_k "
+                         f"({block_k}), the window's and the values' rows ({k_window.shape[1]}, "
+                         f"{v.shape[1]}) of 8 (tail_sources pads them)")
     dtype = qo_rows.dtype
     tiles = r // TILE
     smem = functools.partial(plgpu.SMEM, transforms=(plgpu.TilingTransform((8, 64)),
                                                      plgpu.SwizzleTransform(128)))
 
-    def entry(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref):
+    def entry(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref):
         kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
                                    nc=nc, hkv=hkv, s_len=num_keys, scale=scale, dtype=dtype,
                                    interpret=interpret)
         pl.run_scoped(
-            lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, vw_ref, o_ref,
+            lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, block_k, d), dtype),
              smem((slots, block_k, d), dtype)),
@@ -268,5 +286,5 @@ def attend(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
     )(meta.astype(jnp.int32), qo_rows.reshape(rows), kg.reshape(lists), vg.reshape(lists),
-      k_window, v_window)
+      k_window, v)
     return o.reshape(qo_rows.shape)

@@ -114,6 +114,19 @@ def test_decode_anatomy_rejects_a_malformed_flag_set(capsys):
         assert "--flag-set wants NAME=--xla_flag=value" in capsys.readouterr().err
 
 
+def test_ab_decode_step_checks_its_variants_and_options():
+    """``--variants`` names built-in variants only; ``--xla`` wants NAME=OPTION=VALUE pairs,
+    with true/false and integers typed (they become ``compile(compiler_options=)``)."""
+    from bench import ab_decode_step
+
+    for argv in (["--variants", "no such variant"], ["--xla", "name=flag-without-value"]):
+        with pytest.raises(SystemExit):
+            ab_decode_step.main(["--quick", *argv])
+    assert ab_decode_step._option("xla_gpu_enable_pdl=false") == ("xla_gpu_enable_pdl", False)
+    assert ab_decode_step._option("xla_gpu_autotune_level=0") == ("xla_gpu_autotune_level", 0)
+    assert ab_decode_step._option("a=b") == ("a", "b")
+
+
 def test_tune_decode_quick(tmp_path):
     """Each decode-kernel config timed and checked against the default config's output."""
     out = tmp_path / "tune.json"

@@ -33,6 +33,20 @@ def test_reattention_columns_are_time_ratios(tmp_path):
     assert "| broken | error |" in report.reattention_table(data)
 
 
+def test_reattention_back_to_back_timings_sit_next_to_one_call():
+    """Rows with ``pipelined_ms`` show 'one call / back to back' times and ratios."""
+    data = json.loads((RESULTS / "reattention_h200.json").read_text())
+    row = data["prefill"][0]
+    for name, ms in (("reattention", 4.0), ("cudnn_attended", 3.0), ("cudnn_causal", 2.0)):
+        row[name] = {**row[name], "pipelined_ms": ms}
+    row.update(pipelined_overhead_vs_attended=4 / 3 - 1, pipelined_ratio_vs_causal=2.0)
+    text = report.reattention_table(data)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| 8K |"))
+    assert f"{row['reattention']['median_ms']:.2f} / 4.00" in line
+    assert f"{row['overhead_vs_attended'] + 1:.2f}x / 1.33x" in line and " / 2.00x" in line
+    assert "back to back" in text.split("|")[0]
+
+
 def test_fsdp_table_flags_an_unequal_mesh():
     data = json.loads((RESULTS / "fsdp_h200x2.json").read_text())
     assert "| yes |" in report.fsdp_table(data)
