@@ -417,44 +417,42 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
-                                             "interpret"))
+                                             "chunk_offset", "interpret"))
 def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, **kwargs):
     """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers)."""
     return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, **kwargs)
 
 
+_gather_list = jax.jit(pallas_gather.gather_list, static_argnames=("block_k", "interpret"))
+
+
 def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geometry,
                  config: Config, interpret: bool):
     """The gathered attention through ``pallas_mgpu_attend``: chunks in groups whose gathered
-    lists (keys and values) fit in ``Config.gather_bytes``, one after the other (``lax.map``),
-    each group's lists gathered and rotated (``pallas_gather``), then attended by the kernel."""
+    lists (keys and values) fit in ``Config.gather_bytes``, one after the other, each group's
+    lists gathered and rotated (``pallas_gather``), then attended by the kernel, which reads the
+    group's rows in place. The groups are unrolled (no loop: a while loop's condition is read
+    back by the host every trip, and stacking the groups for ``lax.map`` cost a transpose of
+    the rows, a zeroed output and a transpose back); each group's lists wait for the previous
+    group's output (``optimization_barrier``), so that one group's lists are alive at a time."""
     b, hkv, ncr, r_pad, d = qo_rows.shape
     bk = config.mgpu_attend_block_k
     k_window, v_rows = pallas_mgpu_attend.tail_sources(
         window, v, block_k=bk, num_queries=geo.num_queries, interpret=interpret)
     per_chunk = b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize * 2
-    n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
-    per_group = params.cdiv(ncr, n_groups)
-
-    def run(qo, gl, mt):
-        kg, vg = pallas_gather.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk,
-                                           interpret=interpret)
-        return _mgpu_attend(qo, kg, vg, k_window, v_rows, mt, groups=geo.groups,
-                            num_keys=geo.num_keys, scale=scale, block_k=bk,
-                            slots=config.mgpu_attend_slots, interpret=interpret)
-
-    if n_groups == 1:
-        return run(qo_rows, glist, meta)
-
-    def grouped(x):  # (B, Hkv, NCr, ...) -> (groups, B, Hkv, per_group, ...), last chunk repeated
-        pad = [(0, 0)] * x.ndim
-        pad[2] = (0, n_groups * per_group - ncr)
-        x = jnp.pad(x, pad, mode="edge")
-        return jnp.moveaxis(x.reshape(b, hkv, n_groups, per_group, *x.shape[3:]), 2, 0)
-
-    out = lax.map(lambda xs: run(*xs), (grouped(qo_rows), grouped(glist), grouped(meta)))
-    out = jnp.moveaxis(out, 0, 2).reshape(b, hkv, n_groups * per_group, r_pad, d)
-    return out[:, :, :ncr]
+    per_group = max(1, min(ncr, config.gather_bytes // per_chunk))
+    outs = []
+    for lo in range(0, ncr, per_group):
+        gl, mt = glist[:, :, lo:lo + per_group], meta[:, :, lo:lo + per_group]
+        if outs:
+            outs[-1], gl = lax.optimization_barrier((outs[-1], gl))
+        kg, vg = _gather_list(k, v, gl, mt[..., 2], mt[..., 3], jnp.asarray(inv_freq), block_k=bk,
+                              interpret=interpret)
+        outs.append(_mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, groups=geo.groups,
+                                 num_keys=geo.num_keys, scale=scale, block_k=bk,
+                                 slots=config.mgpu_attend_slots, chunk_offset=lo,
+                                 interpret=interpret))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 # ----------------------------------------------------------------------------- the op

@@ -60,7 +60,7 @@ def supports(dtype, head_dim: int) -> bool:
 
 
 def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, groups, bk,
-            slots, tiles, nc, hkv, s_len, scale, dtype, interpret):
+            slots, tiles, nc, nc_rows, chunk_offset, hkv, s_len, scale, dtype, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -71,7 +71,8 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
     item = lax.axis_index("items")
     c = lax.div(item, tiles)
     tile = lax.rem(item, tiles)
-    chunk_row = (b * hkv + h) * nc + c  # q, o, kg, vg: (B * Hkv * NC, rows or slots, D)
+    chunk_row = (b * hkv + h) * nc + c  # o, kg, vg: (B * Hkv * NC, rows or slots, D)
+    q_row = (b * hkv + h) * nc_rows + chunk_offset + c  # q: (B * Hkv * NC_rows, rows, D)
     c0, c1, l0, n_g, ws = (meta_ref[b, h, c, i] for i in range(5))
     # Padding rows count as the chunk's last query, and rows of a chunk written past the cache
     # (not stored) as at least L0, so that every row sees a key and the tail has a block.
@@ -92,7 +93,7 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
         plgpu.set_max_registers(232, action="increase")
         qo_smem = qo_smem2.at[wg]
         r0 = tile * TILE + wg * ROWS
-        plgpu.copy_gmem_to_smem(q_ref.at[chunk_row, pl.ds(r0, ROWS)], qo_smem, q_full.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[q_row, pl.ds(r0, ROWS)], qo_smem, q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
         m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -226,17 +227,23 @@ def attend(
     scale: float,
     block_k: int = 128,
     slots: int = 2,
+    chunk_offset: int = 0,
     interpret: bool = False,
 ) -> Float[Array, "B Hkv NC R D"]:
     """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
     over each chunk's list (``kg``, rotated at ``slot + L0 - n_g``; ``vg``) and its tail:
     ``pallas.tail_window``'s keys (row i = key ws + i) and the cache's values (row i = key i),
     both from :func:`tail_sources`. ``meta[..., :5]`` = (c0, c1, L0, n_g, ws) per chunk;
-    ``num_keys`` S."""
+    ``num_keys`` S. The NC chunks of ``kg`` / ``meta`` are chunks ``chunk_offset ..
+    chunk_offset + NC - 1`` of ``qo_rows`` (a group of a call's chunks: the rows are read in
+    place, not sliced out); the output holds those NC chunks."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    b, hkv, nc, r, d = qo_rows.shape
-    ng = kg.shape[3]
+    b, hkv, nc_rows, r, d = qo_rows.shape
+    nc, ng = kg.shape[2], kg.shape[3]
+    if not 0 <= chunk_offset <= nc_rows - nc:
+        raise ValueError(f"chunks {chunk_offset} .. {chunk_offset + nc - 1} of the lists are not "
+                         f"chunks of the rows ({nc_rows})")
     if not (supports(qo_rows.dtype, d) and qo_rows.dtype == kg.dtype == vg.dtype
             == k_window.dtype == v.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention attention needs one 16-bit dtype and head "
@@ -260,8 +267,8 @@ def attend(
 
     def entry(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref):
         kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
-                                   nc=nc, hkv=hkv, s_len=num_keys, scale=scale, dtype=dtype,
-                                   interpret=interpret)
+                                   nc=nc, nc_rows=nc_rows, chunk_offset=chunk_offset, hkv=hkv,
+                                   s_len=num_keys, scale=scale, dtype=dtype, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),
@@ -274,11 +281,11 @@ def attend(
             collective_axes="wg",
         )
 
-    rows = (b * hkv * nc, r, d)
+    rows = (b * hkv * nc_rows, r, d)
     lists = (b * hkv * nc, ng, d)
     o = plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(rows, dtype),
+        out_type=jax.ShapeDtypeStruct((b * hkv * nc, r, d), dtype),
         grid=(nc * tiles, b, hkv),
         grid_names=("items", "batch", "heads"),
         num_threads=CONSUMERS + 1,
@@ -287,4 +294,4 @@ def attend(
         interpret=interpret_params() if interpret else None,
     )(meta.astype(jnp.int32), qo_rows.reshape(rows), kg.reshape(lists), vg.reshape(lists),
       k_window, v)
-    return o.reshape(qo_rows.shape)
+    return o.reshape(b, hkv, nc, r, d)
