@@ -417,7 +417,7 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
-                                             "chunk_offset", "interpret"))
+                                             "interpret"))
 def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, **kwargs):
     """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers)."""
     return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, **kwargs)
@@ -431,27 +431,34 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     """The gathered attention through ``pallas_mgpu_attend``: chunks in groups whose gathered
     lists (keys and values) fit in ``Config.gather_bytes``, one after the other, each group's
     lists gathered and rotated (``pallas_gather``), then attended by the kernel, which reads the
-    group's rows in place. The groups are unrolled (no loop: a while loop's condition is read
-    back by the host every trip, and stacking the groups for ``lax.map`` cost a transpose of
-    the rows, a zeroed output and a transpose back); each group's lists wait for the previous
-    group's output (``optimization_barrier``), so that one group's lists are alive at a time."""
+    group's rows in place (meta's row shift: the groups' kernels differ at most in the last
+    group's size, so at most two are compiled). The groups are unrolled, not a loop: a while
+    loop's condition is read back by the host every trip, and stacking the groups for
+    ``lax.map`` cost a transpose of the rows, a zeroed output and a transpose back. Each group's
+    lists wait for the previous group's output (``optimization_barrier``), so that one group's
+    lists are alive at a time."""
     b, hkv, ncr, r_pad, d = qo_rows.shape
     bk = config.mgpu_attend_block_k
     k_window, v_rows = pallas_mgpu_attend.tail_sources(
         window, v, block_k=bk, num_queries=geo.num_queries, interpret=interpret)
     per_chunk = b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize * 2
-    per_group = max(1, min(ncr, config.gather_bytes // per_chunk))
+    n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
+    per_group = params.cdiv(ncr, n_groups)
     outs = []
     for lo in range(0, ncr, per_group):
-        gl, mt = glist[:, :, lo:lo + per_group], meta[:, :, lo:lo + per_group]
+        gl = glist[:, :, lo:lo + per_group]
+        mt = meta[:, :, lo:lo + per_group].at[..., 5].set(lo)  # rows: chunk c + lo
         if outs:
             outs[-1], gl = lax.optimization_barrier((outs[-1], gl))
         kg, vg = _gather_list(k, v, gl, mt[..., 2], mt[..., 3], jnp.asarray(inv_freq), block_k=bk,
                               interpret=interpret)
         outs.append(_mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, groups=geo.groups,
                                  num_keys=geo.num_keys, scale=scale, block_k=bk,
-                                 slots=config.mgpu_attend_slots, chunk_offset=lo,
-                                 interpret=interpret))
+                                 slots=config.mgpu_attend_slots, interpret=interpret))
+        if interpret and not isinstance(outs[-1], jax.core.Tracer):
+            # Op by op, jax 0.10's Mosaic GPU interpreter can deadlock when the next kernel is
+            # dispatched while the threads of the previous one still run: one at a time.
+            outs[-1].block_until_ready()
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 

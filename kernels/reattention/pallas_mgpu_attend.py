@@ -60,7 +60,7 @@ def supports(dtype, head_dim: int) -> bool:
 
 
 def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, groups, bk,
-            slots, tiles, nc, nc_rows, chunk_offset, hkv, s_len, scale, dtype, interpret):
+            slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -71,9 +71,9 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
     item = lax.axis_index("items")
     c = lax.div(item, tiles)
     tile = lax.rem(item, tiles)
+    c0, c1, l0, n_g, ws, row_shift = (meta_ref[b, h, c, i] for i in range(6))
     chunk_row = (b * hkv + h) * nc + c  # o, kg, vg: (B * Hkv * NC, rows or slots, D)
-    q_row = (b * hkv + h) * nc_rows + chunk_offset + c  # q: (B * Hkv * NC_rows, rows, D)
-    c0, c1, l0, n_g, ws = (meta_ref[b, h, c, i] for i in range(5))
+    q_row = (b * hkv + h) * nc_rows + c + row_shift  # q: (B * Hkv * NC_rows, rows, D)
     # Padding rows count as the chunk's last query, and rows of a chunk written past the cache
     # (not stored) as at least L0, so that every row sees a key and the tail has a block.
     last_t = jnp.minimum(c1, s_len) - 1
@@ -227,23 +227,22 @@ def attend(
     scale: float,
     block_k: int = 128,
     slots: int = 2,
-    chunk_offset: int = 0,
     interpret: bool = False,
 ) -> Float[Array, "B Hkv NC R D"]:
     """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
     over each chunk's list (``kg``, rotated at ``slot + L0 - n_g``; ``vg``) and its tail:
     ``pallas.tail_window``'s keys (row i = key ws + i) and the cache's values (row i = key i),
-    both from :func:`tail_sources`. ``meta[..., :5]`` = (c0, c1, L0, n_g, ws) per chunk;
-    ``num_keys`` S. The NC chunks of ``kg`` / ``meta`` are chunks ``chunk_offset ..
-    chunk_offset + NC - 1`` of ``qo_rows`` (a group of a call's chunks: the rows are read in
-    place, not sliced out); the output holds those NC chunks."""
+    both from :func:`tail_sources`. ``meta[..., :6]`` = (c0, c1, L0, n_g, ws, row shift) per
+    chunk; ``num_keys`` S. Chunk c of ``kg`` / ``meta`` (and of the output) reads its rows
+    from chunk c + (row shift) of ``qo_rows``, so that a group of a call's chunks reads its
+    rows in place (the shift is the group's first chunk; 0 when ``qo_rows`` holds exactly the
+    chunks of ``kg``). It must keep c + shift within ``qo_rows``' chunks: not checked."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, hkv, nc_rows, r, d = qo_rows.shape
     nc, ng = kg.shape[2], kg.shape[3]
-    if not 0 <= chunk_offset <= nc_rows - nc:
-        raise ValueError(f"chunks {chunk_offset} .. {chunk_offset + nc - 1} of the lists are not "
-                         f"chunks of the rows ({nc_rows})")
+    if nc > nc_rows:
+        raise ValueError(f"{nc} chunks of lists but only {nc_rows} chunks of rows")
     if not (supports(qo_rows.dtype, d) and qo_rows.dtype == kg.dtype == vg.dtype
             == k_window.dtype == v.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention attention needs one 16-bit dtype and head "
@@ -267,8 +266,8 @@ def attend(
 
     def entry(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref):
         kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
-                                   nc=nc, nc_rows=nc_rows, chunk_offset=chunk_offset, hkv=hkv,
-                                   s_len=num_keys, scale=scale, dtype=dtype, interpret=interpret)
+                                   nc=nc, nc_rows=nc_rows, hkv=hkv, s_len=num_keys,
+                                   scale=scale, dtype=dtype, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),

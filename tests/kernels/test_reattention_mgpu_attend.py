@@ -122,6 +122,49 @@ def test_layers_share_one_lowered_kernel():
     assert module_chars(M.attend, 3) > 2.5 * one  # what the jit saves
 
 
+def test_tail_sources_are_the_buffers_themselves_on_the_gpu():
+    """Compiled, the kernel reads the rotated window and the cache's v in place (TMA fills rows
+    past their ends with zeros): no copy unless a row count is not a multiple of 8 (the TMA
+    descriptor's tiles). The interpreter, which raises on such reads, gets zero-padded copies
+    reaching as far as a tail block can (past L0 of a chunk written past the cache)."""
+    window, v = jnp.ones((2, 40, 3, 64), jnp.bfloat16), jnp.ones((2, 100, 3, 64), jnp.bfloat16)
+    kw, vr = M.tail_sources(window, v, block_k=64, num_queries=30, interpret=False)
+    assert kw is window and vr.shape == (2, 104, 3, 64)
+    np.testing.assert_array_equal(np.asarray(vr[:, 100:], np.float32), 0)
+    kw, vr = M.tail_sources(window, v, block_k=64, num_queries=30, interpret=True)
+    assert kw.shape[1] == 200 and vr.shape[1] == 264  # + T + 2 blocks, rounded up to 8
+    np.testing.assert_array_equal(np.asarray(kw[:, :40], np.float32), 1)
+    np.testing.assert_array_equal(np.asarray(kw[:, 40:], np.float32), 0)
+
+
+def test_groups_of_chunks_share_their_lowered_kernels():
+    """Five chunks in groups of 2, 2 and 1 (``Config.gather_bytes``): three calls of the
+    attention kernel, two lowered kernels (one per group size). The groups read their rows in
+    place through meta's row shift, so no group gets a kernel of its own. Lowered for CUDA on
+    the CPU with jax.export."""
+    from jax.export import DisabledSafetyCheck
+
+    b, hkv, nc, r, d, s = 1, 2, 5, 256, 128, 4096
+    geo = P.geometry((b, s, 2 * hkv, d), (b, s, hkv, d), Selection())
+    per_chunk = b * hkv * P.round_up(geo.num_gathered, 128) * d * 2 * 2
+    config = dataclasses.replace(P.default_config(d, 2, r), gather_bytes=2 * per_chunk)
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    def attend(qo, k, v, gl, mt, window):
+        return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
+                              config, interpret=False)
+
+    text = jax.export.export(
+        jax.jit(attend), platforms=["cuda"],
+        disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        bf16(b, hkv, nc, r, d), bf16(b, s, hkv, d), bf16(b, s, hkv, d),
+        i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, 2048, hkv, d)
+    ).mlir_module()
+    assert text.count("call @_mgpu_attend") == 3
+    assert text.count("func.func private @_mgpu_attend") == 2
+
+
 @needs_interpreter
 def test_interpreted_groups_of_chunks():
     """MHA, four chunks with a middle in four groups of one (a list of 20 slots in a 64-slot
