@@ -155,9 +155,10 @@ class Config:
     ``attend_lowering``: the same choice for the gathered attention. "mosaic_gpu" runs the
     warp-specialised kernel of ``pallas_mgpu_attend.py`` (Hopper, 16-bit, head dim 64 or 128, the
     rotated tail, more than one query): each chunk's list is first gathered and rotated into a
-    contiguous block in XLA, ``gather_bytes`` at a time (chunks are processed in groups whose
-    gathered keys and values fit in it), then read with ``mgpu_attend_block_k``-key TMA copies
-    through ``mgpu_attend_slots`` slots; "auto": "mosaic_gpu" where it applies on a Hopper GPU."""
+    contiguous block by the list-gather kernel (``pallas_gather.py``), ``gather_bytes`` at a time
+    (chunks are processed in groups whose gathered keys and values fit in it, one group's lists
+    alive at a time), then read with ``mgpu_attend_block_k``-key TMA copies through
+    ``mgpu_attend_slots`` slots; "auto": "mosaic_gpu" where it applies on a Hopper GPU."""
 
     score_block_q: int = 64
     score_block_k: int = 64
