@@ -114,6 +114,32 @@ def test_decode_anatomy_rejects_a_malformed_flag_set(capsys):
         assert "--flag-set wants NAME=--xla_flag=value" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_bench_reattention_quick(tmp_path):
+    """Prefill rows carry one-call and back-to-back times for ReAttention and every baseline,
+    and their ratios are the times' own; decode rows time both ways too."""
+    out = tmp_path / "reattention.json"
+    proc = _run([str(REPO / "bench" / "bench_reattention.py"), "--quick", "--out", str(out)],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert len(data["prefill"]) == 4 and len(data["decode"]) == 3, data
+    for r in data["prefill"]:
+        pipe = {name: r[name]["pipelined_ms"] for name in
+                ("reattention", "cudnn_causal", "cudnn_causal_rope", "cudnn_attended")}
+        assert all(ms > 0 for ms in pipe.values()), r
+        assert r["pipelined_ratio_vs_causal"] == pytest.approx(
+            pipe["reattention"] / pipe["cudnn_causal"])
+        assert r["pipelined_overhead_vs_attended"] == pytest.approx(
+            pipe["reattention"] / pipe["cudnn_attended"] - 1)
+        assert r["ratio_vs_causal"] == pytest.approx(
+            r["reattention"]["median_ms"] / r["cudnn_causal"]["median_ms"])
+    assert all(r["reattention"]["pipelined_ms"] > 0 for r in data["decode"])
+    from bench import report
+
+    assert " / " in report.reattention_table(data).split("\n\n")[1]
+
+
 def test_ab_decode_step_checks_its_variants_and_options():
     """``--variants`` names built-in variants only; ``--xla`` wants NAME=OPTION=VALUE pairs,
     with true/false and integers typed (they become ``compile(compiler_options=)``)."""
