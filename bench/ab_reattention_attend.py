@@ -16,12 +16,13 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 
 from bench.common import time_alternating, write_rows
-from kernels.reattention import pallas, pallas_mgpu_attend
+from kernels.reattention import pallas, pallas_gather, pallas_mgpu_attend
 from kernels.reattention.params import default_config
 
 VARIANTS = {
@@ -34,10 +35,8 @@ VARIANTS = {
     "mgpu_gather4g": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 32),
     "mgpu_xla_gather": dict(attend_lowering="mosaic_gpu", gather="xla"),
 }
-def xla_gather(k, v, glist, l0, n_g, inv_freq, block_k, interpret=False):
-    """``pallas._gather_list``'s interface, XLA's gather inside."""
-    del interpret
-    return pallas_mgpu_attend.gather_list(k, v, glist, l0, n_g, inv_freq, block_k)
+XLA_GATHER = types.SimpleNamespace(  # pallas_gather's interface, XLA's gather inside
+    gather_list=lambda *args, interpret=False: pallas_mgpu_attend.gather_list(*args))
 
 
 def inputs(t: int, hkv: int, dtype=jnp.bfloat16):
@@ -56,7 +55,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names = args.variants.split("|")
-    shipped_gather = pallas._gather_list
     rows = []
     for t in map(int, args.lengths.split(",")):
         for hkv in map(int, args.kv_heads.split(",")):
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
             for n in names:
                 change = dict(VARIANTS[n])
                 if change.pop("gather", None) == "xla":
-                    pallas._gather_list = xla_gather  # read when f is traced, below
+                    pallas.pallas_gather = XLA_GATHER  # read when f is traced, below
                 config = dataclasses.replace(base, **change)
                 f = jax.jit(lambda q, k, v, c=config: pallas.reattention(q, k, v, config=c))
                 try:
@@ -75,7 +73,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a variant that does not compile is a result too
                     row["errors"][n] = f"{type(e).__name__}: {str(e)[:400]}"
                 finally:
-                    pallas._gather_list = shipped_gather
+                    pallas.pallas_gather = pallas_gather
             calls = 20 if t <= 16384 else 5 if t <= 32768 else 2
             row["ms"] = time_alternating(fs, calls=calls, rounds=args.rounds)
             if "triton" in outs:

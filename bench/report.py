@@ -113,12 +113,12 @@ def reattention_table(data: dict) -> str:
             rows.append([r.get("case", "?"), "error"] + [""] * 8)
             continue
         rope = r.get("cudnn_causal_rope")  # results before 2026-12-04 do not have it
-        ms, ratio = _ms(r), _ratio(r)
         rows.append([_k(r["T"]), f"{r['Hq']}/{r['Hkv']}", str(r["attended"]),
-                     ms("reattention"), ms("cudnn_attended"), ms("cudnn_causal"),
-                     ms("cudnn_causal_rope") if rope else "-",
-                     ratio("overhead_vs_attended", 1), ratio("ratio_vs_causal"),
-                     ratio("ratio_vs_causal_rope") if rope else "-"])
+                     *(_step_ms(r[name], 2) for name in
+                       ("reattention", "cudnn_attended", "cudnn_causal")),
+                     _step_ms(rope, 2) if rope else "-",
+                     _ratio(r, "overhead_vs_attended", 1), _ratio(r, "ratio_vs_causal"),
+                     _ratio(r, "ratio_vs_causal_rope") if rope else "-"])
     table = _table(["T", "Hq/Hkv", "attended keys", "ReAttention ms",
                     "cuDNN at attended length ms", "cuDNN causal at T ms",
                     "cuDNN causal + RoPE at T ms", "time / cuDNN at attended length",
@@ -144,28 +144,18 @@ def reattention_table(data: dict) -> str:
     return table
 
 
-def _ms(row: dict):
-    """name -> 'one call' ms of that timing, '/ back-to-back' ms where the row has it."""
-    def ms(name: str) -> str:
-        t = row[name]
-        one = f"{t['median_ms']:.2f}"
-        return f"{one} / {t['pipelined_ms']:.2f}" if "pipelined_ms" in t else one
-    return ms
+def _ratio(row: dict, key: str, offset: float = 0.0) -> str:
+    """The row's ratio ``key`` (+ offset) from one call, '/ back to back' where it has that too
+    (``pipelined_<key>``)."""
+    one = f"{row[key] + offset:.2f}x"
+    pipe = row.get(f"pipelined_{key}")
+    return f"{one} / {pipe + offset:.2f}x" if pipe is not None else one
 
 
-def _ratio(row: dict):
-    """(key, offset) -> the ratio (one call), '/ back to back' where the row has it."""
-    def ratio(key: str, offset: float = 0.0) -> str:
-        one = f"{row[key] + offset:.2f}x"
-        pipe = row.get(f"pipelined_{key}")
-        return f"{one} / {pipe + offset:.2f}x" if pipe is not None else one
-    return ratio
-
-
-def _step_ms(timing: dict) -> str:
+def _step_ms(timing: dict, digits: int = 3) -> str:
     """'one call' ms, and '/ back-to-back' ms where the file has it (``pipelined_ms``)."""
-    one = f"{timing['median_ms']:.3f}"
-    return f"{one} / {timing['pipelined_ms']:.3f}" if "pipelined_ms" in timing else one
+    one = f"{timing['median_ms']:.{digits}f}"
+    return f"{one} / {timing['pipelined_ms']:.{digits}f}" if "pipelined_ms" in timing else one
 
 
 def fsdp_table(data: dict) -> str:

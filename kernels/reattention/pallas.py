@@ -423,9 +423,6 @@ def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, **kwargs):
     return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, **kwargs)
 
 
-_gather_list = jax.jit(pallas_gather.gather_list, static_argnames=("block_k", "interpret"))
-
-
 def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geometry,
                  config: Config, interpret: bool):
     """The gathered attention through ``pallas_mgpu_attend``: chunks in groups whose gathered
@@ -450,8 +447,8 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
         mt = meta[:, :, lo:lo + per_group].at[..., 5].set(lo)  # rows: chunk c + lo
         if outs:
             outs[-1], gl = lax.optimization_barrier((outs[-1], gl))
-        kg, vg = _gather_list(k, v, gl, mt[..., 2], mt[..., 3], jnp.asarray(inv_freq), block_k=bk,
-                              interpret=interpret)
+        kg, vg = pallas_gather.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk,
+                                           interpret=interpret)
         outs.append(_mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, groups=geo.groups,
                                  num_keys=geo.num_keys, scale=scale, block_k=bk,
                                  slots=config.mgpu_attend_slots, interpret=interpret))

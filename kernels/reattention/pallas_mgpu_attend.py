@@ -206,12 +206,10 @@ def tail_sources(window: Float[Array, "B W Hkv D"], v: Float[Array, "B S Hkv D"]
     interpreter raises on such reads (and then hangs), so there both are padded with zeros as
     far as a tail block can reach: a block past the last key, or past L0 of a chunk written
     past the cache (L0 < q_start + T <= S + ``num_queries``)."""
-    def pad(x, extra):
-        n = -(-(x.shape[1] + extra) // 8) * 8
-        return jnp.pad(x, [(0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)]) if n > x.shape[1] else x
-
-    extra = num_queries + 2 * block_k if interpret else 0
-    return pad(window, extra), pad(v, extra)
+    if interpret:
+        rows = [(0, 0), (0, num_queries + 2 * block_k), (0, 0), (0, 0)]
+        window, v = jnp.pad(window, rows), jnp.pad(v, rows)
+    return pad_to(window, 1, 8), pad_to(v, 1, 8)
 
 
 def attend(
