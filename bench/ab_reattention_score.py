@@ -4,9 +4,10 @@
 
 Each variant is ``pallas.picks`` (the scoring kernel over every chunk's middle, then the merge
 of its key splits) with the authors' defaults, bf16, 32 query heads with 32 and 8 kv heads,
-d = 128; only ``Config.score_lowering`` and the Mosaic GPU kernel's tile, ring and consumer
-count differ. ``--old NAME=FILE`` adds a variant that runs another version of
-``pallas_mgpu_score.py`` (e.g. one taken from git) in its place. ``same_picks`` is the fraction
+d = 128; only ``Config.score_lowering`` and the Mosaic GPU kernel's tile, ring, consumer
+count and merge (``*_rows``: ``Config.mgpu_merge="rows"``) differ. ``--old NAME=FILE`` adds a
+variant that runs another version of ``pallas_mgpu_score.py`` (e.g. one taken from git) in
+its place. ``same_picks`` is the fraction
 of (row, pick) entries equal to the Triton lowering's as sets per row; ``tflops`` counts the
 q . k products of the scoring alone (2 d per query-key pair of every middle).
 """
@@ -36,6 +37,10 @@ VARIANTS = {
                           mgpu_slots=3),
     "mgpu_c4_bk64_s6": dict(score_lowering="mosaic_gpu", mgpu_slots=6),
     "mgpu_c4_bk128_s4": dict(score_lowering="mosaic_gpu", mgpu_block_k=128, mgpu_slots=4),
+    "mgpu_c4_bk64_rows": dict(score_lowering="mosaic_gpu", mgpu_merge="rows"),
+    "mgpu_c2_bk64_rows": dict(score_lowering="mosaic_gpu", mgpu_consumers=2, mgpu_merge="rows"),
+    "mgpu_c4_bk128_rows": dict(score_lowering="mosaic_gpu", mgpu_block_k=128, mgpu_slots=3,
+                               mgpu_merge="rows"),
 }
 
 

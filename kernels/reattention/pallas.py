@@ -129,7 +129,7 @@ def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> b
 
 
 @functools.partial(jax.jit, static_argnames=("sink", "top_k", "splits", "split_len", "block_k",
-                                             "slots", "consumers", "interpret"))
+                                             "slots", "consumers", "merge", "interpret"))
 def _mgpu_score(q_rows, k, l0, **kwargs):
     """``pallas_mgpu_score.score`` as one jitted function, so that the layers of a model share
     one lowered kernel (as ``kernels.cca.pallas._mgpu_forward``)."""
@@ -157,7 +157,7 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
         vals, idx = _mgpu_score(q_rows, k, meta[..., 2], sink=sel.sink_tokens, top_k=sel.top_k,
                                 splits=splits, split_len=split_len, block_k=bk,
                                 slots=config.mgpu_slots, consumers=config.mgpu_consumers,
-                                interpret=interpret)
+                                merge=config.mgpu_merge, interpret=interpret)
         vals = vals.transpose(0, 1, 2, 5, 3, 4).reshape(b, hkv, nc, r_pad, -1)
         idx = idx.transpose(0, 1, 2, 5, 3, 4).reshape(b, hkv, nc, r_pad, -1)
         return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)

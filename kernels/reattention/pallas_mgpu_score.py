@@ -54,7 +54,7 @@ from jaxtyping import Array, Float, Int
 from kernels.cca.pallas_common import NEG, cdiv
 from kernels.cca.pallas_mgpu import (available, interpret_params,  # noqa: F401
                                      layout_helpers, produce, wgmma_inputs)
-from kernels.reattention import params
+from kernels.reattention import mgpu_row_merge, params
 from kernels.reattention.reference import INT_MAX
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
@@ -70,22 +70,6 @@ def supports(dtype, head_dim: int, num_keys: int, top_k: int, block_k: int = 64)
             and 1 <= top_k <= MAX_TOP_K)
 
 
-def _insert(vals, idxs, m, j, *, where=jnp.where, gt=lambda a, b: a > b):
-    """Sorted insertion of (m, j) into each row's list (vals[0] >= vals[1] >= ...): entries it
-    beats strictly move down one place; the last falls off. Elementwise on row vectors, or on
-    scalars (``where`` / ``gt`` from MLIR's arith dialect, in ``_lane_topk``)."""
-    beats = [gt(m, v) for v in vals]
-    new_vals, new_idxs = [], []
-    for i in range(len(vals)):
-        if i == 0:
-            new_vals.append(where(beats[0], m, vals[0]))
-            new_idxs.append(where(beats[0], j, idxs[0]))
-        else:  # moved down from i - 1, or the new entry lands here, or unchanged
-            new_vals.append(where(beats[i - 1], vals[i - 1], where(beats[i], m, vals[i])))
-            new_idxs.append(where(beats[i - 1], idxs[i - 1], where(beats[i], j, idxs[i])))
-    return new_vals, new_idxs
-
-
 def _rounds(scores, cols, vals, idxs, rounds: int):
     """Merges a (64, n) tile of (score, position) candidates into the rows' sorted lists (row
     vectors) in ``rounds`` rounds: a round takes each row's best remaining candidate (the lowest
@@ -95,7 +79,8 @@ def _rounds(scores, cols, vals, idxs, rounds: int):
         m = scores.max(axis=1)
         mb = lax.broadcast_in_dim(m, scores.shape, [0])
         j = jnp.where(scores == mb, cols, INT_MAX).min(axis=1)
-        vals, idxs = _insert(vals, idxs, m, j)
+        vals, idxs = mgpu_row_merge.insert(vals, idxs, m, j, where=jnp.where,
+                                           gt=lambda a, b: a > b)
         scores = jnp.where(cols == lax.broadcast_in_dim(j, scores.shape, [0]), NEG, scores)
     return vals, idxs
 
@@ -136,7 +121,7 @@ def _lane_topk(top_k: int, bk: int):
     new thresholds and lists."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, gpu, llvm, scf, vector
+    from jaxlib.mlir.dialects import arith, gpu, vector
 
     wgmma, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
     width = lane_width(top_k)
@@ -157,27 +142,10 @@ def _lane_topk(top_k: int, bk: int):
                                              static_position=ir.DenseI64ArrayAttr.get([e]))
         gt = lambda a, b: arith.cmpf(arith.CmpFPredicate.OGT, a, b)
 
-        def tree_max(xs):
-            while len(xs) > 1:
-                xs = [arith.maximumf(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i]
-                      for i in range(0, len(xs), 2)]
-            return xs[0]
-
-        def warp_any(pred):
-            """Whether pred holds in some lane of the warp (the same answer in every lane)."""
-            flag = llvm.inline_asm(
-                i32, [arith.extui(i32, pred)],
-                "{ .reg .pred p; setp.ne.u32 p, $1, 0; vote.sync.any.pred p, p, 0xffffffff; "
-                "selp.u32 $0, 1, 0, p; }", "=r,r", asm_dialect=0, has_side_effects=True)
-            return arith.cmpi(arith.CmpIPredicate.ne, flag, const(0))
-
-        def branch(cond, then, current):
-            op = scf.IfOp(cond, [x.type for x in current], has_else=True)
-            with ir.InsertionPoint(op.then_block):
-                scf.yield_(then())
-            with ir.InsertionPoint(op.else_block):
-                scf.yield_(current)
-            return list(op.results)
+        ops = mgpu_row_merge.MlirWarp()  # the warp vote and the uniform branch
+        tree_max = lambda xs: mgpu_row_merge.tree(arith.maximumf, xs)
+        warp_any = ops.any
+        branch = lambda cond, then, current: ops.branch(cond, then, current, "lanes")
 
         def quad_kth(lv):
             """The top_k-th best of the quad's lists (equal heads of different lanes pop
@@ -218,8 +186,9 @@ def _lane_topk(top_k: int, bk: int):
                     for n in reversed(range(len(xs))):  # lowest column among the maxima
                         off = arith.select(arith.cmpf(arith.CmpFPredicate.OEQ, xs[n], m),
                                            const(offs[n]), off)
-                    v, i = _insert(cur[:per_thread], cur[per_thread:], m,
-                                   arith.addi(col0, off), where=arith.select, gt=gt)
+                    v, i = mgpu_row_merge.insert(cur[:per_thread], cur[per_thread:], m,
+                                                 arith.addi(col0, off), where=arith.select,
+                                                 gt=gt)
                     cur = v + i
                     if it + 1 == top_k:
                         return cur
@@ -248,13 +217,26 @@ def _lane_topk(top_k: int, bk: int):
 
 
 REGISTERS = {2: (232, 40), 4: (112, 32)}  # per thread (consumer, producer), by consumer count
+MERGES = ("lanes", "rows")
+SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper
+
+
+def smem_bytes(head_dim: int, itemsize: int, top_k: int, block_k: int, slots: int,
+               consumers: int, merge: str) -> int:
+    """Shared memory of one CTA: the consumers' query rows, the key ring, the output staging
+    and, for the "rows" merge, its score buffer (barriers aside)."""
+    rows = consumers * ROWS * head_dim * itemsize + slots * block_k * head_dim * itemsize
+    rows += consumers * top_k * ROWS * 8
+    if merge == "rows":
+        rows += int(np.prod(mgpu_row_merge.buffer_shape(consumers))) * 4
+    return rows
 
 
 def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk, slots, s_len,
-            splits, split_len, tiles, nc, hkv, consumers, interpret):
+            splits, split_len, tiles, nc, hkv, consumers, merge, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    (q_smem2, k_smem, v_out2, i_out2), (k_full, q_full), k_free = scoped
+    (q_smem2, k_smem, v_out2, i_out2, *row_buffer), (k_full, q_full), k_free = scoped
     cast, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
@@ -285,6 +267,9 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
         idxs = [cast(jnp.full((ROWS,), -1, jnp.int32), row_layout)] * top_k
         if interpret:  # the rows' lists, merged tile by tile in top_k rounds
             carry = (vals, idxs)
+        elif merge == "rows":  # a warp per row (``mgpu_row_merge``): the rows' own lists
+            carry = (tuple(vals), tuple(idxs))
+            row_merge = mgpu_row_merge.merge_fn(top_k, bk)
         else:  # every thread's own lists (``_lane_topk``), merged into the rows' at the end
             width = lane_width(top_k)
             carry = (cast(jnp.full((ROWS,), NEG, jnp.float32), row_layout),
@@ -315,8 +300,10 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
                                        NEG)
                 if interpret:
                     return _rounds(scores, cols, *carry, top_k)
-                return lane_merge(scores, cast(jnp.full((ROWS,), base, jnp.int32), row_layout),
-                                  *carry)
+                base_row = cast(jnp.full((ROWS,), base, jnp.int32), row_layout)
+                if merge == "rows":
+                    return row_merge(scores, base_row, *carry, row_buffer[0])
+                return lane_merge(scores, base_row, *carry)
             return body
 
         first = jnp.minimum(n_steps, 1)
@@ -324,7 +311,12 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
         carry = lax.fori_loop(0, first, step(True), carry)
         carry = lax.fori_loop(first, last, step(False), carry)
         carry = lax.fori_loop(last, n_steps, step(True), carry)
-        vals, idxs = carry if interpret else _rounds(*carry[1:], vals, idxs, top_k)
+        if interpret:
+            vals, idxs = carry
+        elif merge == "rows":
+            vals, idxs = carry
+        else:
+            vals, idxs = _rounds(*carry[1:], vals, idxs, top_k)
 
         v_out, i_out = v_out2.at[wg], i_out2.at[wg]
         for i in range(top_k):
@@ -361,10 +353,13 @@ def score(
     block_k: int = 64,
     slots: int = 4,
     consumers: int = 4,
+    merge: str = "lanes",
     interpret: bool = False,
 ) -> tuple[Float[Array, "B Hkv NC P K R"], Int[Array, "B Hkv NC P K R"]]:
     """Per-row top_k (score, position) of the middle keys [sink + p * split_len, min(L0, sink +
-    (p + 1) * split_len)) of every split p, sorted by score; idx -1 where none."""
+    (p + 1) * split_len)) of every split p, sorted by score; idx -1 where none. ``merge``: how
+    the GPU keeps the top_k, "lanes" (per-thread lists, ``_lane_topk``) or "rows" (a warp per
+    row, ``mgpu_row_merge``); the interpreter merges in rounds either way."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, hkv, nc, r, d = q_rows.shape
@@ -379,6 +374,13 @@ def score(
     if consumers not in REGISTERS or r % (consumers * ROWS):
         raise ValueError(f"consumers must be one of {sorted(REGISTERS)} with rows ({r}) a "
                          f"multiple of 64 * consumers; got {consumers}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}; got {merge!r}")
+    need = smem_bytes(d, q_rows.dtype.itemsize, top_k, block_k, slots, consumers, merge)
+    if need > SMEM_BYTES:
+        raise ValueError(f"the scoring kernel needs {need} bytes of shared memory with {slots} "
+                         f"slots of {block_k} keys, {consumers} consumers and the {merge!r} "
+                         f"merge; the GPU has {SMEM_BYTES}: use fewer slots")
     tiles = r // (consumers * ROWS)
     smem = functools.partial(plgpu.SMEM, transforms=(plgpu.TilingTransform((8, 64)),
                                                      plgpu.SwizzleTransform(128)))
@@ -387,12 +389,15 @@ def score(
     def entry(l0_ref, q_ref, k_ref, vals_ref, idx_ref):
         kernel = functools.partial(_kernel, sink=sink, top_k=top_k, bk=block_k, slots=slots,
                                    s_len=s_len, splits=splits, split_len=split_len, tiles=tiles,
-                                   nc=nc, hkv=hkv, consumers=consumers, interpret=interpret)
+                                   nc=nc, hkv=hkv, consumers=consumers, merge=merge,
+                                   interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped),
             (smem((consumers, ROWS, d), dtype), smem((slots, block_k, d), dtype),
              plgpu.SMEM((consumers, top_k, ROWS), jnp.float32),
-             plgpu.SMEM((consumers, top_k, ROWS), jnp.int32)),
+             plgpu.SMEM((consumers, top_k, ROWS), jnp.int32),
+             *([plgpu.SMEM(mgpu_row_merge.buffer_shape(consumers), jnp.float32)]
+               if merge == "rows" and not interpret else [])),
             (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=consumers)),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
             collective_axes="wg",

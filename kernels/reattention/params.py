@@ -151,6 +151,8 @@ class Config:
     per tile, ``mgpu_slots`` shared-memory slots; Hopper, 16-bit, head dim 64 or 128, a key
     count that is a multiple of 8, top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU, else "triton".
     H200, 128K, 32 heads, d = 128: 105-114 ms with the defaults, 200 ms through Triton.
+    ``mgpu_merge``: how that kernel keeps each row's top_k, "lanes" (per-thread lists, a warp
+    vote per 8 rows) or "rows" (a warp per row through shared memory, ``mgpu_row_merge.py``).
 
     ``attend_lowering``: the same choice for the gathered attention. "mosaic_gpu" runs the
     warp-specialised kernel of ``pallas_mgpu_attend.py`` (Hopper, 16-bit, head dim 64 or 128, the
@@ -176,6 +178,7 @@ class Config:
     mgpu_block_k: int = 64
     mgpu_slots: int = 4
     mgpu_consumers: int = 4
+    mgpu_merge: str = "lanes"
     attend_lowering: str = "auto"
     mgpu_attend_block_k: int = 128
     mgpu_attend_slots: int = 2
@@ -207,6 +210,9 @@ class Config:
                 raise ValueError(f"Config.{name} must be >= 2; got {getattr(self, name)}")
         if self.gather_bytes < 1:
             raise ValueError(f"Config.gather_bytes must be positive; got {self.gather_bytes}")
+        if self.mgpu_merge not in ("lanes", "rows"):
+            raise ValueError(f"Config.mgpu_merge must be 'lanes' or 'rows'; got "
+                             f"{self.mgpu_merge!r}")
         if self.mgpu_consumers not in (2, 4):
             raise ValueError(f"Config.mgpu_consumers must be 2 or 4; got {self.mgpu_consumers}")
 

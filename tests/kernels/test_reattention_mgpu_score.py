@@ -1,7 +1,8 @@
 """The Mosaic GPU scoring kernel of ReAttention (``kernels/reattention/pallas_mgpu_score.py``).
 
 On a Hopper GPU (``-m gpu``) the compiled kernel's picks equal the Triton lowering's: at 32K
-with four consumers (the default) and two, and at 16K with other top_k and 128-key tiles; with
+with four consumers (the default) and two, and at 16K with other top_k and 128-key tiles, for
+both merges (``Config.mgpu_merge``: per-thread lists, or a warp per row); with
 integer scores (q, k in {-1, 0, 1}: ties everywhere) they equal the sort-based reference's bit
 for bit, the CPU twin of which runs the Triton lowering in the interpreter; the
 ReAttention op and parity suites run it too (``Config.score_lowering`` "auto"). On CPU the
@@ -52,6 +53,8 @@ def test_config_and_inputs_are_checked():
         Config(mgpu_consumers=3)
     with pytest.raises(ValueError, match="mgpu_block_k"):
         Config(mgpu_block_k=32)
+    with pytest.raises(ValueError, match="mgpu_merge"):
+        Config(mgpu_merge="warps")
     case = Case(1, 200, 2, 1, 64, small(4, 32, 2, 3, 3, 64, 8))
     q, k, _ = make_qkv(case, seed=6)  # float32: the Mosaic GPU kernel takes 16-bit inputs only
     with pytest.raises(ValueError, match="score_lowering='mosaic_gpu' needs bfloat16"):
@@ -60,21 +63,32 @@ def test_config_and_inputs_are_checked():
     with pytest.raises(ValueError, match="consumers"):
         M.score(rows, k.astype(jnp.bfloat16), jnp.zeros((1, 1), jnp.int32), sink=4, top_k=2,
                 splits=1, split_len=256, interpret=True)
+    rows = jnp.zeros((1, 1, 1, 256, 128), jnp.bfloat16)
+    keys = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        M.score(rows, keys, jnp.zeros((1, 1), jnp.int32), sink=4, top_k=2, splits=1,
+                split_len=256, merge="warps", interpret=True)
+    with pytest.raises(ValueError, match="shared memory"):  # 4 slots of 128 keys + the buffer
+        M.score(rows, keys, jnp.zeros((1, 1), jnp.int32), sink=4, top_k=8, splits=1,
+                split_len=256, block_k=128, slots=4, merge="rows", interpret=True)
 
 
+@pytest.mark.parametrize("merge", M.MERGES)
 @pytest.mark.parametrize("consumers,top_k,block_k", [(4, 4, 64), (2, 3, 64), (4, 8, 128),
                                                       (2, 1, 128)])
-def test_lowers_for_cuda(consumers, top_k, block_k):
-    """The kernel lowers for CUDA on the CPU (the Mosaic GPU lowering and the MLIR of the
-    per-thread merge, whose lists hold 2, 4 or 8 entries per thread and row here), with a sink
-    off the 8-row grid and two key splits."""
+def test_lowers_for_cuda(consumers, top_k, block_k, merge):
+    """The kernel lowers for CUDA on the CPU (the Mosaic GPU lowering and the MLIR of either
+    merge: the per-thread lists, which hold 2, 4 or 8 entries per thread and row here, or a warp
+    per row through shared memory; Mosaic GPU verifies the module), with a sink off the 8-row
+    grid and two key splits."""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     rows, k = bf16(1, 2, 3, 64 * consumers, 128), bf16(1, 4096, 2, 128)
     l0 = jax.ShapeDtypeStruct((1, 3), jnp.int32)
 
     def score(rows, k, l0):
         return M.score(rows, k, l0, sink=20, top_k=top_k, splits=2, split_len=2048,
-                       block_k=block_k, consumers=consumers)
+                       block_k=block_k, slots=3 if block_k == 128 else 4, consumers=consumers,
+                       merge=merge)
 
     exported = jax.export.export(jax.jit(score), platforms=["cuda"])(rows, k, l0)
     assert [o.shape for o in exported.out_avals] == [(1, 2, 3, 2, top_k, 64 * consumers)] * 2
@@ -82,12 +96,13 @@ def test_lowers_for_cuda(consumers, top_k, block_k):
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("merge", M.MERGES)
 @pytest.mark.parametrize("top_k,block_k", [(3, 128), (8, 64), (1, 64)])
-def test_gpu_top_k_and_key_tiles(top_k, block_k):
+def test_gpu_top_k_and_key_tiles(top_k, block_k, merge):
     """Other top_k (lists of 4 and 8 entries per thread and row; a top_k of 1) and 128-key
-    tiles, GQA at 16K: picks equal the Triton lowering's."""
+    tiles, GQA at 16K, both merges: picks equal the Triton lowering's."""
     case = Case(1, 16384, 32, 8, 128, Selection(top_k=top_k, local_window=2048))
-    _check_picks(case, consumers=4, block_k=block_k)
+    _check_picks(case, consumers=4, block_k=block_k, merge=merge)
 
 
 @needs_hopper
@@ -107,14 +122,30 @@ def test_gpu_picks_equal_triton_lowering(case, consumers):
     _check_picks(case, consumers=consumers)
 
 
-def _check_picks(case: Case, consumers: int, block_k: int = 64):
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("consumers", [4, 2])
+@pytest.mark.parametrize("case", gpu_cases(32768), ids=lambda c: c.id)
+def test_gpu_row_merge_picks_equal_triton_lowering(case, consumers):
+    """The warp-per-row merge (``Config.mgpu_merge="rows"``) at the authors' defaults, 32K."""
+    _check_picks(case, consumers=consumers, merge="rows")
+
+
+def _slots(block_k: int, merge: str) -> int:
+    """The default ring of 4 slots, 3 where 128-key tiles and the row merge's buffer would not
+    fit in shared memory with 4."""
+    return 3 if block_k == 128 and merge == "rows" else 4
+
+
+def _check_picks(case: Case, consumers: int, block_k: int = 64, merge: str = "lanes"):
     q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))
 
     def picks(lowering):
         rows = case.sel.chunk_size * case.q_heads // case.kv_heads
         config = dataclasses.replace(P.default_config(case.head_dim, 2, rows),
                                      score_lowering=lowering, mgpu_consumers=consumers,
-                                     mgpu_block_k=block_k)
+                                     mgpu_block_k=block_k, mgpu_merge=merge,
+                                     mgpu_slots=_slots(block_k, merge))
         return jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
 
     vals_m, idx_m = picks("mosaic_gpu")
@@ -176,13 +207,16 @@ def test_ties_go_to_the_lower_position(top_k):
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("merge", M.MERGES)
 @pytest.mark.parametrize("top_k,block_k", [(1, 64), (3, 128), (4, 64), (8, 128)])
-def test_gpu_ties_go_to_the_lower_position(top_k, block_k):
-    """Integer scores (q, k in {-1, 0, 1}): the Mosaic GPU kernel's per-thread lists, pops and
-    final rounds must break every tie to the lower position; picks equal the sort-based
-    reference's bit for bit (8K, GQA, middles up to 7K keys)."""
+def test_gpu_ties_go_to_the_lower_position(top_k, block_k, merge):
+    """Integer scores (q, k in {-1, 0, 1}): the Mosaic GPU kernel's merge (the per-thread
+    lists, pops and final rounds; or a warp per row) must break every tie to the lower
+    position; picks equal the sort-based reference's bit for bit (8K, GQA, middles up to 7K
+    keys)."""
     case = Case(1, 8192, 8, 2, 64, Selection(top_k=top_k, local_window=1024))
     rows = case.sel.chunk_size * case.q_heads // case.kv_heads
     config = dataclasses.replace(P.default_config(64, 2, rows), score_lowering="mosaic_gpu",
-                                 mgpu_block_k=block_k)
+                                 mgpu_block_k=block_k, mgpu_merge=merge,
+                                 mgpu_slots=_slots(block_k, merge))
     _check_ties(case, config, interpret=False)
