@@ -7,9 +7,10 @@ of its key splits) with the authors' defaults, bf16, 32 query heads with 32 and 
 d = 128; only ``Config.score_lowering`` and the Mosaic GPU kernel's tile, ring, consumer
 count and merge (``*_rows``: ``Config.mgpu_merge="rows"``) differ. ``--old NAME=FILE`` adds a
 variant that runs another version of ``pallas_mgpu_score.py`` (e.g. one taken from git) in
-its place. ``same_picks`` is the fraction
-of (row, pick) entries equal to the Triton lowering's as sets per row; ``tflops`` counts the
-q . k products of the scoring alone (2 d per query-key pair of every middle).
+its place. ``same_picks`` is the fraction of (row, pick) entries equal to the Triton
+lowering's (or, without it, the first variant's: ``same_picks_as``) as sets per row;
+``tflops`` counts the q . k products of the scoring alone (2 d per query-key pair of every
+middle).
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def measure(t: int, hkv: int, variants: dict, rounds: int) -> dict:
             pallas.pallas_mgpu_score = current
     row["ms"] = time_alternating(fs, calls=10 if t <= 32768 else 2, rounds=rounds)
     row["tflops"] = {n: row["scoring_flop"] / ms / 1e9 for n, ms in row["ms"].items()}
-    if "triton" in outs:
-        idx_t = np.sort(np.asarray(outs["triton"][1]), -1)
+    if outs:  # against the Triton lowering, or else the first variant that ran
+        ref = "triton" if "triton" in outs else next(iter(outs))
+        idx_t = np.sort(np.asarray(outs[ref][1]), -1)
+        row["same_picks_as"] = ref
         row["same_picks"] = {n: float(np.mean(np.sort(np.asarray(o[1]), -1) == idx_t))
                              for n, o in outs.items()}
     print(json.dumps(row), flush=True)
