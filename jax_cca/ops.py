@@ -12,9 +12,11 @@ import importlib
 from typing import Callable
 
 import jax
+import numpy as np
 from jaxtyping import Array, Float
 
 from kernels.cca import reference
+from kernels.reattention import params as reattention_params
 
 # name -> "module:function"; a backend is available when its module imports.
 CCA_IMPLEMENTATIONS: dict[str, str] = {
@@ -143,6 +145,18 @@ def default_reattention_implementation() -> str:
     return "xla"
 
 
+def _position_arg(x) -> reattention_params.PositionArg:
+    """A position argument (int or array) described for ``reattention_params``' checks; its
+    values only when they are concrete (inside jit they are traced: shape and dtype only)."""
+    if isinstance(x, jax.core.Tracer):
+        return reattention_params.PositionArg(tuple(x.shape), str(x.dtype),
+                                              bool(np.issubdtype(x.dtype, np.integer)), None)
+    a = np.asarray(x)
+    return reattention_params.PositionArg(a.shape, str(a.dtype),
+                                          bool(np.issubdtype(a.dtype, np.integer)),
+                                          a.reshape(-1).tolist())
+
+
 def _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
                         middle_align) -> dict:
     from kernels.reattention.params import Selection
@@ -187,10 +201,18 @@ def reattention(
     ``q_lengths`` (B,) ints in [0, T] (optional): element b has q_lengths[b] real queries, the
     rest of its T rows is right padding, which gets outputs but does not vote in the selection
     (so each element selects what its unpadded sequence would). Default: every query is real.
+    ``q_start`` (a scalar or (B,) ints): every real query needs its own key in the cache, so
+    0 <= q_start and q_start + (q_lengths or T) <= S (padding rows may run past it). Wrong
+    shapes or dtypes raise ValueError; so do out-of-range values when they are concrete (under
+    jit they are traced and not read).
     """
     from kernels.reattention import reference as reattention_reference
 
     reattention_reference.check_args(q, k, v)
+    reattention_params.check_positions(
+        q.shape[0], q.shape[1], k.shape[1],
+        q_start=None if q_start is None else _position_arg(q_start),
+        q_lengths=None if q_lengths is None else _position_arg(q_lengths))
     kw = _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
                              middle_align)
     if q_lengths is not None:
@@ -219,10 +241,12 @@ def reattention_decode(
 ) -> Float[Array, "B Hq D"]:
     """One ReAttention decode step: q (B, Hq, D) is the un-rotated query of position
     lengths - 1, whose key and value are already in the caches; slots from ``lengths`` (B,) on
-    are ignored. Equals the last row of ``reattention`` run with ``chunk_size=1``."""
+    are ignored. Equals the last row of ``reattention`` run with ``chunk_size=1``. ``lengths``:
+    a scalar or (B,) ints in [1, L] (checked as ``q_start`` in ``reattention``)."""
     from kernels.reattention import reference as reattention_reference
 
     reattention_reference.check_args(q[:, None], k_cache, v_cache)
+    reattention_params.check_lengths(q.shape[0], k_cache.shape[1], _position_arg(lengths))
     kw = _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, 1,
                              middle_align)
     kw.pop("chunk_size")

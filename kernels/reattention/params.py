@@ -264,3 +264,63 @@ def attend_splits(config: Config, geo: Geometry, programs: int, key_tiles: int) 
     if geo.num_queries > 1:
         return 1
     return max(1, min(key_tiles // 4, cdiv(TARGET_PROGRAMS, programs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionArg:
+    """What the checks below need of a position argument (a Python int, a jax array or a torch
+    tensor), described by each side: its shape, whether its dtype is an integer type, and its
+    values when they are known on the host (None when traced under jit, or on a GPU where reading
+    them would wait for the device: then only the shape and dtype are checked)."""
+
+    shape: tuple
+    dtype: str
+    is_integer: bool
+    values: list | None
+
+
+def _check_arg(name: str, arg: PositionArg, batch: int, lo: int, hi: int, what: str) -> None:
+    if not arg.is_integer:
+        raise ValueError(f"{name} must be integers; got dtype {arg.dtype}")
+    if arg.shape not in ((), (batch,)):
+        raise ValueError(f"{name} must be a scalar or one value per batch element ({batch},); "
+                         f"got shape {arg.shape}")
+    if arg.values is not None and any(not lo <= x <= hi for x in arg.values):
+        raise ValueError(f"{name} must lie in [{lo}, {hi}] ({what}); got {arg.values}")
+
+
+def check_positions(batch: int, num_queries: int, num_keys: int,
+                    q_start: PositionArg | None = None,
+                    q_lengths: PositionArg | None = None) -> None:
+    """Raises ValueError naming the problem when ``q_start`` / ``q_lengths`` of a call with T
+    queries over S cached keys describe positions ReAttention does not define: the real queries
+    (the first q_lengths, default all T) of element b sit at q_start[b] ..., and each needs its
+    own key in the cache, so 0 <= q_start and q_start + (q_lengths or T) <= S; 0 <= q_lengths
+    <= T (rows past it are right padding, which may run past the cache)."""
+    if q_lengths is not None:
+        _check_arg("q_lengths", q_lengths, batch, 0, num_queries, "real queries per element")
+    if q_start is None:
+        return
+    _check_arg("q_start", q_start, batch, 0, num_keys - 1, "the first query's position")
+    if q_start.values is None:
+        return
+    starts = q_start.values * (batch if q_start.shape == () else 1)
+    if q_lengths is None:
+        counts = [num_queries] * batch
+    elif q_lengths.values is None:
+        return
+    else:
+        counts = q_lengths.values * (batch if q_lengths.shape == () else 1)
+    over = [(s, n) for s, n in zip(starts, counts) if s + n > num_keys]
+    if over:
+        s, n = over[0]
+        raise ValueError(f"a query past the cache: q_start + {'q_lengths' if q_lengths else 'T'}"
+                         f" must be <= S = {num_keys} (each query's key is cached); got "
+                         f"q_start {s} with {n} real queries"
+                         + ("" if q_lengths else " (right padding: pass q_lengths)"))
+
+
+def check_lengths(batch: int, num_keys: int, lengths: PositionArg) -> None:
+    """Raises ValueError unless a decode step's ``lengths`` (keys cached per element, the new
+    query's included) are integers in [1, L], one per batch element or a scalar."""
+    _check_arg("lengths", lengths, batch, 1, num_keys, "keys cached, the new query's included")

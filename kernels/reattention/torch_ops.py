@@ -39,6 +39,23 @@ def _module(q, implementation: str | None):
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or None")
 
 
+def _position_arg(x):
+    """A position argument (int, array or tensor) described for ``params``' checks; the values
+    of a tensor only when it is on the CPU (reading a CUDA tensor would wait for the GPU)."""
+    import numpy as np
+    import torch
+
+    from kernels.reattention.params import PositionArg
+
+    if torch.is_tensor(x):
+        is_int = not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+        values = x.reshape(-1).tolist() if x.device.type == "cpu" else None
+        return PositionArg(tuple(x.shape), str(x.dtype), is_int, values)
+    a = np.asarray(x)
+    return PositionArg(a.shape, str(a.dtype), bool(np.issubdtype(a.dtype, np.integer)),
+                       a.reshape(-1).tolist())
+
+
 def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top_k: int = 4,
                 max_selected: int = 256, span: int = 32, chunk_size: int = 512,
                 middle_align: int = 128, q_start=None, rope_theta: float = 10000.0,
@@ -53,6 +70,9 @@ def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top
     reference_torch.check_args(q, k, v)
     params.Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
                      middle_align)
+    params.check_positions(q.shape[0], q.shape[1], k.shape[1],
+                           q_start=None if q_start is None else _position_arg(q_start),
+                           q_lengths=None if q_lengths is None else _position_arg(q_lengths))
     return _module(q, implementation).reattention(
         q, k, v, sink_tokens=sink_tokens, local_window=local_window, top_k=top_k,
         max_selected=max_selected, span=span, chunk_size=chunk_size, middle_align=middle_align,
@@ -63,4 +83,8 @@ def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top
 def reattention_decode(q, k_cache, v_cache, lengths, *, implementation: str | None = None,
                        **kwargs):
     """One decode step: q (B, Hq, D) at position lengths - 1 over the caches (B, L, Hkv, D)."""
+    from kernels.reattention import params, reference_torch
+
+    reference_torch.check_args(q[:, None], k_cache, v_cache)
+    params.check_lengths(q.shape[0], k_cache.shape[1], _position_arg(lengths))
     return _module(q, implementation).reattention_decode(q, k_cache, v_cache, lengths, **kwargs)

@@ -185,6 +185,50 @@ def test_bad_arguments_name_the_problem(bad, match):
         ops.reattention(q, k, v, **bad)
 
 
+@pytest.mark.parametrize("bad,match", [
+    (dict(q_start=jnp.array([1, 2, 3])), "q_start must be a scalar or one value per batch"),
+    (dict(q_start=2.0), "q_start must be integers; got dtype float"),
+    (dict(q_start=jnp.array([-1, 0])), r"q_start must lie in \[0, 39\]"),
+    (dict(q_start=jnp.array([30, 0])), "a query past the cache: q_start \\+ T"),
+    (dict(q_start=30, q_lengths=jnp.array([11, 0])), "a query past the cache: q_start \\+ q_len"),
+    (dict(q_lengths=jnp.array([17, 3])), r"q_lengths must lie in \[0, 16\]"),
+    (dict(q_lengths=jnp.array([3])), "q_lengths must be a scalar or one value per batch"),
+    (dict(q_lengths=jnp.array([True, False])), "q_lengths must be integers; got dtype bool"),
+])
+def test_bad_positions_name_the_problem(bad, match):
+    """Positions the op does not define raise (before, an out-of-range q_start or q_lengths, or
+    a float one, ran and returned something): every real query needs its own key in the cache,
+    0 <= q_lengths <= T. Under jit the values are traced and only shapes and dtypes are
+    checked."""
+    q, k, v = make_qkv(Case(2, 40, 2, 1, 64), seed=0)
+    q = q[:, :16]
+    with pytest.raises(ValueError, match=match):
+        ops.reattention(q, k, v, **bad)
+
+
+def test_good_positions_pass_and_traced_ones_are_not_read():
+    q, k, v = make_qkv(Case(2, 40, 2, 1, 64), seed=0)
+    q = q[:, :16]
+    sel = dict(sink_tokens=2, local_window=8, top_k=2, max_selected=2, span=3, chunk_size=8,
+               middle_align=4)
+    ops.reattention(q, k, v, q_start=jnp.array([24, 0]), **sel)
+    ops.reattention(q, k, v, q_start=30, q_lengths=jnp.array([10, 0]), **sel)  # padding past S
+    f = jax.jit(lambda s: ops.reattention(q, k, v, q_start=s, **sel))
+    assert f(jnp.array([24, 3])).shape == q.shape
+
+
+@pytest.mark.parametrize("lengths,match", [
+    (jnp.array([0, 3]), r"lengths must lie in \[1, 40\]"),
+    (jnp.array([41, 3]), r"lengths must lie in \[1, 40\]"),
+    (jnp.array([3]), "lengths must be a scalar or one value per batch"),
+    (jnp.array([3.0, 2.0]), "lengths must be integers"),
+])
+def test_bad_decode_lengths_name_the_problem(lengths, match):
+    q, k, v = make_qkv(Case(2, 40, 2, 1, 64), seed=0)
+    with pytest.raises(ValueError, match=match):
+        ops.reattention_decode(q[:, -1], k, v, lengths)
+
+
 def test_bad_shapes_name_the_problem():
     q, k, v = make_qkv(Case(1, 16, 3, 2, 64), seed=0)
     with pytest.raises(ValueError, match="multiple of kv heads"):

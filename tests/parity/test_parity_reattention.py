@@ -297,6 +297,12 @@ def test_torch_dispatch_and_errors():
             torch_ops.reattention(q, k, v, **{**kw, **bad})
     with pytest.raises(ValueError, match="multiple of kv heads"):
         torch_ops.reattention(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match="a query past the cache"):
+        torch_ops.reattention(q, k, v, q_start=torch.tensor([k.shape[1] - q.shape[1] + 1]))
+    with pytest.raises(ValueError, match="q_lengths must be integers"):
+        torch_ops.reattention(q, k, v, q_lengths=torch.tensor([1.5]))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, "):
+        torch_ops.reattention_decode(q[:, -1], k, v, torch.tensor([0]))
     with pytest.raises(ValueError, match="dtype"):
         torch_ops.reattention(q, k.bfloat16(), v)
     with pytest.raises(ValueError, match="power-of-two head dim"):
