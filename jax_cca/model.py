@@ -297,8 +297,10 @@ class CCALlama(nnx.Module):
                cache: tuple[LayerCache, ...]) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
         """Appends C tokens per sequence (the first ``n_valid[b]`` of row b count) at positions
         ``lengths[b] + i``; returns (logits of each row's last valid token, cache). Donates
-        ``cache``. Tokens at positions at or past the cache's ``max_len`` are not stored (their
-        outputs are meaningless): size the cache for prompt + new tokens."""
+        ``cache``. Valid tokens that would land at or past the cache's ``max_len`` raise
+        ValueError (size the cache for prompt + new tokens); padding rows past it are dropped.
+        The arguments are checked on the host first (:meth:`_check_extend`)."""
+        self._check_extend(input_ids, n_valid, cache)
         graphdef, state = nnx.split(self)
         return _cached_forward(graphdef, state, jnp.asarray(input_ids, jnp.int32),
                                jnp.asarray(n_valid, jnp.int32), cache, prefill=False)
@@ -307,8 +309,40 @@ class CCALlama(nnx.Module):
                     ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
         """One new token per sequence: (logits (B, V) of the next token, cache). Donates
         ``cache``."""
-        token_ids = jnp.asarray(token_ids, jnp.int32)
-        return self.extend(token_ids[:, None], jnp.ones(token_ids.shape, jnp.int32), cache)
+        token_ids = jnp.asarray(token_ids)
+        if token_ids.ndim != 1 or not jnp.issubdtype(token_ids.dtype, jnp.integer):
+            raise ValueError(f"token_ids must be (batch,) integers: one token per sequence; got "
+                             f"shape {token_ids.shape}, dtype {token_ids.dtype}")
+        return self.extend(token_ids[:, None], np.ones(token_ids.shape, np.int32), cache)
+
+    def _check_extend(self, input_ids, n_valid, cache) -> None:
+        """Raises ValueError, before the cache is donated, for tokens :meth:`extend` cannot take:
+        ids that are not (B, C) integers of the vocabulary, a batch that is not the cache's,
+        n_valid outside [0, C], or valid tokens past the cache's ``max_len`` (they would not be
+        stored and their logits would be meaningless). Reads the ids, n_valid and the cache's
+        lengths on the host: the jitted loops (``generate``) do not come through here."""
+        ids, counts = np.asarray(input_ids), np.asarray(n_valid)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be (batch, C) integers; got shape {ids.shape}, "
+                             f"dtype {ids.dtype}")
+        b, c = ids.shape
+        lengths = np.asarray(cache[0].lengths)
+        if lengths.shape != (b,):
+            raise ValueError(f"{b} sequences given to a cache of batch {lengths.shape[0]}")
+        if (counts.shape != (b,) or not np.issubdtype(counts.dtype, np.integer)
+                or counts.min() < 0 or counts.max() > c):
+            raise ValueError(f"n_valid must be {b} ints in [0, {c}]; got {counts.tolist()}")
+        valid = ids[np.arange(c)[None, :] < counts[:, None]]
+        vocab = self.config.vocab_size
+        if valid.size and (valid.min() < 0 or valid.max() >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}) (the vocabulary); got values "
+                             f"from {valid.min()} to {valid.max()}")
+        full = lengths + counts > cache[0].max_len
+        if full.any():
+            row = int(np.argmax(full))
+            raise ValueError(f"the cache holds {cache[0].max_len} tokens per sequence; sequence "
+                             f"{row} holds {lengths[row]} and would get {counts[row]} more. Size "
+                             f"it for prompt + new tokens (init_cache(max_len=...))")
 
     def cached_forward(self, input_ids: Int[Array, "B C"], n_valid: Int[Array, "B"],
                        cache: tuple[LayerCache, ...], *, prefill: bool

@@ -303,6 +303,36 @@ def test_cache_arguments_are_checked(models, sequence):
         model.prefill(sequence, None, model.init_cache(2, SEQ), chunk_size=0)
 
 
+@pytest.mark.parametrize("attention", ["full", "cca", "reattention"])
+def test_decode_and_extend_arguments_are_checked_and_the_cache_survives(models, sequence,
+                                                                        attention):
+    """extend / decode_step refuse, with a ValueError naming the problem and before the cache
+    is donated, what they used to cast or drop silently: float ids, a (B, 1) token array, a
+    batch that is not the cache's, n_valid outside [0, C], ids outside the vocabulary, and
+    valid tokens past max_len (not stored: their logits would be meaningless). After each
+    refusal the same cache still decodes."""
+    model = models[attention] if attention in models else CCALlama.from_config(
+        tiny_config(attention="reattention", reattention_window=8, reattention_sink=2))
+    _, cache = model.prefill(sequence[:, :SEQ - 2], None, model.init_cache(2, SEQ))
+    tokens = sequence[:, SEQ - 2]
+    bad_steps = [
+        (lambda c: model.decode_step(tokens.astype(np.float32), c), "integers"),
+        (lambda c: model.decode_step(tokens[:, None], c), r"\(batch,\)"),
+        (lambda c: model.decode_step(tokens[:1], c), "1 sequences given to a cache of batch 2"),
+        (lambda c: model.decode_step(np.array([0, VOCAB]), c), "vocabulary"),
+        (lambda c: model.extend(sequence[:, :3], np.array([4, 0]), c), r"n_valid .* \[0, 3\]"),
+        (lambda c: model.extend(sequence[:, :3], np.array([3, 1]), c), "sequence 0 holds"),
+    ]
+    for step, match in bad_steps:
+        with pytest.raises(ValueError, match=match):
+            step(cache)
+        assert not cache[0].lengths.is_deleted()
+    logits, cache = model.extend(sequence[:, SEQ - 2:], np.array([2, 1]), cache)  # fills row 0
+    assert np.asarray(cache[0].lengths).tolist() == [SEQ, SEQ - 1]
+    with pytest.raises(ValueError, match=f"holds {SEQ} tokens per sequence; sequence 0"):
+        model.decode_step(tokens, cache)
+
+
 # ---------------------------------------------------------------------------- generation
 def recompute_greedy(model, ids, steps) -> np.ndarray:
     """The pre-cache way: each step runs a full forward over a (B, T0 + steps) buffer and takes
