@@ -21,7 +21,9 @@ pop in every lane.
 Ties keep the lower position, as the other merges: tiles come in position order, a pass takes
 equal maxima lowest column first, and a score enters only if it beats the k-th best strictly.
 At most top_k scores of a pass can enter a row (after top_k pops nothing left beats the popped
-ones), so the pops stop there.
+ones), so the pops stop there. Scores are finite (masked ones are ``NEG``): a NaN would be the
+warp's maximum, match no lane, and end its row's pops for that pass (the per-thread merge
+degrades on NaN too).
 
 The algorithm is written once against a small set of warp operations and runs on two
 backends: MLIR for the GPU (:class:`MlirWarp`, :func:`merge_fn` through ``plgpu.inline_mgpu``)
@@ -89,13 +91,14 @@ def tree(op, xs):
 
 def _half(ops, scores, base, lv, li, h: int, *, top_k: int, bk: int):
     """Half h of the warp's rows (8 rows), a row at a time: the scores go through shared
-    memory (64 columns per pass) so that a row lies across the 32 lanes, 2 scores each."""
+    memory (64 columns per pass) so that a row lies across the 32 lanes, 2 scores each. The
+    rows are a loop (``ops.loop``: scf.for on the GPU, the row index a runtime value), so the
+    kernel holds one row's pops, not eight."""
     lane, quad = ops.lane, ops.quad
     buf_row0 = ops.mul(ops.warp, ops.i32(PASS_ROWS))
     store_col = ops.mul(ops.quad_lane, ops.i32(2))
     load_col = ops.mul(lane, ops.i32(2))
     neg = ops.f32(NEG)
-    thr = [ops.shfl(lv[-1], ops.i32(4 * r)) for r in range(PASS_ROWS)]  # row r's k-th best
     for c in range(bk // COLS):
         col_base = ops.add(base, ops.i32(c * COLS))
         ops.sync_warp()  # the previous pass's reads are done
@@ -103,11 +106,14 @@ def _half(ops, scores, base, lv, li, h: int, *, top_k: int, bk: int):
             a, b = scores[c * (COLS // 8) + j][h]
             ops.store_pair(ops.add(buf_row0, quad), ops.add(store_col, ops.i32(8 * j)), a, b)
         ops.sync_warp()
-        rows = [ops.load_pair(ops.add(buf_row0, ops.i32(r)), load_col) for r in range(PASS_ROWS)]
-        for r, (a, b) in enumerate(rows):
-            owner = ops.ieq(quad, ops.i32(r))
 
-            def pops(a, b, t, lv, li, it, owner=owner, r=r, col_base=col_base):
+        def row(r, lists, col_base=col_base):
+            lv, li = lists[:top_k], lists[top_k:]
+            a, b = ops.load_pair(ops.add(buf_row0, r), load_col)
+            owner = ops.ieq(quad, r)  # the quad that holds row r's list
+            holder = ops.mul(r, ops.i32(4))
+
+            def pops(a, b, lv, li, it):
                 m = ops.warp_max(ops.fmax(a, b))
                 at_a = ops.feq(a, m)
                 src = ops.lowest_lane(ops.or_(at_a, ops.feq(b, m)))
@@ -116,21 +122,19 @@ def _half(ops, scores, base, lv, li, h: int, *, top_k: int, bk: int):
                 nv, ni = insert(lv, li, m, pos, where=ops.select, gt=ops.gt)
                 lv = [ops.select(owner, x, y) for x, y in zip(nv, lv)]
                 li = [ops.select(owner, x, y) for x, y in zip(ni, li)]
-                t = ops.shfl(lv[-1], ops.i32(4 * r))
+                if it + 1 == top_k:
+                    return lv + li
                 mine = ops.ieq(lane, src)
                 a = ops.select(ops.and_(mine, ops.ieq(e, ops.i32(0))), neg, a)
                 b = ops.select(ops.and_(mine, ops.ieq(e, ops.i32(1))), neg, b)
-                if it + 1 == top_k:
-                    return [t] + lv + li
-                more = ops.any(ops.gt(ops.fmax(a, b), t))
-                return ops.branch(more, lambda: pops(a, b, t, lv, li, it + 1), [t] + lv + li,
-                                  "more")
+                more = ops.any(ops.gt(ops.fmax(a, b), ops.shfl(lv[-1], holder)))
+                return ops.branch(more, lambda: pops(a, b, lv, li, it + 1), lv + li, "more")
 
-            need = ops.any(ops.gt(ops.fmax(a, b), thr[r]))
-            out = ops.branch(need, lambda a=a, b=b, r=r, lv=lv, li=li: pops(a, b, thr[r], lv,
-                                                                              li, 0),
-                             [thr[r]] + lv + li, "row")
-            thr[r], lv, li = out[0], out[1:1 + top_k], out[1 + top_k:]
+            need = ops.any(ops.gt(ops.fmax(a, b), ops.shfl(lv[-1], holder)))  # row r's k-th
+            return ops.branch(need, lambda: pops(a, b, lv, li, 0), lv + li, "row")
+
+        out = ops.loop(PASS_ROWS, row, lv + li)
+        lv, li = out[:top_k], out[top_k:]
     return lv + li
 
 
@@ -187,6 +191,11 @@ class NumpyWarp:
 
     def load_pair(self, row, col):
         return self.smem[row, col].copy(), self.smem[row, col + 1].copy()
+
+    def loop(self, count: int, body, carry):
+        for r in range(count):
+            carry = body(np.full(32, r, np.int32), carry)
+        return carry
 
     def branch(self, cond, then, current, kind: str):
         assert (cond == cond[0]).all(), "a branch condition that differs between lanes"
@@ -331,16 +340,27 @@ class MlirWarp:
         from jaxlib.mlir.dialects import vector
 
         pair = _vector_of(self.ir.VectorType.get((2,), self.f32_t), [a, b])
-        vector.store(pair, self.smem, self._at(row, col))
+        vector.store(pair, self.smem, self._at(row, col), alignment=8)  # one st.shared.v2
 
     def load_pair(self, row, col):
         from jaxlib.mlir.dialects import vector
 
         pair = vector.load(self.ir.VectorType.get((2,), self.f32_t), self.smem,
-                           self._at(row, col))
+                           self._at(row, col), alignment=8)
         return tuple(vector.extract(pair, dynamic_position=[],
                                     static_position=self.ir.DenseI64ArrayAttr.get([e]))
                      for e in range(2))
+
+    def loop(self, count: int, body, carry):
+        """scf.for over r = 0 .. count - 1 (an i32 runtime value) carrying ``carry``."""
+        from jaxlib.mlir.dialects import scf
+
+        step = lambda x: self.arith.constant(self.index_t, x)
+        op = scf.ForOp(step(0), step(count), step(1), carry)
+        with self.ir.InsertionPoint(op.body):
+            r = self.arith.index_cast(self.i32_t, op.induction_variable)
+            scf.yield_(body(r, list(op.inner_iter_args)))
+        return list(op.results)
 
     def branch(self, cond, then, current, kind: str):
         del kind  # (the numpy lanes count the branches by kind)
