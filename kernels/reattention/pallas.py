@@ -13,7 +13,9 @@ Three stages per chunk of queries (README.md in this folder):
    kernel instead (``pallas_mgpu_score.py``, ``Config.score_lowering``).
 2. Selection in XLA (``reference.select_from_picks``): merge the splits (a sort of splits * K
    candidates per row), count votes, keep the most-voted, expand spans, compact into the
-   gathered list. O(C * G * K log) per chunk, independent of the context length.
+   gathered list. O(C * G * K log) per chunk, independent of the context length. A chunk of at
+   most 64 picks (a decode step: G * K) is selected by one kernel instead
+   (``pallas_select.py``: pairwise ranks, no sorts).
 3. ``_attend_kernel``: one program per (row tile, batch, kv head); FlashAttention-style online
    softmax (base 2) over the gathered list (keys loaded by index), then over the contiguous tail
    [L0, c1) (local window + the chunk itself, causal on the last tiles). RoPE is applied in the
@@ -54,8 +56,8 @@ from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import (pallas_gather, pallas_mgpu_attend, pallas_mgpu_score, params,
-                                 reference)
+from kernels.reattention import (pallas_gather, pallas_mgpu_attend, pallas_mgpu_score,
+                                 pallas_select, params, reference)
 from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
                                         default_config, geometry, next_power_of_2, round_up,
                                         score_splits)
@@ -541,6 +543,14 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
     return prefix, rotated
 
 
+def _select(idx, vals, c0, l0, sel: Selection, interpret: bool):
+    """``reference.select_from_picks``; as one kernel (``pallas_select``) where a chunk has few
+    picks (a decode step), through XLA's sorts otherwise."""
+    if pallas_select.applies(idx.shape[1]):
+        return pallas_select.select_from_picks(idx, vals, c0, l0, sel, interpret=interpret)
+    return reference.select_from_picks(idx, vals, c0, l0, sel)
+
+
 def _sink_lists(c0, geo: Geometry):
     """The selection of the chunks starting at c0 (B, N) whose middles are empty: the list is
     the sink, n_g = min(sink, c0)."""
@@ -581,9 +591,9 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
                                          interpret=interpret, q_lengths=q_lengths, skip=n_free)
         n_sel = nc - n_free
         rep = lambda x: jnp.broadcast_to(x[:, None, n_free:], (b, hkv, n_sel)).reshape(-1)
-        picked, n_picked = reference.select_from_picks(idx.reshape(b * hkv * n_sel, -1),
-                                                       vals.reshape(b * hkv * n_sel, -1),
-                                                       rep(c0), rep(l0), sel)
+        picked, n_picked = _select(idx.reshape(b * hkv * n_sel, -1),
+                                   vals.reshape(b * hkv * n_sel, -1), rep(c0), rep(l0), sel,
+                                   interpret)
         glist = jnp.concatenate([glist, picked.reshape(b, hkv, n_sel, -1)], axis=2)
         n_g = jnp.concatenate([n_g, n_picked.reshape(b, hkv, n_sel)], axis=2)
     window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),

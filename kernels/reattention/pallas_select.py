@@ -1,0 +1,117 @@
+"""The selection of a chunk with few picks as one Pallas kernel (Triton lowering).
+
+Same function as ``reference.select_from_picks`` (its reference: equal lists and lengths, bit for
+bit), for chunks of at most ``MAX_PICKS`` picks: a decode step has G heads x top_k of them (16 for
+LLaMA-3's GQA with the authors' top_k). There, XLA's version is three sorts of a few dozen
+elements, two scans and a scatter, each its own small kernel, in a step that is bound by such
+fixed costs (``docs/perf-notes.md``: 0.106 ms back to back at 16K against about 20 us of
+bytes). With so few picks, ranks come from pairwise comparisons instead of sorts, and one
+program per (batch, kv head, chunk) does the whole selection:
+
+* votes of a pick = picks of the same position; its key's best score = their largest score;
+  one pick per position stands for it (the first);
+* a position's rank = positions that beat it (more votes, then a higher best score, then a lower
+  position: the order of ``select_from_picks``' second sort, whose float keys treat -0 and +0 as
+  equal, as the comparisons here do); the ``max_selected`` best are kept;
+* a kept position's span starts after the previous kept span's end (the previous one is the kept
+  position below it with the largest end: ends do not decrease); its first list slot is the sink
+  plus the lengths of the kept spans below it;
+* the list is written a block of slots at a time (``TABLE`` / P): slot s holds s inside the
+  sink, else the token of the one span that covers it, else 0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from kernels.cca.pallas_common import call
+from kernels.reattention.params import Selection, cdiv, next_power_of_2
+
+MAX_PICKS = 64  # pairwise tables of MAX_PICKS^2 per program; more picks go through the sorts
+TABLE = 8192  # elements of the (slots, picks) table of one store: slots per store = TABLE / P
+
+
+def applies(picks: int) -> bool:
+    return 1 <= picks <= MAX_PICKS
+
+
+def _kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, ng: int,
+            slots: int):
+    c0, l0 = meta_ref[0], meta_ref[1]
+    idx, val = idx_ref[...], val_ref[...]
+    valid = idx >= 0
+    col = lambda x: x[:, None]  # pick i down the rows, pick j across the columns
+    row = lambda x: x[None, :]
+    p = idx.shape[0]
+    earlier = col(jnp.arange(p, dtype=jnp.int32)) > row(jnp.arange(p, dtype=jnp.int32))
+    same = col(valid) & row(valid) & (col(idx) == row(idx))
+    votes = jnp.sum(same.astype(jnp.int32), axis=1)
+    best = jnp.max(jnp.where(same, row(val), -jnp.inf), axis=1)
+    first = valid & (jnp.sum((same & earlier).astype(jnp.int32), axis=1) == 0)
+    # j ranks before i: more votes, then a higher best score, then a lower position
+    before = row(first) & ((row(votes) > col(votes))
+                           | ((row(votes) == col(votes))
+                              & ((row(best) > col(best))
+                                 | ((row(best) == col(best)) & (row(idx) < col(idx))))))
+    kept = first & (jnp.sum(before.astype(jnp.int32), axis=1) < sel.max_selected)
+    a = jnp.maximum(idx - sel.span_left, sel.sink_tokens)
+    end = jnp.minimum(idx + sel.span_right, l0 - 1)
+    below = row(kept) & (row(idx) < col(idx))  # kept positions below pick i's
+    prev_end = jnp.max(jnp.where(below, row(end), -1), axis=1)
+    start = jnp.maximum(a, prev_end + 1)
+    count = jnp.where(kept, jnp.maximum(end - start + 1, 0), 0)
+    sink = jnp.minimum(sel.sink_tokens, c0)
+    offset = sink + jnp.sum(jnp.where(below, row(count), 0), axis=1)
+    n_g_ref[0] = sink + jnp.sum(count)
+
+    def store(b, carry):
+        s = b * slots + jnp.arange(slots, dtype=jnp.int32)
+        inside = (col(s) >= row(offset)) & (col(s) < row(offset + count))
+        token = jnp.sum(jnp.where(inside, row(start - offset) + col(s), 0), axis=1)
+        glist_ref[pl.ds(b * slots, slots)] = jnp.where(s < sink, s, token)
+        return carry
+
+    lax.fori_loop(0, cdiv(ng, slots), store, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("sel", "interpret"))
+def select_from_picks(idx: Int[Array, "N P"], val: Float[Array, "N P"], c0: Int[Array, "N"],
+                      l0: Int[Array, "N"], sel: Selection, interpret: bool = False
+                      ) -> tuple[Int[Array, "N NG"], Int[Array, "N"]]:
+    """``reference.select_from_picks`` (same arguments and results) as one kernel launch, for
+    P <= ``MAX_PICKS`` picks per row."""
+    n, p = idx.shape
+    if not applies(p) or val.shape != (n, p) or c0.shape != (n,) or l0.shape != (n,):
+        raise ValueError(f"the small-selection kernel takes (N, P) picks with 1 <= P <= "
+                         f"{MAX_PICKS} and (N,) chunk bounds; got idx {idx.shape}, val "
+                         f"{val.shape}, c0 {c0.shape}, l0 {l0.shape}")
+    pp = next_power_of_2(max(p, 2))  # Triton blocks are powers of two: padding picks are -1
+    idx = jnp.pad(idx.astype(jnp.int32), ((0, 0), (0, pp - p)), constant_values=-1)
+    val = jnp.pad(val.astype(jnp.float32), ((0, 0), (0, pp - p)))
+    ng = sel.num_gathered()
+    slots = min(TABLE // pp, next_power_of_2(ng))
+    ngp = cdiv(ng, slots) * slots
+    meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
+    glist, n_g = call(
+        functools.partial(_kernel, sel=sel, ng=ng, slots=slots),
+        grid=(n,),
+        in_specs=[pl.BlockSpec((None, 2), lambda i: (i, 0)),
+                  pl.BlockSpec((None, pp), lambda i: (i, 0)),
+                  pl.BlockSpec((None, pp), lambda i: (i, 0))],
+        out_specs=[pl.BlockSpec((None, ngp), lambda i: (i, 0)),
+                   pl.BlockSpec((None, 1), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((n, ngp), jnp.int32),
+                   jax.ShapeDtypeStruct((n, 1), jnp.int32)],
+        inputs=[meta, idx, val],
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="reattention_select",
+    )
+    return glist[:, :ng], n_g[:, 0]
