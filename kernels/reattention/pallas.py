@@ -147,8 +147,10 @@ def _merge_splits(vals, idx, top_k: int):
 
 
 def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu: bool):
-    """Per-row picks (vals, idx), (B, Hkv, NC, R_pad, K): unordered, idx -1 where none. ``mgpu``:
-    through the Mosaic GPU kernel (``_uses_mgpu_score``; rows padded to its programs)."""
+    """Per-row picks (vals, idx), (B, Hkv, NC, R, K) for the chunk's R = ``geo.rows`` real rows
+    (the kernels score ``q_rows``' padded rows too; those are dropped before the key splits
+    are merged, so a decode step sorts G rows, not 64 x consumers): unordered, idx -1 where
+    none. ``mgpu``: through the Mosaic GPU kernel (``_uses_mgpu_score``)."""
     b, hkv, nc, r_pad, d = q_rows.shape
     s_len = k.shape[1]
     sel = geo.sel
@@ -160,8 +162,9 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
                                 splits=splits, split_len=split_len, block_k=bk,
                                 slots=config.mgpu_slots, consumers=config.mgpu_consumers,
                                 merge=config.mgpu_merge, interpret=interpret)
-        vals = vals.transpose(0, 1, 2, 5, 3, 4).reshape(b, hkv, nc, r_pad, -1)
-        idx = idx.transpose(0, 1, 2, 5, 3, 4).reshape(b, hkv, nc, r_pad, -1)
+        rows = lambda x: x[..., : geo.rows].transpose(0, 1, 2, 5, 3, 4).reshape(
+            b, hkv, nc, geo.rows, -1)
+        vals, idx = rows(vals), rows(idx)
         return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
     bq, bk = config.score_block_q, config.score_block_k
     tiles = r_pad // bq
@@ -191,8 +194,9 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
         interpret=interpret,
         name="reattention_score",
     )
-    vals = vals[..., : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nc, r_pad, -1)
-    idx = idx[..., : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(b, hkv, nc, r_pad, -1)
+    rows = lambda x: x[..., : geo.rows, : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(
+        b, hkv, nc, geo.rows, -1)
+    vals, idx = rows(vals), rows(idx)
     return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
 
 
@@ -501,7 +505,6 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     geo_rows = dataclasses.replace(geo, num_queries=geo.num_queries - p)
     q_rows = pad_to(reference.pack_rows(q[:, p:], geo_rows), 3, tile)
     vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu)
-    vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
     live = reference.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]  # (B, NC, R)
     return vals, jnp.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
