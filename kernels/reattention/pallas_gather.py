@@ -9,7 +9,8 @@ Why a kernel: XLA's gathers of these rows ran at 0.5-2.2 TB/s on an H200 (profil
 op, ``docs/perf-notes.md``), well below the copy rate, and they are most of the op's time that
 is neither a kernel nor cuDNN. Here a program copies ``BLOCK`` slots of one chunk: it loads
 their cache rows by index (vector loads of whole rows), rotates the keys in registers and
-writes both blocks contiguously, so every byte is read once and written once.
+writes both blocks contiguously, so every byte is read once and written once; programs past
+the chunk's list length (rounded up to the attention's key block) return at once.
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ from kernels.reattention.pallas_mgpu_attend import list_rotation_tables
 BLOCK = 64  # list slots per program
 
 
-def _kernel(glist_ref, k_ref, v_ref, cos_ref, sin_ref, cos_off_ref, sin_off_ref, kg_ref, vg_ref,
-            *, half: int):
-    rows = glist_ref[...]
-    f32 = lambda x: x.astype(jnp.float32)
-    x1, x2 = f32(k_ref[rows, pl.ds(0, half)]), f32(k_ref[rows, pl.ds(half, half)])
-    for cos, sin in ((cos_ref[...], sin_ref[...]), (cos_off_ref[...][None, :],
-                                                   sin_off_ref[...][None, :])):
-        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    kg_ref[:, pl.ds(0, half)] = x1.astype(kg_ref.dtype)
-    kg_ref[:, pl.ds(half, half)] = x2.astype(kg_ref.dtype)
-    vg_ref[...] = v_ref[rows, :]
+def _kernel(used_ref, glist_ref, k_ref, v_ref, cos_ref, sin_ref, cos_off_ref, sin_off_ref,
+            kg_ref, vg_ref, *, half: int):
+    @pl.when(pl.program_id(1) * BLOCK < used_ref[0])  # blocks the attention reads
+    def _():
+        rows = glist_ref[...]
+        f32 = lambda x: x.astype(jnp.float32)
+        x1, x2 = f32(k_ref[rows, pl.ds(0, half)]), f32(k_ref[rows, pl.ds(half, half)])
+        for cos, sin in ((cos_ref[...], sin_ref[...]), (cos_off_ref[...][None, :],
+                                                       sin_off_ref[...][None, :])):
+            x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        kg_ref[:, pl.ds(0, half)] = x1.astype(kg_ref.dtype)
+        kg_ref[:, pl.ds(half, half)] = x2.astype(kg_ref.dtype)
+        vg_ref[...] = v_ref[rows, :]
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
@@ -45,7 +48,11 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
                 glist: Int[Array, "B Hkv NC NG"], l0: Int[Array, "B Hkv NC"],
                 n_g: Int[Array, "B Hkv NC"], inv_freq, block_k: int, interpret: bool = False):
     """(kg, vg) (B, Hkv, NC, NGp, D), NG padded to a multiple of ``block_k`` (and of
-    ``BLOCK``): as ``pallas_mgpu_attend.gather_list``; padding slots hold key 0."""
+    ``BLOCK``): as ``pallas_mgpu_attend.gather_list`` in slots below round_up(n_g, block_k),
+    the ones the attention reads (``pallas_mgpu_attend``: list blocks below cdiv(n_g,
+    block_k)); padding slots among them hold key 0. Slots from there on are not written: with
+    overlapping spans n_g is often well below NG (a 16K prefill's middles are about 4K keys),
+    and copying them was most of the gather there."""
     b, s_len, hkv, d = k.shape
     if (d % 32 or d & (d - 1) or k.shape != v.shape or k.dtype != v.dtype or glist.ndim != 4
             or glist.shape[:2] != (b, hkv)):
@@ -60,6 +67,7 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     ngp = glist.shape[3]
     half = d // 2
     tables = list_rotation_tables(ngp, l0, n_g, inv_freq)  # (NGp, D/2) x 2, (B, Hkv, NC, D/2) x 2
+    used = (-(-n_g.astype(jnp.int32) // block_k) * block_k)[..., None]  # (B, Hkv, NC, 1)
     per_slot = lambda c, j, bi, h: (bi, h, c, j)
     out_spec = pl.BlockSpec((None, None, None, BLOCK, d), lambda c, j, bi, h: (bi, h, c, j, 0))
     cache_spec = pl.BlockSpec((None, s_len, None, d), lambda c, j, bi, h: (bi, 0, h, 0))
@@ -69,11 +77,12 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     return call(
         functools.partial(_kernel, half=half),
         grid=(nc, ngp // BLOCK, b, hkv),
-        in_specs=[pl.BlockSpec((None, None, None, BLOCK), per_slot), cache_spec, cache_spec,
+        in_specs=[pl.BlockSpec((None, None, None, 1), lambda c, j, bi, h: (bi, h, c, 0)),
+                  pl.BlockSpec((None, None, None, BLOCK), per_slot), cache_spec, cache_spec,
                   slot_spec, slot_spec, chunk_spec, chunk_spec],
         out_specs=[out_spec, out_spec],
         out_shape=[out, out],
-        inputs=[glist, k, v, *tables],
+        inputs=[used, glist, k, v, *tables],
         num_warps=4,
         num_stages=1,
         interpret=interpret,

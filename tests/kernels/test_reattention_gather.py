@@ -1,9 +1,11 @@
 """The list gather of the Mosaic GPU attention (``kernels/reattention/pallas_gather.py``) against
-its XLA twin ``pallas_mgpu_attend.gather_list``: values equal bit for bit, rotated keys within
-one unit in the last place of their dtype, plus a few float32 ulps of the keys' size near zero
-(the two compilers may contract the rotation's multiply-adds differently). On CPU through the Pallas interpreter at small sizes (random lists
-with repeated rows, padding slots, an L0 - n_g offset of thousands of positions); on a GPU
-(``-m gpu``) compiled, at a 32K prefill's list sizes."""
+its XLA twin ``pallas_mgpu_attend.gather_list`` in the slots the attention reads (below
+round_up(n_g, block_k); the others are left unwritten): values equal bit for bit, rotated keys
+within one unit in the last place of their dtype, plus a few float32 ulps of the keys' size near
+zero (the two compilers may contract the rotation's multiply-adds differently). On CPU through
+the Pallas interpreter at small sizes (random lists with repeated rows, padding slots, an
+L0 - n_g offset of thousands of positions, an empty list); on a GPU (``-m gpu``) compiled, at a
+32K prefill's list sizes."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels.cca.pallas_common import poison_outputs
 from kernels.reattention import pallas_gather, pallas_mgpu_attend, reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -23,14 +26,23 @@ def _inputs(b, s, hkv, nc, ng, d, dtype, seed):
     v = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32).astype(dtype)
     glist = jax.random.randint(ks[2], (b, hkv, nc, ng), 0, s)
     l0 = jax.random.randint(ks[3], (b, hkv, nc), 100, 9000)
-    n_g = jax.random.randint(ks[4], (b, hkv, nc), 0, ng + 1)
+    n_g = jax.random.randint(ks[4], (b, hkv, nc), 0, ng + 1).at[0, 0, 0].set(0)  # one empty
     return k, v, glist, l0, n_g, reference.resolve_inv_freq(d, 10000.0, None)
 
 
 def _check(args, block_k, interpret):
-    kg, vg = pallas_gather.gather_list(*args, block_k, interpret=interpret)
+    """Equal where the attention reads (slots below round_up(n_g, block_k)); the rest is not
+    written: under NaN poisoning it stays NaN, which shows the kernel skipped it."""
+    with poison_outputs():
+        kg, vg = pallas_gather.gather_list(*args, block_k, interpret=interpret)
     kr, vr = pallas_mgpu_attend.gather_list(*args, block_k)
     assert kg.shape == kr.shape and vg.shape == vr.shape and kg.dtype == kr.dtype
+    n_g = np.asarray(args[4])
+    read = np.arange(kg.shape[3]) < (-(-n_g // block_k) * block_k)[..., None]  # (B, Hkv, NC, NGp)
+    assert np.isnan(np.asarray(vg.astype(jnp.float32))[~read]).all()
+    assert (~read).any() and read.any()
+    keep = lambda x: np.where(read[..., None], np.asarray(x.astype(jnp.float32)), 0)
+    kg, vg, kr, vr = (jnp.asarray(keep(x)) for x in (kg, vg, kr, vr))
     np.testing.assert_array_equal(np.asarray(vg.astype(jnp.float32)),
                                   np.asarray(vr.astype(jnp.float32)))
     a = np.asarray(kg.astype(jnp.float32), np.float64)
