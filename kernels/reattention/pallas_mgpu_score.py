@@ -30,6 +30,9 @@ warpgroup-wide round necessary on most tiles. With the per-thread lists, 540-580
 290: a vote covers 8 rows, so over the first few thousand keys nearly every tile pops). Four consumers with 64-key tiles are the
 defaults: more warps hide the merge's latency (two consumers: 360 TF/s).
 
+``merge="rows"`` (``Config.mgpu_merge``) swaps ``_lane_topk`` for the warp-per-row merge of
+``mgpu_row_merge.py``, which keeps the rows' exact lists instead (not yet measured on a GPU).
+
 Output: ``(vals, idx)`` of shape (B, Hkv, NC, splits, top_k, R), each row's entries sorted by
 score (idx -1 and the score ``NEG`` where a row has fewer than top_k keys), for
 ``pallas._score`` to merge like the Triton kernel's.
@@ -311,9 +314,7 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
         carry = lax.fori_loop(0, first, step(True), carry)
         carry = lax.fori_loop(first, last, step(False), carry)
         carry = lax.fori_loop(last, n_steps, step(True), carry)
-        if interpret:
-            vals, idxs = carry
-        elif merge == "rows":
+        if interpret or merge == "rows":  # the carry holds the rows' own lists
             vals, idxs = carry
         else:
             vals, idxs = _rounds(*carry[1:], vals, idxs, top_k)

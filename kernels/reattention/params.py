@@ -301,7 +301,7 @@ def check_positions(batch: int, num_queries: int, num_keys: int,
         _check_arg("q_lengths", q_lengths, batch, 0, num_queries, "real queries per element")
     if q_start is None:
         return
-    _check_arg("q_start", q_start, batch, 0, num_keys - 1, "the first query's position")
+    _check_arg("q_start", q_start, batch, 0, num_keys, "the first query's position")
     if q_start.values is None:
         return
     starts = q_start.values * (batch if q_start.shape == () else 1)

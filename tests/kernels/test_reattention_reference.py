@@ -188,7 +188,8 @@ def test_bad_arguments_name_the_problem(bad, match):
 @pytest.mark.parametrize("bad,match", [
     (dict(q_start=jnp.array([1, 2, 3])), "q_start must be a scalar or one value per batch"),
     (dict(q_start=2.0), "q_start must be integers; got dtype float"),
-    (dict(q_start=jnp.array([-1, 0])), r"q_start must lie in \[0, 39\]"),
+    (dict(q_start=jnp.array([-1, 0])), r"q_start must lie in \[0, 40\]"),
+    (dict(q_start=40, q_lengths=jnp.array([0, 1])), "a query past the cache: q_start \\+ q_len"),
     (dict(q_start=jnp.array([30, 0])), "a query past the cache: q_start \\+ T"),
     (dict(q_start=30, q_lengths=jnp.array([11, 0])), "a query past the cache: q_start \\+ q_len"),
     (dict(q_lengths=jnp.array([17, 3])), r"q_lengths must lie in \[0, 16\]"),
@@ -213,6 +214,7 @@ def test_good_positions_pass_and_traced_ones_are_not_read():
                middle_align=4)
     ops.reattention(q, k, v, q_start=jnp.array([24, 0]), **sel)
     ops.reattention(q, k, v, q_start=30, q_lengths=jnp.array([10, 0]), **sel)  # padding past S
+    ops.reattention(q, k, v, q_start=jnp.array([40, 24]), q_lengths=jnp.array([0, 16]), **sel)
     f = jax.jit(lambda s: ops.reattention(q, k, v, q_start=s, **sel))
     assert f(jnp.array([24, 3])).shape == q.shape
 
