@@ -27,6 +27,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jax_cca.model import check_token_ids
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -131,15 +133,9 @@ def check_generate_args(model, input_ids, max_new_tokens, temperature, top_k, to
         raise ValueError(
             f"input_ids must be a 2-D (batch, length) array of token ids; got shape {ids.shape}"
         )
-    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must hold integers; got dtype {ids.dtype}")
+    check_token_ids(ids, config.vocab_size)
     if ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"input_ids must hold at least one token per row; got {ids.shape}")
-    if ids.min() < 0 or ids.max() >= config.vocab_size:
-        raise ValueError(
-            f"input_ids must lie in [0, {config.vocab_size}) (the vocabulary); got values from "
-            f"{ids.min()} to {ids.max()}"
-        )
     max_new_tokens = _as_int(max_new_tokens, "max_new_tokens")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")

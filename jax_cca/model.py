@@ -188,6 +188,16 @@ def _cached_forward(graphdef, state, input_ids, n_valid, cache, *, prefill):
     return nnx.merge(graphdef, state).cached_forward(input_ids, n_valid, cache, prefill=prefill)
 
 
+def check_token_ids(ids: np.ndarray, vocab_size: int, name: str = "input_ids") -> None:
+    """Raises ValueError unless ``ids`` (a host array) holds integers of the vocabulary
+    [0, vocab_size); shared by ``generation.check_generate_args`` and :meth:`CCALlama.extend`."""
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers; got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) (the vocabulary); got values "
+                         f"from {ids.min()} to {ids.max()}")
+
+
 class CCALlama(nnx.Module):
     """LLaMA-family causal LM. ``model(input_ids)`` returns logits (B, T, vocab).
 
@@ -317,14 +327,14 @@ class CCALlama(nnx.Module):
 
     def _check_extend(self, input_ids, n_valid, cache) -> None:
         """Raises ValueError, before the cache is donated, for tokens :meth:`extend` cannot take:
-        ids that are not (B, C) integers of the vocabulary, a batch that is not the cache's,
-        n_valid outside [0, C], or valid tokens past the cache's ``max_len`` (they would not be
-        stored and their logits would be meaningless). Reads the ids, n_valid and the cache's
-        lengths on the host: the jitted loops (``generate``) do not come through here."""
+        ids that are not (B, C), a batch that is not the cache's, n_valid outside [0, C], valid
+        tokens that are not integers of the vocabulary (:func:`check_token_ids`), or valid tokens
+        past the cache's ``max_len`` (they would not be stored and their logits would be
+        meaningless). Reads the ids, n_valid and the cache's lengths on the host: the jitted
+        loops (``generate``) do not come through here."""
         ids, counts = np.asarray(input_ids), np.asarray(n_valid)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be (batch, C) integers; got shape {ids.shape}, "
-                             f"dtype {ids.dtype}")
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, C); got shape {ids.shape}")
         b, c = ids.shape
         lengths = np.asarray(cache[0].lengths)
         if lengths.shape != (b,):
@@ -332,11 +342,8 @@ class CCALlama(nnx.Module):
         if (counts.shape != (b,) or not np.issubdtype(counts.dtype, np.integer)
                 or counts.min() < 0 or counts.max() > c):
             raise ValueError(f"n_valid must be {b} ints in [0, {c}]; got {counts.tolist()}")
-        valid = ids[np.arange(c)[None, :] < counts[:, None]]
-        vocab = self.config.vocab_size
-        if valid.size and (valid.min() < 0 or valid.max() >= vocab):
-            raise ValueError(f"token ids must lie in [0, {vocab}) (the vocabulary); got values "
-                             f"from {valid.min()} to {valid.max()}")
+        valid = ids[np.arange(c)[None, :] < counts[:, None]]  # padding may hold anything
+        check_token_ids(valid, self.config.vocab_size)
         full = lengths + counts > cache[0].max_len
         if full.any():
             row = int(np.argmax(full))

@@ -151,10 +151,7 @@ def _position_arg(x) -> reattention_params.PositionArg:
     if isinstance(x, jax.core.Tracer):
         return reattention_params.PositionArg(tuple(x.shape), str(x.dtype),
                                               bool(np.issubdtype(x.dtype, np.integer)), None)
-    a = np.asarray(x)
-    return reattention_params.PositionArg(a.shape, str(a.dtype),
-                                          bool(np.issubdtype(a.dtype, np.integer)),
-                                          a.reshape(-1).tolist())
+    return reattention_params.PositionArg.on_host(x)
 
 
 def _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,

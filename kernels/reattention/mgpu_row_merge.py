@@ -241,7 +241,7 @@ def simulate(scores: np.ndarray, positions: np.ndarray, top_k: int, bk: int, sta
 class MlirWarp:
     """:func:`merge_tile`'s operations as MLIR (arith, vector, scf, inline PTX) for one thread;
     ``smem``: the shared-memory buffer, a (rows, STRIDE) float32 memref (:func:`buffer_shape`;
-    ``pallas_mgpu_score._lane_topk`` uses the vote and the branch only, without one)."""
+    ``pallas_mgpu_score._lane_topk`` uses the lane index, the vote and the branch, without one)."""
 
     def __init__(self, smem=None):
         from jaxlib.mlir import ir

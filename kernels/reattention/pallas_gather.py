@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from kernels.cca.pallas_common import call, pad_to
+from kernels.cca.pallas_common import call, cdiv, pad_to
 from kernels.reattention.pallas_mgpu_attend import list_rotation_tables
 
 BLOCK = 64  # list slots per program
@@ -67,7 +67,7 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     ngp = glist.shape[3]
     half = d // 2
     tables = list_rotation_tables(ngp, l0, n_g, inv_freq)  # (NGp, D/2) x 2, (B, Hkv, NC, D/2) x 2
-    used = (-(-n_g.astype(jnp.int32) // block_k) * block_k)[..., None]  # (B, Hkv, NC, 1)
+    used = (cdiv(n_g.astype(jnp.int32), block_k) * block_k)[..., None]  # (B, Hkv, NC, 1)
     per_slot = lambda c, j, bi, h: (bi, h, c, j)
     out_spec = pl.BlockSpec((None, None, None, BLOCK, d), lambda c, j, bi, h: (bi, h, c, j, 0))
     cache_spec = pl.BlockSpec((None, s_len, None, d), lambda c, j, bi, h: (bi, 0, h, 0))

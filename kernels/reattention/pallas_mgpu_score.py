@@ -124,7 +124,7 @@ def _lane_topk(top_k: int, bk: int):
     new thresholds and lists."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, gpu, vector
+    from jaxlib.mlir.dialects import arith, vector
 
     wgmma, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
     width = lane_width(top_k)
@@ -145,7 +145,7 @@ def _lane_topk(top_k: int, bk: int):
                                              static_position=ir.DenseI64ArrayAttr.get([e]))
         gt = lambda a, b: arith.cmpf(arith.CmpFPredicate.OGT, a, b)
 
-        ops = mgpu_row_merge.MlirWarp()  # the warp vote and the uniform branch
+        ops = mgpu_row_merge.MlirWarp()  # the lane index, the warp vote, the uniform branch
         tree_max = lambda xs: mgpu_row_merge.tree(arith.maximumf, xs)
         warp_any = ops.any
         branch = lambda cond, then, current: ops.branch(cond, then, current, "lanes")
@@ -163,8 +163,7 @@ def _lane_topk(top_k: int, bk: int):
                 lv = [arith.select(pop, nxt, cur) for cur, nxt in zip(lv, lv[1:] + [neg])]
             return m
 
-        tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
-        lane_col = arith.muli(arith.andi(tid, const(3)), const(2))  # 2 (lane % 4)
+        lane_col = arith.muli(ops.quad_lane, const(2))  # 2 (lane % 4)
         s_regs = scores.registers.reshape(bk // 8, 2)  # [column block j, row h] <2 x f32>
         v_regs = vals.registers.reshape(per_thread // 2, 2)
         i_regs = idxs.registers.reshape(per_thread // 2, 2)
@@ -228,11 +227,11 @@ def smem_bytes(head_dim: int, itemsize: int, top_k: int, block_k: int, slots: in
                consumers: int, merge: str) -> int:
     """Shared memory of one CTA: the consumers' query rows, the key ring, the output staging
     and, for the "rows" merge, its score buffer (barriers aside)."""
-    rows = consumers * ROWS * head_dim * itemsize + slots * block_k * head_dim * itemsize
-    rows += consumers * top_k * ROWS * 8
+    total = consumers * ROWS * head_dim * itemsize + slots * block_k * head_dim * itemsize
+    total += consumers * top_k * ROWS * 8
     if merge == "rows":
-        rows += int(np.prod(mgpu_row_merge.buffer_shape(consumers))) * 4
-    return rows
+        total += int(np.prod(mgpu_row_merge.buffer_shape(consumers))) * 4
+    return total
 
 
 def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk, slots, s_len,

@@ -278,6 +278,15 @@ class PositionArg:
     is_integer: bool
     values: list | None
 
+    @staticmethod
+    def on_host(x) -> "PositionArg":
+        """A Python int or a host array (anything numpy reads), values included."""
+        import numpy as np
+
+        a = np.asarray(x)
+        return PositionArg(a.shape, str(a.dtype), bool(np.issubdtype(a.dtype, np.integer)),
+                           a.reshape(-1).tolist())
+
 
 def _check_arg(name: str, arg: PositionArg, batch: int, lo: int, hi: int, what: str) -> None:
     if not arg.is_integer:

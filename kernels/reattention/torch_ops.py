@@ -42,7 +42,6 @@ def _module(q, implementation: str | None):
 def _position_arg(x):
     """A position argument (int, array or tensor) described for ``params``' checks; the values
     of a tensor only when it is on the CPU (reading a CUDA tensor would wait for the GPU)."""
-    import numpy as np
     import torch
 
     from kernels.reattention.params import PositionArg
@@ -51,9 +50,7 @@ def _position_arg(x):
         is_int = not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
         values = x.reshape(-1).tolist() if x.device.type == "cpu" else None
         return PositionArg(tuple(x.shape), str(x.dtype), is_int, values)
-    a = np.asarray(x)
-    return PositionArg(a.shape, str(a.dtype), bool(np.issubdtype(a.dtype, np.integer)),
-                       a.reshape(-1).tolist())
+    return PositionArg.on_host(x)
 
 
 def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top_k: int = 4,
