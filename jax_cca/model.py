@@ -273,13 +273,16 @@ class CCALlama(nnx.Module):
         cache or the logits. ``cache`` (from :meth:`init_cache`, any previous contents dropped)
         is donated: use the returned one. Compiled once per shape.
         """
-        ids = jnp.asarray(input_ids, jnp.int32)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, length); got shape {ids.shape}")
-        b, t = ids.shape
+        host = np.asarray(input_ids)
+        if host.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length); got shape {host.shape}")
+        b, t = host.shape
         lengths = np.full((b,), t) if lengths is None else np.asarray(lengths)
-        if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
+        if (lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer)
+                or lengths.min() < 1 or lengths.max() > t):
             raise ValueError(f"lengths must be {b} ints in [1, {t}]; got {lengths.tolist()}")
+        check_token_ids(host[np.arange(t)[None, :] < lengths[:, None]], self.config.vocab_size)
+        ids = jnp.asarray(host, jnp.int32)
         if cache[0].lengths.shape != (b,) or t > cache[0].max_len:
             raise ValueError(f"a batch of {b} prompts of {t} tokens does not fit a cache of "
                              f"batch {cache[0].lengths.shape[0]} and max_len {cache[0].max_len}")

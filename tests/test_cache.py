@@ -301,6 +301,17 @@ def test_cache_arguments_are_checked(models, sequence):
         model.prefill(sequence, [0, 3], model.init_cache(2, SEQ))
     with pytest.raises(ValueError, match="chunk_size"):
         model.prefill(sequence, None, model.init_cache(2, SEQ), chunk_size=0)
+    # Before, floats were cast and ids outside the vocabulary clamped by the embedding gather.
+    with pytest.raises(ValueError, match="input_ids must hold integers"):
+        model.prefill(sequence.astype(np.float32), None, model.init_cache(2, SEQ))
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.prefill(np.where(sequence == sequence[0, 3], VOCAB, sequence), None,
+                      model.init_cache(2, SEQ))
+    with pytest.raises(ValueError, match=r"lengths must be 2 ints"):
+        model.prefill(sequence, np.array([3.5, 2.0]), model.init_cache(2, SEQ))
+    padded = sequence.copy()
+    padded[1, 20:] = -1  # right padding past a row's length is never read: any value
+    model.prefill(padded, [SEQ, 20], model.init_cache(2, SEQ))
 
 
 @pytest.mark.parametrize("attention", ["full", "cca", "reattention"])
