@@ -385,12 +385,13 @@ def merge_fn(top_k: int, bk: int):
     from jaxlib.mlir.dialects import vector
 
     wgmma, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
-    result = tuple(tuple(plgpu.ShapeDtypeStruct((ROWS,), dtype, layout=row)
-                         for _ in range(top_k)) for dtype in (jnp.float32, jnp.int32))
+    # A flat tuple of results: jax 0.11's inline_mgpu takes no nested return (0.10's did).
+    result = tuple(plgpu.ShapeDtypeStruct((ROWS,), dtype, layout=row)
+                   for dtype in (jnp.float32, jnp.int32) for _ in range(top_k))
 
     @plgpu.inline_mgpu(arg_types=(wgmma, row, (row,) * top_k, (row,) * top_k, plgpu.RefType()),
                        return_type=result)
-    def merge(ctx, scores, base, vals, idxs, buffer):
+    def flat_merge(ctx, scores, base, vals, idxs, buffer):
         del ctx
         import jax.experimental.mosaic.gpu as mgpu
 
@@ -411,8 +412,12 @@ def merge_fn(top_k: int, bk: int):
                 _registers=np.asarray(regs, dtype=object).reshape(like.registers.shape),
                 _layout=like.layout, _is_signed=like.is_signed)
 
-        return (tuple(wrap(a, [lv[0][p], lv[1][p]]) for p, a in enumerate(vals)),
-                tuple(wrap(a, [li[0][p], li[1][p]]) for p, a in enumerate(idxs)))
+        return (*(wrap(a, [lv[0][p], lv[1][p]]) for p, a in enumerate(vals)),
+                *(wrap(a, [li[0][p], li[1][p]]) for p, a in enumerate(idxs)))
+
+    def merge(scores, base, vals, idxs, buffer):
+        out = flat_merge(scores, base, vals, idxs, buffer)
+        return tuple(out[:top_k]), tuple(out[top_k:])
 
     return merge
 

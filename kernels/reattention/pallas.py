@@ -319,10 +319,16 @@ def rotate_at(x: Float[Array, "B N H D"], positions, inv_freq) -> Float[Array, "
 
 
 def window_length(geo: Geometry) -> int:
-    """W: keys of ``tail_window``, min(S, T + w + align + sink)."""
+    """W: keys of ``tail_window``: T + w + align + sink, 7 more so that the window can start at
+    a multiple of 8, and then enough that S - W is one; at most S. (The Mosaic GPU attention
+    copies tail blocks into 8-row tiles from the window and from the cache at the same rows
+    relative to ws, so ws must be a multiple of 8: Mosaic GPU splits a copy's first row into
+    tile and row within the tile, and a start inside a tile cannot be copied.)"""
     sel = geo.sel
-    return min(geo.num_keys, geo.num_queries + sel.local_window + sel.middle_align
-               + sel.sink_tokens)
+    w_len = geo.num_queries + sel.local_window + sel.middle_align + sel.sink_tokens + 7
+    if w_len >= geo.num_keys:
+        return geo.num_keys
+    return w_len + (geo.num_keys - w_len) % 8
 
 
 def window_rows(x: Float[Array, "B S H D"], ws, w_len: int) -> Float[Array, "B W H D"]:
@@ -332,12 +338,14 @@ def window_rows(x: Float[Array, "B S H D"], ws, w_len: int) -> Float[Array, "B W
 
 def tail_window(k, q0, geo: Geometry, inv_freq):
     """Keys every chunk's tail [L0, c1) can touch, rotated at their original positions:
-    (rotated window (B, W, Hkv, D), its first key ws (B,)). W = min(S, T + w + align + sink)
-    covers [L0, c1) of every chunk of a call (L0 >= q_start - w - align)."""
+    (rotated window (B, W, Hkv, D), its first key ws (B,), a multiple of 8). The window
+    (``window_length``) covers [L0, c1) of every chunk of a call: L0 >= q_start - w - align,
+    ws at most 7 keys before that, and ws = S - W (a multiple of 8) where the window reaches
+    the cache's end."""
     sel = geo.sel
     w_len = window_length(geo)
     ws = jnp.clip(q0 - sel.local_window - sel.middle_align - sel.sink_tokens, 0,
-                  geo.num_keys - w_len)
+                  geo.num_keys - w_len) // 8 * 8
     window = window_rows(k, ws, w_len)
     positions = ws[:, None] + jnp.arange(w_len, dtype=jnp.int32)[None, :]
     return rotate_at(window, positions, inv_freq), ws

@@ -72,6 +72,11 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
     c = lax.div(item, tiles)
     tile = lax.rem(item, tiles)
     c0, c1, l0, n_g, ws, row_shift = (meta_ref[b, h, c, i] for i in range(6))
+    # ws is a multiple of 8 (``pallas.tail_window``): the values' tail copies start at cache
+    # row ws + a multiple of 8, and Mosaic GPU addresses a copy into 8-row tiles by (tile, row
+    # in the tile), so the start must be a tile's first row. jax 0.11 refuses to lower the copy
+    # unless that is known here; 0.10 did not check.
+    ws = pl.multiple_of(ws, 8)
     chunk_row = (b * hkv + h) * nc + c  # o, kg, vg: (B * Hkv * NC, rows or slots, D)
     q_row = (b * hkv + h) * nc_rows + c + row_shift  # q: (B * Hkv * NC_rows, rows, D)
     # Padding rows count as the chunk's last query, and rows of a chunk written past the cache

@@ -87,11 +87,40 @@ def test_continuation_chunk_matches_reference(tail_keys):
     qc = jnp.stack([q[0, 110:150], q[1, 90:130]])
     geo = R.geometry(qc.shape, k.shape, case.sel)
     _, ws = P.tail_window(k, starts, geo, R.default_inv_freq(64))
-    assert np.asarray(ws).tolist() == [87, 67]  # W = 40 + 16 + 4 + 3 = 63 keys
+    # W = 40 + 16 + 4 + 3 + 7 = 70 keys (S - W = 80, a multiple of 8); ws = 87, 67 rounded
+    # down to multiples of 8
+    assert np.asarray(ws).tolist() == [80, 64]
     out, *selection = pallas_run(qc, k, v, case.sel, _config(tail_keys=tail_keys), starts)
     ref, *ref_selection = runs.reference_fn(case.sel)(qc, k, v, starts)
     assert rel_err(out, ref) < TOL[jnp.float32]
     assert_same_selection(selection, ref_selection)
+
+
+def test_tail_window_starts_at_a_multiple_of_8_and_covers_every_tail():
+    """``tail_window``'s first key ws is a multiple of 8 (the Mosaic GPU attention copies the
+    values' tail blocks from cache row ws + 8 m into 8-row tiles; the interpreter cannot see a
+    misaligned start, jax 0.11 refuses to lower it) and [ws, ws + W) holds every chunk's tail
+    [L0, min(c1, S)), for cache lengths on and off multiples of 8 and every query start."""
+    sel = small(3, 5, 2, 4, 5, 8, 4)
+    checked = 0
+    for s_len in (37, 64, 125, 200):
+        for t in (1, 5, 13):
+            k = jnp.zeros((1, s_len, 1, 8), jnp.float32)
+            geo = R.geometry((1, t, 1, 8), k.shape, sel)
+            w_len = P.window_length(geo)
+            assert w_len <= s_len and (w_len == s_len or (s_len - w_len) % 8 == 0)
+            for start in range(0, s_len - t + 8, 3):  # also chunks written past the cache
+                q0 = jnp.array([start])
+                _, ws = P.tail_window(k, q0, geo, R.default_inv_freq(8))
+                ws = int(ws[0])
+                c0, c1, l0 = (np.asarray(x)[0] for x in R.chunk_bounds(q0, geo))
+                ends = np.minimum(c1, s_len)
+                live = l0 < ends
+                assert ws % 8 == 0 and 0 <= ws and ws + w_len <= s_len, (s_len, t, start, ws)
+                assert (l0[live] >= ws).all() and (ends[live] <= ws + w_len).all(), (
+                    s_len, t, start, ws, w_len, l0, ends)
+                checked += int(live.sum())
+    assert checked > 100
 
 
 @pytest.mark.parametrize("tail_keys", ["rotated", "in_kernel"])
