@@ -224,21 +224,26 @@ def decode_step_unrotated(
     sin: Float[Array, "B D"],
     n_valid: Int[Array, "B"],
     config: CCAConfig,
+    positions: Int[Array, "B"] | None = None,
 ) -> tuple[Float[Array, "B Hq D"], FullCache | CCACache]:
     """:func:`extend_attention` of one token per sequence on the Pallas path, from the
     UN-rotated projections ``qkv`` (B, Hq + 2 Hkv, D) and the step's ``rope_cos_sin`` (B, D):
-    RoPE and the cache write are one kernel (``kernels/cca/pallas_rope_append.py``) instead of
-    about eight XLA kernels. Same result and cache as rotating first and calling
-    :func:`extend_attention` (see :func:`rotates_in_kernel` for when it applies)."""
-    first = cache.lengths
+    RoPE, the cache write and the lengths' update are one kernel
+    (``kernels/cca/pallas_rope_append.py``) instead of about ten XLA kernels. Same result and
+    cache as rotating first and calling :func:`extend_attention` (see :func:`rotates_in_kernel`
+    for when it applies).
+
+    ``positions``: the step's positions, equal to ``cache.lengths`` (default: that array). A
+    model passes one array for all its layers (layer 0's lengths), so that each layer's own
+    lengths are only written, in place, and XLA copies none of them."""
+    first = cache.lengths if positions is None else positions
     if isinstance(cache, FullCache):
         k_buf, v_buf, modulus, limit = cache.k, cache.v, cache.max_len, cache.max_len
     else:
         k_buf, v_buf, modulus, limit = cache.ring_k, cache.ring_v, cache.ring, cache.max_len
-    write = (n_valid > 0) & (first < limit)
-    q, k, v, k_buf, v_buf = pallas_rope_append.rope_append(
-        qkv, cos, sin, k_buf, v_buf, first, write, num_heads=config.num_heads, modulus=modulus)
-    lengths = first + n_valid
+    q, k, v, k_buf, v_buf, lengths = pallas_rope_append.rope_append(
+        qkv, cos, sin, k_buf, v_buf, first, n_valid, cache.lengths, num_heads=config.num_heads,
+        modulus=modulus, limit=limit)
     if isinstance(cache, FullCache):
         cache = FullCache(k_buf, v_buf, lengths)
     else:

@@ -133,15 +133,18 @@ class Attention(nnx.Module):
         return self._output(self._attention(*self._project(x, cos, sin)))
 
     def with_cache(self, x: Float[Array, "B C E"], cos, sin, cache: LayerCache,
-                   n_valid: Int[Array, "B"], *, prefill: bool) -> tuple[Array, LayerCache]:
+                   n_valid: Int[Array, "B"], *, prefill: bool,
+                   positions: Int[Array, "B"] | None = None) -> tuple[Array, LayerCache]:
         """``prefill``: x is a whole prompt at positions 0..C-1; the ordinary attention op gives
         the output and the cache is filled from it. Otherwise x holds C new tokens per sequence
         that attend to the cache and to each other (``jax_cca.decode.extend_attention``).
         Only the first ``n_valid[b]`` rows of x are written to the cache. A one-token step on
-        the Pallas decode path rotates q and k inside the kernel that writes the cache."""
+        the Pallas decode path rotates q and k inside the kernel that writes the cache, at the
+        step's ``positions`` (None: this layer's lengths)."""
         if not prefill and decode.rotates_in_kernel(cache, x.shape[1], self.config):
             o, cache = decode.decode_step_unrotated(cache, self.qkv_heads(x)[:, 0], cos[:, 0],
-                                                    sin[:, 0], n_valid, self.config)
+                                                    sin[:, 0], n_valid, self.config,
+                                                    positions=positions)
             return self._output(o[:, None]), cache
         q, k, v = self._project(x, cos, sin)
         if prefill:
@@ -165,12 +168,14 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def with_cache(self, x, pending, cos, sin, cache: LayerCache, n_valid, *, prefill: bool,
-                   norm_kernel: bool = False):
+                   norm_kernel: bool = False, positions=None):
         """Returns (x, pending, cache) with this layer's MLP output as the new ``pending``: the
         residual add waits for the next norm (``RMSNorm.add_then_norm``), which can then be one
-        kernel (``norm_kernel``) instead of three. ``pending`` None: nothing to add to x."""
+        kernel (``norm_kernel``) instead of three. ``pending`` None: nothing to add to x.
+        ``positions``: the step's, as ``Attention.with_cache`` takes them."""
         x, normed = self.input_layernorm.add_then_norm(x, pending, kernel=norm_kernel)
-        h, cache = self.self_attn.with_cache(normed, cos, sin, cache, n_valid, prefill=prefill)
+        h, cache = self.self_attn.with_cache(normed, cos, sin, cache, n_valid, prefill=prefill,
+                                             positions=positions)
         x, normed = self.post_attention_layernorm.add_then_norm(x, h, kernel=norm_kernel)
         return x, self.mlp(normed), cache
 
@@ -367,9 +372,11 @@ class CCALlama(nnx.Module):
         x, pending = self.embed_tokens(input_ids), None
         kernel = not prefill and decode.norms_in_kernel(chunk, self.config)
         new_cache = []
+        step = None if prefill else cache[0].lengths  # one array for every layer's kernels
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, pending, layer_cache = layer.with_cache(x, pending, cos, sin, layer_cache, n_valid,
-                                                       prefill=prefill, norm_kernel=kernel)
+                                                       prefill=prefill, norm_kernel=kernel,
+                                                       positions=step)
             new_cache.append(layer_cache)
         if chunk > 1:  # (B, 1, E): only the rows of each sequence's last valid token
             last = jnp.clip(n_valid - 1, 0, chunk - 1)[:, None, None]

@@ -49,10 +49,13 @@ def _rotate(x_ref, cos_ref, sin_ref, half: int):
     return out1.astype(dt), out2.astype(dt)
 
 
-def _kernel(pos_ref, write_ref, cos_ref, sin_ref, x_ref, v_ref, k_buf_in, v_buf_in,
-            q_out, k_out, v_out, k_buf, v_buf, *, hq: int, half: int, modulus: int):
-    del k_buf_in, v_buf_in  # aliased to k_buf, v_buf: only row slot(t) changes
+def _kernel(pos_ref, valid_ref, cos_ref, sin_ref, x_ref, v_ref, k_buf_in, v_buf_in, len_in,
+            q_out, k_out, v_out, k_buf, v_buf, len_out, *, hq: int, half: int, modulus: int,
+            limit: int):
+    del k_buf_in, v_buf_in, len_in  # aliased to k_buf, v_buf, len_out; len_in is never read
     i = pl.program_id(1)
+    pos, valid = pos_ref[()], valid_ref[()]
+    len_out[()] = pos + valid  # every program of the row writes the same value
     out1, out2 = _rotate(x_ref, cos_ref, sin_ref, half)
     lo, hi = pl.ds(0, half), pl.ds(half, half)
 
@@ -68,9 +71,9 @@ def _kernel(pos_ref, write_ref, cos_ref, sin_ref, x_ref, v_ref, k_buf_in, v_buf_
         value = v_ref[...]
         v_out[...] = value
 
-        @pl.when(write_ref[()] > 0)
+        @pl.when((valid > 0) & (pos < limit))
         def _():
-            row = pl.ds(jax.lax.rem(pos_ref[()], modulus), 1)
+            row = pl.ds(jax.lax.rem(pos, modulus), 1)
             k_buf[row, lo] = out1[None, :].astype(k_buf.dtype)
             k_buf[row, hi] = out2[None, :].astype(k_buf.dtype)
             v_buf[row, :] = value[None, :].astype(v_buf.dtype)
@@ -83,25 +86,33 @@ def rope_append(
     k_buf: Float[Array, "B S Hkv D"],
     v_buf: Float[Array, "B S Hkv D"],
     positions: Int[Array, "B"],
-    write: Int[Array, "B"],
+    n_valid: Int[Array, "B"],
+    lengths: Int[Array, "B"] | None = None,
     *,
     num_heads: int,
     modulus: int | None = None,
+    limit: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "B Hq D"], Float[Array, "B Hkv D"], Float[Array, "B Hkv D"],
-           Float[Array, "B S Hkv D"], Float[Array, "B S Hkv D"]]:
-    """(q, k, v, k_buf, v_buf) of one new token per sequence: q and k rotated, and for every
-    sequence b with ``write[b]`` true the rotated key and the value stored in row
-    ``positions[b] % modulus`` of the buffers (default modulus: S, the buffer's rows), every
-    other row unchanged.
+           Float[Array, "B S Hkv D"], Float[Array, "B S Hkv D"], Int[Array, "B"]]:
+    """(q, k, v, k_buf, v_buf, lengths) of one new token per sequence at ``positions``: q and k
+    rotated; where ``n_valid[b] > 0`` and ``positions[b] < limit`` (default limit: S, the
+    buffer's rows) the rotated key and the value stored in row ``positions[b] % modulus`` of the
+    buffers (default modulus: S), every other row unchanged; and the cache's new lengths,
+    positions + n_valid, written over ``lengths`` (the layer's old lengths, never read; None: a
+    new array). In a decode step this replaces two one-thread XLA kernels per layer (the write
+    predicate and the lengths' sum).
 
     ``qkv``: the un-rotated projections, query heads first, then ``Hkv`` key and ``Hkv`` value
     heads. ``cos``, ``sin``: ``jax_cca.rope.rope_cos_sin`` at ``positions`` (float32). The
-    buffers are updated in place when the caller donates them (a jitted decode step)."""
+    buffers and ``lengths`` are updated in place when the caller donates them (a jitted decode
+    step); ``positions`` must then be another array than ``lengths`` (e.g. the step's positions,
+    not the layer's own lengths), or XLA copies ``lengths`` first."""
     b, h3, d = qkv.shape
     _, s, hkv, _ = k_buf.shape
     hq = num_heads
     modulus = s if modulus is None else modulus
+    limit = s if limit is None else limit
     if not supports(d):
         raise ValueError(f"the RoPE + append kernel needs an even power-of-two head dim; got {d}")
     if h3 != hq + 2 * hkv:
@@ -115,7 +126,11 @@ def rope_append(
                          f"and head_dim {d}; got {k_buf.shape} and {v_buf.shape}")
     if not 0 < modulus <= s:
         raise ValueError(f"modulus must be in [1, {s}] (the buffer's rows); got {modulus}")
-    kernel = functools.partial(_kernel, hq=hq, half=d // 2, modulus=modulus)
+    lengths = jnp.zeros((b,), jnp.int32) if lengths is None else lengths
+    if positions.shape != (b,) or n_valid.shape != (b,) or lengths.shape != (b,):
+        raise ValueError(f"positions, n_valid and lengths must be ({b},); got {positions.shape}, "
+                         f"{n_valid.shape} and {lengths.shape}")
+    kernel = functools.partial(_kernel, hq=hq, half=d // 2, modulus=modulus, limit=limit)
     kv_head = lambda i: jnp.maximum(i - hq, 0)
     scalar = pl.BlockSpec((None,), lambda bi, i: (bi,))
     vector = pl.BlockSpec((None, d), lambda bi, i: (bi, 0))
@@ -127,19 +142,20 @@ def rope_append(
         in_specs=[scalar, scalar, vector, vector,
                   head(lambda bi, i: (bi, i, 0)),  # q head i or k head i - Hq
                   head(lambda bi, i: (bi, i + hkv, 0)),  # v head i - Hq (unused for i < Hq)
-                  buffer, buffer],
+                  buffer, buffer, scalar],
         out_specs=[head(lambda bi, i: (bi, jnp.minimum(i, hq - 1), 0)),
                    head(lambda bi, i: (bi, kv_head(i), 0)),
                    head(lambda bi, i: (bi, kv_head(i), 0)),
-                   buffer, buffer],
+                   buffer, buffer, scalar],
         out_shape=[jax.ShapeDtypeStruct((b, hq, d), qkv.dtype),
                    jax.ShapeDtypeStruct((b, hkv, d), qkv.dtype),
                    jax.ShapeDtypeStruct((b, hkv, d), qkv.dtype),
                    jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
-                   jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype)],
-        inputs=[positions.astype(jnp.int32), write.astype(jnp.int32), cos.astype(jnp.float32),
-                sin.astype(jnp.float32), qkv, qkv, k_buf, v_buf],
-        aliases={6: 3, 7: 4},
+                   jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype),
+                   jax.ShapeDtypeStruct((b,), jnp.int32)],
+        inputs=[positions.astype(jnp.int32), n_valid.astype(jnp.int32), cos.astype(jnp.float32),
+                sin.astype(jnp.float32), qkv, qkv, k_buf, v_buf, lengths.astype(jnp.int32)],
+        aliases={6: 3, 7: 4, 8: 5},
         num_warps=1,
         num_stages=1,
         interpret=resolve_interpret(interpret),

@@ -31,13 +31,18 @@ from kernels.triton_common import poison_outputs  # noqa: F401  (public here too
 
 # ------------------------------------------------------------------------------ RoPE + append
 @triton.jit
-def _rope_append_kernel(X, COS, SIN, POS, WRITE, QO, KO, VO, KB, VB,
-                        sx_b, sx_h, sq_b, sq_h, sk_b, sk_h, sb_b, sb_s, sb_h, modulus,
+def _rope_append_kernel(X, COS, SIN, POS, VALID, QO, KO, VO, KB, VB, LENGTHS,
+                        sx_b, sx_h, sq_b, sq_h, sk_b, sk_h, sb_b, sb_s, sb_h, modulus, limit,
                         HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
     """Program (i, b): i < HQ rotates query head i; i >= HQ rotates key head h = i - HQ, copies
-    value head h and, if WRITE[b], writes both to row POS[b] % modulus of the buffers."""
+    value head h and, if VALID[b] > 0 and POS[b] < limit, writes both to row POS[b] % modulus
+    of the buffers. Program (0, b) stores the new length POS[b] + VALID[b]."""
     i = tl.program_id(0)
     b = tl.program_id(1)
+    pos = tl.load(POS + b)
+    valid = tl.load(VALID + b)
+    if i == 0:
+        tl.store(LENGTHS + b, pos + valid)
     lo = tl.arange(0, HALF)
     x_row = X + b * sx_b + i * sx_h
     x1 = tl.load(x_row + lo)
@@ -63,8 +68,8 @@ def _rope_append_kernel(X, COS, SIN, POS, WRITE, QO, KO, VO, KB, VB,
         tl.store(KO + out + HALF + lo, r2)
         tl.store(VO + out + lo, v1)
         tl.store(VO + out + HALF + lo, v2)
-        if tl.load(WRITE + b) != 0:
-            row = b * sb_b + (tl.load(POS + b) % modulus) * sb_s + h * sb_h
+        if (valid > 0) & (pos < limit):
+            row = b * sb_b + (pos % modulus) * sb_s + h * sb_h
             tl.store(KB + row + lo, r1)
             tl.store(KB + row + HALF + lo, r2)
             tl.store(VB + row + lo, v1)
@@ -72,11 +77,15 @@ def _rope_append_kernel(X, COS, SIN, POS, WRITE, QO, KO, VO, KB, VB,
 
 
 def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_buf: torch.Tensor,
-                v_buf: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, *,
-                num_heads: int, modulus: int):
-    """(q (B, Hq, D), k, v (B, Hkv, D), k_buf, v_buf) from the un-rotated ``qkv`` (B, Hq + 2 Hkv,
-    D) and the step's cos, sin (B, D): q and k rotated; for every b with ``write[b]``, k and v
-    also written to row ``positions[b] % modulus`` of copies of the buffers (B, S, Hkv, D)."""
+                v_buf: torch.Tensor, positions: torch.Tensor, n_valid: torch.Tensor,
+                lengths: torch.Tensor | None = None, *, num_heads: int, modulus: int,
+                limit: int | None = None):
+    """(q (B, Hq, D), k, v (B, Hkv, D), k_buf, v_buf, lengths (B,)) from the un-rotated ``qkv``
+    (B, Hq + 2 Hkv, D) and the step's cos, sin (B, D): q and k rotated; for every b with
+    ``n_valid[b] > 0`` and ``positions[b] < limit`` (default: the buffers' rows), k and v also
+    written to row ``positions[b] % modulus`` of copies of the buffers (B, S, Hkv, D); lengths =
+    positions + n_valid (``lengths``, the old ones, is not read: torch tensors are not donated)."""
+    del lengths
     if qkv.ndim != 3 or k_buf.ndim != 4 or k_buf.shape != v_buf.shape:
         raise ValueError(f"expected qkv (B, Hq + 2 Hkv, D) and buffers (B, S, Hkv, D); got "
                          f"{tuple(qkv.shape)}, {tuple(k_buf.shape)}, {tuple(v_buf.shape)}")
@@ -92,19 +101,24 @@ def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_buf: 
                          f"{tuple(cos.shape)}, {tuple(sin.shape)}, {modulus}")
     if k_buf.dtype != qkv.dtype or v_buf.dtype != qkv.dtype:
         raise ValueError(f"buffers must have qkv's dtype {qkv.dtype}; got {k_buf.dtype}")
+    if tuple(positions.shape) != (b,) or tuple(n_valid.shape) != (b,):
+        raise ValueError(f"positions and n_valid must be ({b},); got {tuple(positions.shape)} "
+                         f"and {tuple(n_valid.shape)}")
+    limit = k_buf.shape[1] if limit is None else limit
     check_runnable(qkv)
     qkv = qkv.contiguous()
     k_buf, v_buf = k_buf.clone().contiguous(), v_buf.clone().contiguous()
     q = _output((b, num_heads, d), qkv.dtype, qkv.device)
     k = _output((b, hkv, d), qkv.dtype, qkv.device)
     v = _output((b, hkv, d), qkv.dtype, qkv.device)
+    new_lengths = _output((b,), torch.int32, qkv.device)
     _rope_append_kernel[(num_heads + hkv, b)](
         qkv, cos.float().contiguous(), sin.float().contiguous(),
-        positions.to(torch.int32).contiguous(), write.to(torch.int32).contiguous(),
-        q, k, v, k_buf, v_buf, qkv.stride(0), qkv.stride(1), q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), modulus,
-        HQ=num_heads, HKV=hkv, HALF=d // 2, num_warps=1)
-    return q, k, v, k_buf, v_buf
+        positions.to(torch.int32).contiguous(), n_valid.to(torch.int32).contiguous(),
+        q, k, v, k_buf, v_buf, new_lengths, qkv.stride(0), qkv.stride(1), q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
+        modulus, limit, HQ=num_heads, HKV=hkv, HALF=d // 2, num_warps=1)
+    return q, k, v, k_buf, v_buf, new_lengths
 
 
 # ------------------------------------------------------------------------------ pooling

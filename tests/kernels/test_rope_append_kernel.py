@@ -32,17 +32,19 @@ def _inputs(b, hq, hkv, d, rows, dtype, seed):
     return rand(b, hq + 2 * hkv, d), rand(b, rows, hkv, d), rand(b, rows, hkv, d)
 
 
-def _xla(qkv, k_buf, v_buf, positions, write, hq, modulus, cos, sin):
-    """apply_rope on q and k, then the write of k and v to row positions % modulus."""
+def _xla(qkv, k_buf, v_buf, positions, n_valid, hq, modulus, limit, cos, sin):
+    """apply_rope on q and k, the write of k and v to row positions % modulus where n_valid > 0
+    and positions < limit (what the decode step did in XLA), and the lengths' sum."""
     hkv = k_buf.shape[2]
     q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
     q = apply_rope(q[:, None], cos[:, None], sin[:, None])[:, 0]
     k = apply_rope(k[:, None], cos[:, None], sin[:, None])[:, 0]
+    write = (n_valid > 0) & (positions < limit)
     index = jnp.where(write, positions % modulus, k_buf.shape[1])[:, None]
     batch = jnp.arange(qkv.shape[0])[:, None]
     k_buf = k_buf.at[batch, index].set(k[:, None], mode="drop")
     v_buf = v_buf.at[batch, index].set(v[:, None], mode="drop")
-    return q, k, v, k_buf, v_buf
+    return q, k, v, k_buf, v_buf, positions + n_valid
 
 
 def _cos_sin(positions, d, theta=10000.0):
@@ -54,10 +56,10 @@ def _cos_sin(positions, d, theta=10000.0):
 
 def _assert_equal(got, want):
     """v and the value buffer to the bit; q, k and the key buffer within 2 ulp (see above)."""
-    for name, a, b in zip(("q", "k", "v", "k_buf", "v_buf"), got, want, strict=True):
+    for name, a, b in zip(("q", "k", "v", "k_buf", "v_buf", "lengths"), got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        if name.startswith("v"):
+        if name.startswith("v") or name == "lengths":
             np.testing.assert_array_equal(a, b, err_msg=name)
         else:
             eps = float(jnp.finfo(got[0].dtype).eps)
@@ -76,22 +78,27 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_rope_append_equals_xla_ops(case):
-    """Batch 3 at positions inside the buffer, past the modulus (wrapping) and one row not
-    written (``write`` false): every output equal as above."""
+    """Batch 3 at positions inside the buffer, past the modulus (wrapping), one row with no
+    valid token and positions at or past ``limit`` (not written): every output equal as above,
+    the new lengths exact; the old lengths (garbage here) are overwritten, not read."""
     hq, hkv, d, rows, modulus, dtype = case
-    run = jax.jit(lambda *a: pallas_rope_append.rope_append(*a, num_heads=hq, modulus=modulus))
+    limit = 2 * modulus + 1
+    run = jax.jit(lambda *a: pallas_rope_append.rope_append(*a, num_heads=hq, modulus=modulus,
+                                                            limit=limit))
+    n_valid = jnp.asarray([1, 0, 1], jnp.int32)
     with poison_outputs():
         for seed, pos in enumerate([(0, 5, modulus - 1), (modulus, 3 * modulus + 2, 77777)]):
             qkv, k_buf, v_buf = _inputs(3, hq, hkv, d, rows, dtype, seed)
             positions = jnp.asarray(pos, jnp.int32)
-            write = jnp.asarray([True, False, True])
             cos, sin = _cos_sin(positions, d)
-            got = run(qkv, cos, sin, k_buf, v_buf, positions, write)
-            _assert_equal(got, _xla(qkv, k_buf, v_buf, positions, write, hq, modulus, cos, sin))
+            got = run(qkv, cos, sin, k_buf, v_buf, positions, n_valid, jnp.full((3,), -7))
+            _assert_equal(got, _xla(qkv, k_buf, v_buf, positions, n_valid, hq, modulus, limit,
+                                    cos, sin))
             # Rows other than the written ones keep their values, to the bit.
             written = np.zeros(k_buf.shape[:2], bool)
-            for b, (p, w) in enumerate(zip(pos, [True, False, True])):
-                written[b, p % modulus] = w
+            for b, (p, n) in enumerate(zip(pos, [1, 0, 1])):
+                written[b, p % modulus] = n > 0 and p < limit
+            assert written.sum() == 2 - seed  # rows without a token, then also one past limit
             np.testing.assert_array_equal(np.asarray(got[3])[~written], np.asarray(k_buf)[~written])
 
 
@@ -108,6 +115,8 @@ def test_rope_append_refuses_bad_inputs():
         call(qkv, cos, sin, k_buf, v_buf, pos, pos, num_heads=4, modulus=9)
     with pytest.raises(ValueError, match="buffers"):
         call(qkv, cos, sin, k_buf, v_buf[:, :4], pos, pos, num_heads=4)
+    with pytest.raises(ValueError, match="lengths must be"):
+        call(qkv, cos, sin, k_buf, v_buf, pos, pos, pos[:1], num_heads=4)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         call(qkv[..., :48], cos[:, :48], sin[:, :48], k_buf[..., :48], v_buf[..., :48], pos, pos,
              num_heads=4)
@@ -125,8 +134,8 @@ def test_decode_step_unrotated_equals_rotate_then_extend(attention):
                             implementation="pallas")
     hq, hkv, max_len = 4, 2, 48
     assert decode.rotates_in_kernel(_random_cache(config, 2, max_len, [0, 0], 0), 1, config)
-    new = jax.jit(lambda c, qkv, cos, sin: decode.decode_step_unrotated(
-        c, qkv, cos, sin, jnp.ones((2,), jnp.int32), config))
+    new = jax.jit(lambda c, qkv, cos, sin, pos: decode.decode_step_unrotated(
+        c, qkv, cos, sin, jnp.ones((2,), jnp.int32), config, positions=pos))
 
     def old(cache, qkv, cos, sin):
         q, k, v = qkv[:, None, :hq], qkv[:, None, hq:hq + hkv], qkv[:, None, hq + hkv:]
@@ -139,7 +148,9 @@ def test_decode_step_unrotated_equals_rotate_then_extend(attention):
             cache = _random_cache(config, 2, max_len, lengths, seed)
             qkv = _inputs(2, hq, hkv, 64, 1, "float32", seed + 50)[0]
             cos, sin = _cos_sin(jnp.asarray(lengths, jnp.int32), 64)
-            got, got_cache = new(cache, qkv, cos, sin)
+            # the step's positions as a separate array (a model's layer 0 lengths), or None
+            pos = None if seed % 2 else jnp.asarray(lengths, jnp.int32)
+            got, got_cache = new(cache, qkv, cos, sin, pos)
             want, want_cache = jax.jit(old)(cache, qkv, cos, sin)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
             for a, b in zip(jax.tree_util.tree_leaves(got_cache),
@@ -149,6 +160,36 @@ def test_decode_step_unrotated_equals_rotate_then_extend(attention):
                 else:  # the rotated key may differ in its last bit (see the module docstring)
                     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
                                                atol=1e-6)
+
+
+def test_model_decode_step_leaves_no_lengths_arithmetic_to_xla(monkeypatch):
+    """The model's one-token step lowered for CUDA (jax.export, on the CPU): the write
+    predicate and the new lengths of every layer are computed inside ``rope_append``, so no
+    per-layer compare, convert or add on the (B,) lengths is left to XLA. Each of those was a
+    one-thread kernel of its own, twice per layer (64 launches of a 7B step)."""
+    import re
+    from flax import nnx
+
+    config = CCAConfig.tiny(attention="cca", num_layers=3, num_heads=4, num_kv_heads=2,
+                            head_dim=64, hidden_size=128, group_size=4, local_window=8,
+                            implementation="pallas")
+    model = CCALlama.from_config(config)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(2, 64)
+
+    def step(state, tokens, cache):
+        return nnx.merge(graphdef, state).cached_forward(
+            tokens[:, None], jnp.ones((2,), jnp.int32), cache, prefill=False)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lower the Pallas GPU path
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = jax.export.export(jax.jit(step), platforms=["cuda"], disabled_checks=checks)(
+        state, jnp.zeros((2,), jnp.int32), cache).mlir_module()
+    monkeypatch.undo()
+    scalar_ops = re.findall(r"stablehlo\.(compare|convert|add|and)\b[^\n]*tensor<2xi(?:32|1)>"
+                            r"(?: loc\([^)]*\))?\s*$", text, re.M)
+    assert scalar_ops == [], scalar_ops
+    assert len(re.findall(r'"?rope_append"?', text)) >= 3  # the kernel path was lowered
 
 
 def test_model_takes_the_kernel_path_only_for_one_token_pallas_steps():
@@ -172,10 +213,11 @@ def test_gpu_rope_append_equals_xla_ops(hq, hkv, rows, modulus):
     d = 128
     qkv, k_buf, v_buf = _inputs(2, hq, hkv, d, rows, "bfloat16", 7)
     positions = jnp.asarray([131071, rows - 1], jnp.int32)
-    write = jnp.asarray([True, True])
+    n_valid = jnp.asarray([1, 1], jnp.int32)
     cos, sin = _cos_sin(positions, d, theta=500000.0)
-    got = jax.jit(lambda *a: pallas_rope_append.rope_append(*a, num_heads=hq, modulus=modulus))(
-        qkv, cos, sin, k_buf, v_buf, positions, write)
-    want = jax.jit(lambda *a: _xla(*a, hq, modulus, cos, sin))(qkv, k_buf, v_buf, positions,
-                                                                write)
+    got = jax.jit(lambda *a: pallas_rope_append.rope_append(*a, num_heads=hq, modulus=modulus,
+                                                            limit=131144))(
+        qkv, cos, sin, k_buf, v_buf, positions, n_valid)
+    want = jax.jit(lambda *a: _xla(*a, hq, modulus, 131144, cos, sin))(
+        qkv, k_buf, v_buf, positions, n_valid)
     _assert_equal(got, want)

@@ -159,25 +159,30 @@ def _rope_case(hq, hkv, d, rows, modulus, dtype, seed, positions):
     k_buf, v_buf = _rand(rng, (b, rows, hkv, d), dtype), _rand(rng, (b, rows, hkv, d), dtype)
     positions = jnp.asarray(positions, jnp.int32)
     cos, sin = _cos_sin(positions, d, theta=500000.0)
-    write = jnp.asarray([i % 3 != 2 for i in range(b)])
-    return qkv, cos, sin, k_buf, v_buf, positions, write
+    n_valid = jnp.asarray([int(i % 3 != 2) for i in range(b)], jnp.int32)
+    return qkv, cos, sin, k_buf, v_buf, positions, n_valid
 
 
 def _rope_twins(case, args):
     from kernels.cca import pallas_rope_append
 
-    hq, _, _, _, modulus, dtype = case
+    hq, _, _, rows, modulus, dtype = case
+    limit = rows + 5  # the second of the positions below is not written
     with poison_outputs():
         pallas = jax.jit(lambda *a: pallas_rope_append.rope_append(
-            *a, num_heads=hq, modulus=modulus))(*args)
+            *a, num_heads=hq, modulus=modulus, limit=limit))(*args)
     kernels = triton_module("kernels.cca.triton_decode_step")
     with kernels.poison_outputs():
-        triton = kernels.rope_append(*(_torch(a) for a in args), num_heads=hq, modulus=modulus)
-    for name, a, b in zip(("q", "k", "v", "k_buf", "v_buf"), triton, pallas, strict=True):
-        # v is a copy: to the bit. The rotated rows may differ where a compiler contracts a
-        # product and the sum into one FMA: the tolerance of tests/kernels/
+        triton = kernels.rope_append(*(_torch(a) for a in args), num_heads=hq, modulus=modulus,
+                                     limit=limit)
+    for name, a, b in zip(("q", "k", "v", "k_buf", "v_buf", "lengths"), triton, pallas,
+                          strict=True):
+        # v is a copy, lengths a sum: to the bit. The rotated rows may differ where a compiler
+        # contracts a product and the sum into one FMA: the tolerance of tests/kernels/
         # test_rope_append_kernel.py (2 ulp, and 4 ulp of the N(0, 1) inputs' scale).
-        if name.startswith("v"):
+        if name == "lengths":
+            np.testing.assert_array_equal(a.cpu().numpy(), np.asarray(b))
+        elif name.startswith("v"):
             _close(a.float().cpu().numpy(), b, dtype, 0)
         else:
             _close(a.float().cpu().numpy(), b, dtype, 2, atol_ulps=4)
@@ -186,7 +191,8 @@ def _rope_twins(case, args):
 @pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_rope_append_twins_agree(case):
     """Triton and Pallas RoPE + cache write: MHA and GQA, positions past the modulus (wrapping),
-    a row left unwritten (write False), buffer rows not a power of two."""
+    a row without a valid token and one at the write limit (both left unwritten), buffer rows
+    not a power of two; the new lengths."""
     hq, hkv, d, rows, modulus, dtype = case
     args = _rope_case(*case, seed=rows, positions=[3, rows + 5, 2 * rows - 1, 0])
     _rope_twins(case, args)
