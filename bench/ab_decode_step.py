@@ -1,7 +1,9 @@
 """A/B of decode-step variants in one process: the residual add + RMSNorm kernel
-(``decode.norms_in_kernel``) on or off, and the decode kernel's launch rule (the default
+(``decode.norms_in_kernel``) on or off, the decode kernel's launch rule (the default
 ``DecodeConfig``, 3 stages / about 256 programs, or 2 stages / about 384 programs, the best of
-an isolated H200 sweep, ``tune_decode_h200.json``), LLaMA-2-7B shapes, bf16, batch 1, CCA at
+an isolated H200 sweep, ``tune_decode_h200.json``), and "XLA lengths" (the shipped step with
+the write predicate and the lengths' update back in XLA, as before a03e6ff: two one-thread
+kernels per layer more), LLaMA-2-7B shapes, bf16, batch 1, CCA at
 ``--context`` tokens (synthetic cache), random weights. ``--xla NAME=OPTION=VALUE,...`` adds a
 variant of the shipped step compiled with XLA options (``Lowered.compile(compiler_options=)``,
 e.g. ``pdl-on=xla_gpu_enable_pdl=true``); ``--variants`` picks which built-in ones run.
@@ -31,14 +33,32 @@ from bench.bench_decode import (PIPELINE, base_config, cache_bytes_read, decode_
                                 random_state, synthetic_cache, weight_bytes_read)
 from bench.common import environment, measure_peaks
 from jax_cca import decode
-from kernels.cca import pallas_decode
+from kernels.cca import pallas_decode, pallas_rope_append
+
+
+def _xla_lengths(rope_append):
+    """``rope_append`` as it was called before the kernel took the lengths over (a03e6ff): the
+    write predicate and the new lengths as XLA ops on the layer's own lengths, two one-thread
+    kernels per layer."""
+    def call(qkv, cos, sin, k_buf, v_buf, positions, n_valid, lengths=None, *, num_heads,
+             modulus=None, limit=None, interpret=None):
+        own = positions if lengths is None else lengths
+        limit = k_buf.shape[1] if limit is None else limit
+        write = ((n_valid > 0) & (own < limit)).astype(jnp.int32)
+        q, k, v, k_buf, v_buf, _ = rope_append(
+            qkv, cos, sin, k_buf, v_buf, own, write, None, num_heads=num_heads, modulus=modulus,
+            limit=jnp.iinfo(jnp.int32).max, interpret=interpret)
+        return q, k, v, k_buf, v_buf, own + n_valid
+    return call
 
 
 @contextlib.contextmanager
-def variant(norm_kernel: bool, sweep_launch: bool):
+def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False):
     """Patches what the step reads at trace time; restores it after compiling."""
     saved = (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
-             pallas_decode.default_decode_config)
+             pallas_decode.default_decode_config, pallas_rope_append.rope_append)
+    if xla_lengths:
+        pallas_rope_append.rope_append = _xla_lengths(pallas_rope_append.rope_append)
     if not norm_kernel:
         decode.norms_in_kernel = lambda *a, **k: False
     if sweep_launch:
@@ -50,11 +70,12 @@ def variant(norm_kernel: bool, sweep_launch: bool):
         yield
     finally:
         (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
-         pallas_decode.default_decode_config) = saved
+         pallas_decode.default_decode_config, pallas_rope_append.rope_append) = saved
 
 
 VARIANTS = {"norm kernel, 3 stages/256": (True, False), "XLA norms, 3 stages/256": (False, False),
-            "norm kernel, 2 stages/384": (True, True), "XLA norms, 2 stages/384": (False, True)}
+            "norm kernel, 2 stages/384": (True, True), "XLA norms, 2 stages/384": (False, True),
+            "XLA lengths": (True, False, True)}
 
 
 def _option(text: str) -> tuple[str, object]:

@@ -49,10 +49,12 @@ def _rotate(x_ref, cos_ref, sin_ref, half: int):
     return out1.astype(dt), out2.astype(dt)
 
 
-def _kernel(pos_ref, valid_ref, cos_ref, sin_ref, x_ref, v_ref, k_buf_in, v_buf_in, len_in,
-            q_out, k_out, v_out, k_buf, v_buf, len_out, *, hq: int, half: int, modulus: int,
-            limit: int):
-    del k_buf_in, v_buf_in, len_in  # aliased to k_buf, v_buf, len_out; len_in is never read
+def _kernel(pos_ref, valid_ref, cos_ref, sin_ref, x_ref, v_ref, k_buf_in, v_buf_in, *refs,
+            hq: int, half: int, modulus: int, limit: int):
+    # refs: [old lengths (aliased to len_out, never read)], q_out, k_out, v_out, k_buf, v_buf,
+    # len_out; k_buf_in, v_buf_in are aliased to k_buf, v_buf: only row slot(t) changes
+    del k_buf_in, v_buf_in
+    q_out, k_out, v_out, k_buf, v_buf, len_out = refs[-6:]
     i = pl.program_id(1)
     pos, valid = pos_ref[()], valid_ref[()]
     len_out[()] = pos + valid  # every program of the row writes the same value
@@ -107,7 +109,8 @@ def rope_append(
     heads. ``cos``, ``sin``: ``jax_cca.rope.rope_cos_sin`` at ``positions`` (float32). The
     buffers and ``lengths`` are updated in place when the caller donates them (a jitted decode
     step); ``positions`` must then be another array than ``lengths`` (e.g. the step's positions,
-    not the layer's own lengths), or XLA copies ``lengths`` first."""
+    not the layer's own lengths), or XLA copies ``lengths`` first. With ``lengths`` None the new
+    lengths are a new output (nothing to alias)."""
     b, h3, d = qkv.shape
     _, s, hkv, _ = k_buf.shape
     hq = num_heads
@@ -126,10 +129,10 @@ def rope_append(
                          f"and head_dim {d}; got {k_buf.shape} and {v_buf.shape}")
     if not 0 < modulus <= s:
         raise ValueError(f"modulus must be in [1, {s}] (the buffer's rows); got {modulus}")
-    lengths = jnp.zeros((b,), jnp.int32) if lengths is None else lengths
-    if positions.shape != (b,) or n_valid.shape != (b,) or lengths.shape != (b,):
+    old = [] if lengths is None else [lengths.astype(jnp.int32)]
+    if positions.shape != (b,) or n_valid.shape != (b,) or any(x.shape != (b,) for x in old):
         raise ValueError(f"positions, n_valid and lengths must be ({b},); got {positions.shape}, "
-                         f"{n_valid.shape} and {lengths.shape}")
+                         f"{n_valid.shape} and {None if lengths is None else lengths.shape}")
     kernel = functools.partial(_kernel, hq=hq, half=d // 2, modulus=modulus, limit=limit)
     kv_head = lambda i: jnp.maximum(i - hq, 0)
     scalar = pl.BlockSpec((None,), lambda bi, i: (bi,))
@@ -142,7 +145,7 @@ def rope_append(
         in_specs=[scalar, scalar, vector, vector,
                   head(lambda bi, i: (bi, i, 0)),  # q head i or k head i - Hq
                   head(lambda bi, i: (bi, i + hkv, 0)),  # v head i - Hq (unused for i < Hq)
-                  buffer, buffer, scalar],
+                  buffer, buffer] + [scalar] * len(old),
         out_specs=[head(lambda bi, i: (bi, jnp.minimum(i, hq - 1), 0)),
                    head(lambda bi, i: (bi, kv_head(i), 0)),
                    head(lambda bi, i: (bi, kv_head(i), 0)),
@@ -154,8 +157,8 @@ def rope_append(
                    jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype),
                    jax.ShapeDtypeStruct((b,), jnp.int32)],
         inputs=[positions.astype(jnp.int32), n_valid.astype(jnp.int32), cos.astype(jnp.float32),
-                sin.astype(jnp.float32), qkv, qkv, k_buf, v_buf, lengths.astype(jnp.int32)],
-        aliases={6: 3, 7: 4, 8: 5},
+                sin.astype(jnp.float32), qkv, qkv, k_buf, v_buf, *old],
+        aliases={6: 3, 7: 4, **({8: 5} if old else {})},
         num_warps=1,
         num_stages=1,
         interpret=resolve_interpret(interpret),

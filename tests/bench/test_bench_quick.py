@@ -153,6 +153,42 @@ def test_ab_decode_step_checks_its_variants_and_options():
     assert ab_decode_step._option("a=b") == ("a", "b")
 
 
+def test_ab_decode_step_xla_lengths_variant_is_the_same_step():
+    """The "XLA lengths" variant (the write predicate and the lengths' update as XLA ops, as
+    before they moved into ``rope_append``) computes the shipped step's logits and cache, so
+    its A/B times only where that bookkeeping runs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from bench import ab_decode_step
+    from jax_cca import CCAConfig, CCALlama
+
+    config = CCAConfig.tiny(attention="cca", num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=64, hidden_size=128, group_size=4, local_window=8,
+                            implementation="pallas")
+    model = CCALlama.from_config(config, seed=1)
+    graphdef, state = nnx.split(model)
+    _, cache = model.prefill(np.arange(14, dtype=np.int32).reshape(2, 7) % 50,
+                             np.array([7, 4]), model.init_cache(2, 32))
+    tokens, n_valid = jnp.array([3, 5], jnp.int32), jnp.array([1, 0], jnp.int32)
+
+    def step(cache):
+        return nnx.merge(graphdef, state).cached_forward(tokens[:, None], n_valid, cache,
+                                                         prefill=False)
+
+    outs = {}
+    for name in ("norm kernel, 3 stages/256", "XLA lengths"):
+        with ab_decode_step.variant(*ab_decode_step.VARIANTS[name]):
+            outs[name] = jax.jit(step)(cache)
+    assert ab_decode_step.pallas_rope_append.rope_append.__name__ == "rope_append"  # restored
+    a, b = (jax.tree_util.tree_leaves(o) for o in outs.values())
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert np.asarray(outs["XLA lengths"][1][0].lengths).tolist() == [8, 4]
+
+
 def test_tune_decode_quick(tmp_path):
     """Each decode-kernel config timed and checked against the default config's output."""
     out = tmp_path / "tune.json"
