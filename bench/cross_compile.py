@@ -4,6 +4,8 @@
     PYTHONPATH=. python bench/cross_compile.py reattention --set mgpu_merge=rows
     PYTHONPATH=. python bench/cross_compile.py reattention-decode --length 16384 --kv-heads 8
     PYTHONPATH=. python bench/cross_compile.py decode-step --attention cca --context 131072
+    PYTHONPATH=. python bench/cross_compile.py cca --length 131072       # forward + backward
+    PYTHONPATH=. python bench/cross_compile.py prefill --attention cca --length 32768 --layers 2
 
 XLA compiles for a GPU described by a target config (``bench/gpu_specs/*.txtpb``) through a
 compile-only device, and Mosaic GPU and Triton kernels go through ptxas as they would on the
@@ -95,6 +97,8 @@ def compile_program(fn, args, device, dump: Path, options: dict | None = None):
     os.environ["MOSAIC_GPU_DUMP_TO"] = str(dump / "mosaic")
     os.environ["MOSAIC_GPU_DUMP_PTX"] = "1"
     opts = {"xla_dump_to": str(dump / "xla"), "xla_dump_hlo_pass_re": "NONE"}
+    if tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11):
+        opts["xla_dump_emitter_re"] = ".*"  # XLA writes the kernels' PTX only when asked
     opts.update(options or {})
     t0 = time.perf_counter()
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)  # keep a jit's donations
@@ -187,6 +191,8 @@ def kernel_resources(dump: Path, ptxas: str) -> list[dict]:
     out = []
     files = sorted((dump / "xla").glob("*.ptx")) + sorted((dump / "mosaic").glob("*.ptx"))
     for ptx in files:
+        if not ptx.stat().st_size:  # a module without kernels
+            continue
         res = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
                              capture_output=True, text=True)
         if res.returncode:
@@ -270,8 +276,43 @@ def decode_step_program(args, sharding):
     return decode_fn(graphdef), (state, tokens, cache)
 
 
+def cca_program(args, sharding):
+    """``jax_cca.ops.cca_attention`` forward and backward (the training path), LLaMA shapes,
+    the model's defaults (g = 16, w = 1024), implementation "pallas" (as on a GPU)."""
+    from jax_cca import ops
+
+    q = bf16((args.batch, args.length, args.heads, 128), sharding)
+    k = bf16((args.batch, args.length, args.kv_heads, 128), sharding)
+
+    def fwd_bwd(q, k, v):
+        def loss(q, k, v):
+            out = ops.cca_attention(q, k, v, implementation="pallas")
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    return fwd_bwd, (q, k, k)
+
+
+def prefill_program(args, sharding):
+    """The model's prefill (``cached_forward(prefill=True)``) of a --length prompt into a new
+    cache, LLaMA-2-7B shapes (bench_decode's), abstract weights, --layers layers."""
+    from bench.bench_decode import base_config, graphdef_of, prefill_fn, random_state
+    from jax_cca.cache import init_cache
+
+    config = dataclasses.replace(base_config(False, args.length), attention=args.attention,
+                                 num_layers=args.layers)
+    graphdef = graphdef_of(config)
+    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    state = jax.tree_util.tree_map(place, jax.eval_shape(lambda: random_state(config)))
+    cache = jax.tree_util.tree_map(place, jax.eval_shape(
+        lambda: init_cache(config, args.batch, args.length)))
+    ids = jax.ShapeDtypeStruct((args.batch, args.length), jnp.int32, sharding=sharding)
+    lengths = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=sharding)
+    return prefill_fn(graphdef), (state, ids, lengths, cache)
+
+
 PROGRAMS = {"reattention": reattention_program, "reattention-decode": reattention_decode_program,
-            "decode-step": decode_step_program}
+            "decode-step": decode_step_program, "cca": cca_program, "prefill": prefill_program}
 
 
 def report(program: str, compiled, seconds: float, dump: Path, ptxas: str) -> dict:
@@ -312,15 +353,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("program", choices=sorted(PROGRAMS))
     ap.add_argument("--target", default="h200", help="bench/gpu_specs/<name>.txtpb, or a path")
-    ap.add_argument("--length", type=int, default=32768, help="tokens (ReAttention programs)")
+    ap.add_argument("--length", type=int, default=32768,
+                    help="tokens (ReAttention, cca, prefill)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a ReAttention Config field (e.g. mgpu_merge=rows)")
-    ap.add_argument("--attention", default="cca", help="decode-step: cca, full or reattention")
+    ap.add_argument("--attention", default="cca",
+                    help="decode-step, prefill: cca, full or reattention")
     ap.add_argument("--context", type=int, default=131072, help="decode-step: tokens held")
-    ap.add_argument("--layers", type=int, default=32, help="decode-step: model layers")
+    ap.add_argument("--layers", type=int, default=32, help="decode-step, prefill: model layers")
     ap.add_argument("--xla", action="append", default=[], metavar="OPTION=VALUE",
                     help="an XLA compiler option")
     ap.add_argument("--ptxas", default=None)
