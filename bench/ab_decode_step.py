@@ -1,9 +1,11 @@
 """A/B of decode-step variants in one process: the residual add + RMSNorm kernel
 (``decode.norms_in_kernel``) on or off, the decode kernel's launch rule (the default
 ``DecodeConfig``, 3 stages / about 256 programs, or 2 stages / about 384 programs, the best of
-an isolated H200 sweep, ``tune_decode_h200.json``), and "XLA lengths" (the shipped step with
+an isolated H200 sweep, ``tune_decode_h200.json``), "XLA lengths" (the shipped step with
 the write predicate and the lengths' update back in XLA, as before a03e6ff: two one-thread
-kernels per layer more), LLaMA-2-7B shapes, bf16, batch 1, CCA at
+kernels per layer more), "pool apart" (the pooling kernel as its own launch instead of
+programs of the attention's grid) and both (the step as it was before the ninth session),
+LLaMA-2-7B shapes, bf16, batch 1, CCA at
 ``--context`` tokens (synthetic cache), random weights. ``--xla NAME=OPTION=VALUE,...`` adds a
 variant of the shipped step compiled with XLA options (``Lowered.compile(compiler_options=)``,
 e.g. ``pdl-on=xla_gpu_enable_pdl=true``); ``--variants`` picks which built-in ones run.
@@ -53,12 +55,16 @@ def _xla_lengths(rope_append):
 
 
 @contextlib.contextmanager
-def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False):
+def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False,
+            pool_apart: bool = False):
     """Patches what the step reads at trace time; restores it after compiling."""
     saved = (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
-             pallas_decode.default_decode_config, pallas_rope_append.rope_append)
+             pallas_decode.default_decode_config, pallas_rope_append.rope_append,
+             pallas_decode.fuses_pooling)
     if xla_lengths:
         pallas_rope_append.rope_append = _xla_lengths(pallas_rope_append.rope_append)
+    if pool_apart:  # the pooling kernel as its own launch, before the attention's
+        pallas_decode.fuses_pooling = lambda *a, **k: False
     if not norm_kernel:
         decode.norms_in_kernel = lambda *a, **k: False
     if sweep_launch:
@@ -70,12 +76,14 @@ def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False):
         yield
     finally:
         (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
-         pallas_decode.default_decode_config, pallas_rope_append.rope_append) = saved
+         pallas_decode.default_decode_config, pallas_rope_append.rope_append,
+         pallas_decode.fuses_pooling) = saved
 
 
 VARIANTS = {"norm kernel, 3 stages/256": (True, False), "XLA norms, 3 stages/256": (False, False),
             "norm kernel, 2 stages/384": (True, True), "XLA norms, 2 stages/384": (False, True),
-            "XLA lengths": (True, False, True)}
+            "XLA lengths": (True, False, True), "pool apart": (True, False, False, True),
+            "XLA lengths, pool apart": (True, False, True, True)}
 
 
 def _option(text: str) -> tuple[str, object]:

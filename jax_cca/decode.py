@@ -176,13 +176,21 @@ def _kernel_step(
 ) -> tuple[Float[Array, "B Hq D"], FullCache | CCACache]:
     """The Pallas decode step of one token at position ``first[b]`` over a cache it has already
     been written to (rotated k). Full attention: the kernel reads rows < t and takes the new
-    token from k, v. CCA: the pooling kernel finds a completed group whole in the ring (one
-    launch instead of the XLA path's gather, pool and masked write), then the attention kernel
-    reads the cores and the ring, whose slot of the new token holds t (or, unwritten, t - R),
-    neither of which its mask admits."""
+    token from k, v. CCA: the pooling finds a completed group whole in the ring (instead of the
+    XLA path's gather, pool and masked write) and the attention reads the cores and the ring,
+    whose slot of the new token holds t (or, unwritten, t - R), neither of which its mask
+    admits. Both run in one launch (``pallas_decode.cca_decode_step``: the pooled slot is not
+    visible to this step) where core and ring hold at least a key block; otherwise the pooling
+    kernel runs first, as its own launch."""
     if isinstance(cache, FullCache):
         return pallas_decode.full_decode_attention(q, k, v, cache.k, cache.v, first), cache
     g = config.group_size
+    if cache.num_core and pallas_decode.fuses_pooling(cache.num_core, cache.ring,
+                                                      config.head_dim, q.dtype.itemsize):
+        out, core_k, core_v = pallas_decode.cca_decode_step(  # pooling in the same launch
+            q, k, v, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, first, n_valid,
+            group_size=g, local_window=config.local_window, pooling=config.pooling)
+        return out, cache.replace(core_k=core_k, core_v=core_v)
     if cache.num_core:
         core_k, core_v = pallas_decode_pool.pool_decode_step(
             q, cache.ring_k, cache.ring_v, cache.core_k, cache.core_v, first, n_valid,

@@ -23,7 +23,9 @@ and base-2 log-sum-exp; a share without a visible key writes zeros and a finite 
 carries weight exactly 0 in the combine and never a NaN. The combine merges the P
 partials with the new token's own key and value, which are passed separately: the new token is
 always visible, so the merged maximum is finite. The combine is a second small kernel
-(``_combine_kernel``, one program per sequence and kv head).
+(``_combine_kernel``, one program per sequence and kv head). :func:`cca_decode_step` also pools
+the group the new token completes, as one more program per sequence and kv head of the
+attention's grid (``pallas_decode_pool.pool_group``), instead of a launch of its own.
 
 A block that would run past a segment's end is shifted back to end at the last row, and the rows
 it shares with the previous block are masked, so every load is in bounds without masked loads;
@@ -90,16 +92,46 @@ def default_num_splits(batch: int, kv_heads: int, capacity_blocks: int) -> int:
     return max(1, min(capacity_blocks, -(-TARGET_PROGRAMS // (batch * kv_heads))))
 
 
-def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
-            g: int, w: int, gp: int, exp2):
-    """refs: (keys, values) per segment, then the partial output (Gp, D) and lse (Gp,), or
-    (1, D) and (1,) for MHA, whose Gp rows are copies of its one query.
+def _kernel(pos_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
+            g: int, w: int, gp: int, exp2, pool=None):
+    """refs: [valid (with ``pool``)], the query tile, (keys, values) per segment, then the
+    partial output (Gp, D) and lse (Gp,), or (1, D) and (1,) for MHA, whose Gp rows are copies
+    of its one query, [then the core keys and values, aliased to the core segment's inputs].
 
     ``segments``: static (kind, rows, real rows, ring) per segment (rows: padded to >= bk);
-    kind "keys" (positions < t), "core" (slots j < start(t) / g) or "ring" (modulus ``ring``)."""
+    kind "keys" (positions < t), "core" (slots j < start(t) / g) or "ring" (modulus ``ring``).
+    ``pool``: the static arguments of ``pallas_decode_pool.pool_group``; program 0 of the split
+    axis then pools (the group the new token completes) and programs 1..P attend."""
+    n = len(segments)
+    if pool is not None:
+        valid_ref, refs = refs[0], refs[1:]
+    q_ref, refs = refs[0], refs[1:]
+    t = pos_ref[()]
+    if pool is None:
+        _attend(t, q_ref, refs, pl.program_id(0), segments=segments, bk=bk, scale2=scale2,
+                num_splits=num_splits, g=g, w=w, gp=gp, exp2=exp2)
+        return
+    from kernels.cca.pallas_decode_pool import pool_group
+
+    ring = [seg[0] for seg in segments].index("ring")
+    split = pl.program_id(0)
+
+    @pl.when(split == 0)
+    def _():  # never read by this step's attention: the slot is not visible to its own token
+        pool_group(t, valid_ref[()], q_ref, refs[2 * ring], refs[2 * ring + 1],
+                   refs[2 * n + 2], refs[2 * n + 3], **pool)
+
+    @pl.when(split > 0)
+    def _():
+        _attend(t, q_ref, refs, split - 1, segments=segments, bk=bk, scale2=scale2,
+                num_splits=num_splits, g=g, w=w, gp=gp, exp2=exp2)
+
+
+def _attend(t, q_ref, refs, split, *, segments, bk: int, scale2: float, num_splits: int,
+            g: int, w: int, gp: int, exp2):
+    """Share ``split`` of the visible key blocks: the partial softmax (see :func:`_kernel`)."""
     n = len(segments)
     o_ref, lse_ref = refs[2 * n], refs[2 * n + 1]
-    t = pos_ref[()]
     start = window_start(t, g, w) if g else None
     q = _query_rows(q_ref, gp)
     counts = []
@@ -112,7 +144,7 @@ def _kernel(pos_ref, q_ref, *refs, segments, bk: int, scale2: float, num_splits:
             counts.append(jnp.minimum(t, ring))
     blocks = [cdiv(c, bk) for c in counts]
     per = cdiv(functools.reduce(lambda a, b: a + b, blocks), num_splits)
-    first = pl.program_id(0) * per
+    first = split * per
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((q.shape[0],), NEG, jnp.float32),
              jnp.zeros((q.shape[0],), jnp.float32))
 
@@ -182,8 +214,12 @@ def _check(q, k_new, v_new, positions, caches):
                          f"{positions.dtype}")
 
 
-def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config, interpret):
-    """segments: list of (kind, keys, values, ring modulus) with keys/values (B, S, Hkv, D)."""
+def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config, interpret,
+            pool=None):
+    """segments: list of (kind, keys, values, ring modulus) with keys/values (B, S, Hkv, D).
+    ``pool``: None, or (n_valid, pooling) to pool the group each new token completes into the
+    core segment in the same launch (:func:`cca_decode_step`); then returns (out, core_k,
+    core_v)."""
     b, hq, d = q.shape
     hkv = k_new.shape[1]
     grp = hq // hkv
@@ -211,24 +247,45 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
                                num_splits=splits, g=g, w=w, gp=gp, exp2=exp2_for(interpret))
     kv_map = lambda s, bi, h: (bi, 0, h, 0)
     rows_out = gp if grp > 1 else 1  # partial rows written per program (see _kernel)
-    o, lse = call(
+    scalar = pl.BlockSpec((None,), lambda s, bi, h: (bi,))
+    kv_specs = [pl.BlockSpec((None, rows, None, d), kv_map) for _, rows, _, _ in statics
+                for _ in "kv"]
+    extra_in, extra_specs, extra_out, extra_out_specs, aliases, shift = [], [], [], [], {}, 0
+    if pool is not None:  # program 0 of the split axis pools; the attention's splits shift by 1
+        n_valid, pooling = pool
+        core = [st[0] for st in statics].index("core")
+        core_k, core_v = arrays[2 * core], arrays[2 * core + 1]
+        ring = statics[[st[0] for st in statics].index("ring")][3]
+        kernel = functools.partial(kernel, pool=dict(
+            g=g, n=core_k.shape[1], ring=ring, heads=grp, scale=scale, pooling=pooling))
+        extra_in, extra_specs, shift = [n_valid.astype(jnp.int32)], [scalar], 1
+        extra_out = [jax.ShapeDtypeStruct(core_k.shape, core_k.dtype),
+                     jax.ShapeDtypeStruct(core_v.shape, core_v.dtype)]
+        extra_out_specs = kv_specs[2 * core: 2 * core + 2]
+        aliases = {3 + 2 * core: 2, 4 + 2 * core: 3}  # inputs: pos, valid, q, segments...
+    part = lambda s: jnp.maximum(s - shift, 0)  # the pooling program writes no partial
+    outs = call(
         kernel,
-        grid=(splits, b, hkv),
-        in_specs=[pl.BlockSpec((None,), lambda s, bi, h: (bi,)),
+        grid=(splits + shift, b, hkv),
+        in_specs=[scalar, *extra_specs,
                   pl.BlockSpec((None, None, q_tile.shape[2], d), lambda s, bi, h: (bi, h, 0, 0))]
-        + [pl.BlockSpec((None, rows, None, d), kv_map) for _, rows, _, _ in statics for _ in "kv"],
+        + kv_specs,
         out_specs=[pl.BlockSpec((None, None, None, rows_out, d),
-                                lambda s, bi, h: (s, bi, h, 0, 0)),
-                   pl.BlockSpec((None, None, None, rows_out), lambda s, bi, h: (s, bi, h, 0))],
+                                lambda s, bi, h: (part(s), bi, h, 0, 0)),
+                   pl.BlockSpec((None, None, None, rows_out),
+                                lambda s, bi, h: (part(s), bi, h, 0))]
+        + extra_out_specs,
         out_shape=[jax.ShapeDtypeStruct((splits, b, hkv, rows_out, d), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, b, hkv, rows_out), jnp.float32)],
-        inputs=[positions.astype(jnp.int32), q_tile, *arrays],
+                   jax.ShapeDtypeStruct((splits, b, hkv, rows_out), jnp.float32), *extra_out],
+        inputs=[positions.astype(jnp.int32), *extra_in, q_tile, *arrays],
+        aliases=aliases,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         interpret=interpret,
         name="cca_decode" if g else "full_decode",
     )
-    return _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp)
+    out = _combine(q_tile, k_new, v_new, outs[0], outs[1], scale, interpret, grp)
+    return out if pool is None else (out, outs[2], outs[3])
 
 
 def padded_heads(grp: int) -> int:
@@ -370,3 +427,66 @@ def cca_decode_attention(
                    [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)],
                    g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
                    interpret=interpret)
+
+
+def fuses_pooling(core_slots: int, ring: int, head_dim: int, itemsize: int,
+                  config: DecodeConfig | None = None) -> bool:
+    """Whether :func:`cca_decode_step` pools in the attention's launch: the core and ring
+    segments need no padding to the key block (a padded copy cannot be written in place)."""
+    bk = (config or default_decode_config(head_dim, itemsize)).block_k
+    return min(core_slots, ring) >= bk
+
+
+def cca_decode_step(
+    q: Float[Array, "B Hq D"],
+    k_new: Float[Array, "B Hkv D"],
+    v_new: Float[Array, "B Hkv D"],
+    core_k: Float[Array, "B N Hkv D"],
+    core_v: Float[Array, "B N Hkv D"],
+    ring_k: Float[Array, "B R Hkv D"],
+    ring_v: Float[Array, "B R Hkv D"],
+    positions: Int[Array, "B"],
+    n_valid: Int[Array, "B"],
+    *,
+    group_size: int,
+    local_window: int,
+    pooling: str = "cca",
+    softmax_scale: float | None = None,
+    config: DecodeConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[Float[Array, "B Hq D"], Float[Array, "B N Hkv D"], Float[Array, "B N Hkv D"]]:
+    """(out, core_k, core_v): ``pallas_decode_pool.pool_decode_step`` and
+    :func:`cca_decode_attention` of one step in one launch. The attention's grid gets one more
+    program per (sequence, kv head), which pools the group the new token completes (it must
+    already be in the ring) into its core slot, in place; that slot is never visible to the
+    token that completes it (``(j + 1) g = t + 1 > start(t)``), so the attention's programs do
+    not read it (their masked loads may, and weigh it 0). Saves a launch per layer and step.
+    Needs :func:`fuses_pooling`; the core arrays are updated in place when donated."""
+    from kernels.cca import pallas_decode_pool
+
+    d = q.shape[-1]
+    if not fuses_pooling(core_k.shape[1], ring_k.shape[1], d, jnp.dtype(q.dtype).itemsize,
+                         config):
+        raise ValueError(f"cca_decode_step needs core slots ({core_k.shape[1]}) and ring "
+                         f"({ring_k.shape[1]}) of at least a key block; use pool_decode_step "
+                         f"and cca_decode_attention")
+    if not pallas_decode_pool.supports(group_size, d, ring_k.shape[1]):
+        raise ValueError(f"decode pooling needs power-of-two group size ({group_size}) and head "
+                         f"dim ({d}) and a ring of whole groups (R = {ring_k.shape[1]})")
+    if pooling not in ("cca", "mean", "max"):
+        raise ValueError(f"pooling must be 'cca', 'mean' or 'max'; got {pooling!r}")
+    from kernels.cca.reference import check_cca_hparams
+
+    check_cca_hparams(group_size, local_window)
+    _check(q, k_new, v_new, positions, {"core_k": core_k, "core_v": core_v, "ring_k": ring_k,
+                                        "ring_v": ring_v})
+    if core_k.shape != core_v.shape or ring_k.shape != ring_v.shape:
+        raise ValueError(f"core_k {core_k.shape} / core_v {core_v.shape} and ring_k "
+                         f"{ring_k.shape} / ring_v {ring_v.shape} must match pairwise")
+    if n_valid.shape != positions.shape:
+        raise ValueError(f"n_valid must be {positions.shape}; got {n_valid.shape}")
+    ring = ring_k.shape[1]
+    return _decode(q, k_new, v_new, positions,
+                   [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)],
+                   g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
+                   interpret=interpret, pool=(n_valid, pooling))

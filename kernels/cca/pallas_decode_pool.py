@@ -43,12 +43,19 @@ def supports(group_size: int, head_dim: int, ring: int) -> bool:
 
 
 def _kernel(pos_ref, valid_ref, q_ref, ring_k_ref, ring_v_ref, core_k_in, core_v_in,
-            core_k_ref, core_v_ref, *, g: int, n: int, ring: int, heads: int, scale: float,
-            pooling: str):
+            core_k_ref, core_v_ref, **static):
     del core_k_in, core_v_in  # aliased to the outputs: only the completed group's row changes
-    t = pos_ref[()]
+    pool_group(pos_ref[()], valid_ref[()], q_ref, ring_k_ref, ring_v_ref, core_k_ref,
+               core_v_ref, **static)
+
+
+def pool_group(t, valid, q_ref, ring_k_ref, ring_v_ref, core_k_ref, core_v_ref, *, g: int,
+               n: int, ring: int, heads: int, scale: float, pooling: str):
+    """The body of one (sequence, kv head) program: pools group ``t // g`` from the ring into
+    its core row if the token at t (valid) completes it and the slot exists. Also run by the
+    CCA decode attention's pooling programs (``pallas_decode.cca_decode_step``)."""
     j = lax.div(t, g)
-    done = (valid_ref[()] > 0) & (lax.rem(t + 1, g) == 0) & (j < n)
+    done = (valid > 0) & (lax.rem(t + 1, g) == 0) & (j < n)
 
     @pl.when(done)
     def _():

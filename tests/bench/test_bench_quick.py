@@ -153,10 +153,12 @@ def test_ab_decode_step_checks_its_variants_and_options():
     assert ab_decode_step._option("a=b") == ("a", "b")
 
 
-def test_ab_decode_step_xla_lengths_variant_is_the_same_step():
+def test_ab_decode_step_variants_of_the_ninth_session_are_the_same_step():
     """The "XLA lengths" variant (the write predicate and the lengths' update as XLA ops, as
-    before they moved into ``rope_append``) computes the shipped step's logits and cache, so
-    its A/B times only where that bookkeeping runs."""
+    before they moved into ``rope_append``), "pool apart" (the pooling kernel as a launch of
+    its own) and both compute the shipped step's logits and cache, so the A/B times only where
+    that work runs. The cache is large enough (64 core slots, a 36-slot ring) that the shipped
+    step pools inside the attention's launch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -166,12 +168,13 @@ def test_ab_decode_step_xla_lengths_variant_is_the_same_step():
     from jax_cca import CCAConfig, CCALlama
 
     config = CCAConfig.tiny(attention="cca", num_layers=2, num_heads=4, num_kv_heads=2,
-                            head_dim=64, hidden_size=128, group_size=4, local_window=8,
+                            head_dim=64, hidden_size=128, group_size=4, local_window=32,
                             implementation="pallas")
     model = CCALlama.from_config(config, seed=1)
     graphdef, state = nnx.split(model)
     _, cache = model.prefill(np.arange(14, dtype=np.int32).reshape(2, 7) % 50,
-                             np.array([7, 4]), model.init_cache(2, 32))
+                             np.array([7, 4]), model.init_cache(2, 256))
+    assert ab_decode_step.pallas_decode.fuses_pooling(cache[0].num_core, cache[0].ring, 64, 4)
     tokens, n_valid = jnp.array([3, 5], jnp.int32), jnp.array([1, 0], jnp.int32)
 
     def step(cache):
@@ -179,14 +182,18 @@ def test_ab_decode_step_xla_lengths_variant_is_the_same_step():
                                                          prefill=False)
 
     outs = {}
-    for name in ("norm kernel, 3 stages/256", "XLA lengths"):
+    for name in ("norm kernel, 3 stages/256", "XLA lengths", "pool apart",
+                 "XLA lengths, pool apart"):
         with ab_decode_step.variant(*ab_decode_step.VARIANTS[name]):
             outs[name] = jax.jit(step)(cache)
     assert ab_decode_step.pallas_rope_append.rope_append.__name__ == "rope_append"  # restored
-    a, b = (jax.tree_util.tree_leaves(o) for o in outs.values())
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    shipped, *others = (jax.tree_util.tree_leaves(o) for o in outs.values())
+    for other in others:
+        for x, y in zip(shipped, other, strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert np.asarray(outs["XLA lengths"][1][0].lengths).tolist() == [8, 4]
+    pooled = np.any(np.asarray(outs["pool apart"][1][0].core_k != cache[0].core_k), axis=(2, 3))
+    assert pooled.sum(axis=1).tolist() == [1, 0]  # row 0's token 7 completes group 1
 
 
 def test_tune_decode_quick(tmp_path):

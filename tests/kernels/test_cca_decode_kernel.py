@@ -213,6 +213,56 @@ def test_pool_kernel_equals_xla_pooling(pooling, dtype):
     assert changed.sum() == 1 and changed[0, 2], changed
 
 
+@pytest.mark.parametrize("pooling,hq,dtype", [("cca", 6, "float32"), ("mean", 2, "float32"),
+                                              ("cca", 8, "bfloat16")])
+def test_decode_step_pools_in_the_attention_launch(pooling, hq, dtype):
+    """``cca_decode_step`` (pooling as program 0 of each (sequence, kv head) of the attention's
+    grid) equals ``pool_decode_step`` then ``cca_decode_attention`` (two launches) to the bit:
+    the output and both core arrays, for rows that complete a group (pooled), that do not, that
+    complete one with n_valid 0, and that complete one past the last core slot; GQA 3 (padded),
+    MHA and GQA 4 in bf16. Every slot holds random values, so a pooled slot that the attention
+    read (or a partial the pooling program overwrote) would show."""
+    hkv, d, g, max_len = 2, 64, 4, 256  # N = 64 core slots
+    w = 32 if dtype == "float32" else 64  # R = w + g: at least a key block (32 / 64 rows)
+    config = _cache_config("cca", hq, hkv, d, g, w, dtype).replace(pooling=pooling)
+    cache = _random_cache(config, 4, max_len, [0, 0, 0, 0], seed=5)
+    assert pallas_decode.fuses_pooling(cache.num_core, cache.ring, d,
+                                       jnp.dtype(config.jnp_dtype).itemsize)
+    assert not pallas_decode.fuses_pooling(16, cache.ring, d, 4)  # too few core slots
+    q, k, v = (x[:, 0] for x in _new_token(config, 4, seed=5))
+    n_valid = jnp.asarray([1, 1, 0, 1], jnp.int32)
+    kw = dict(group_size=g, local_window=w)
+
+    def two_launches(cache, t):
+        ring = cache.append(k[:, None], v[:, None], n_valid)
+        core_k, core_v = pallas_decode_pool.pool_decode_step(
+            q, ring.ring_k, ring.ring_v, ring.core_k, ring.core_v, t, n_valid, group_size=g,
+            pooling=pooling)
+        out = pallas_decode.cca_decode_attention(q, k, v, core_k, core_v, ring.ring_k,
+                                                 ring.ring_v, t, **kw)
+        return out, core_k, core_v
+
+    def one_launch(cache, t):
+        ring = cache.append(k[:, None], v[:, None], n_valid)
+        return pallas_decode.cca_decode_step(q, k, v, ring.core_k, ring.core_v, ring.ring_k,
+                                             ring.ring_v, t, n_valid, pooling=pooling, **kw)
+
+    n = cache.num_core
+    # rows pooled: completes a group / not / completes one, n_valid 0 / past the last slot;
+    # then three that complete one (the last core slot among them) and one with n_valid 0
+    for lengths, expect in (([g * 5 - 1, 2 * w + 2, g * 9 - 1, n * g + 3], [1, 0, 0, 0]),
+                            ([w + g - 1, g * 20 - 1, 1, n * g - 1], [1, 1, 0, 1])):
+        t = jnp.asarray(lengths, jnp.int32)
+        c = cache.replace(lengths=t)
+        with poison_outputs():
+            want = jax.jit(two_launches)(c, t)
+            got = jax.jit(one_launch)(c, t)
+        for name, a, b in zip(("out", "core_k", "core_v"), got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        pooled = np.any(np.asarray(got[1] != cache.core_k), axis=(2, 3))  # (B, N)
+        assert pooled.sum(axis=1).tolist() == expect
+
+
 def test_pool_kernel_refuses_shapes_it_cannot_tile():
     q, ring, core = jnp.ones((1, 2, 64)), jnp.ones((1, 12, 2, 64)), jnp.ones((1, 4, 2, 64))
     t = jnp.zeros((1,), jnp.int32)

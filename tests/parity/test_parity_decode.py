@@ -246,6 +246,47 @@ def test_pool_decode_step_twins_agree(case):
     _pool_twins(pooling, g, dtype, args)
 
 
+@pytest.mark.parametrize("pooling,dtype", [("cca", "float32"), ("max", "bfloat16")])
+def test_pooling_in_the_attention_launch_against_the_triton_twins(pooling, dtype):
+    """Pallas ``cca_decode_step`` (the pooling as programs of the attention's launch) against
+    the Triton twins run one after the other (``pool_decode_step``, then
+    ``cca_decode_attention`` over the pooled core): the output within the decode tolerance, the
+    pooled core slots as in the pooling parity above; rows that complete a group, one that does
+    not and one with n_valid 0. Core and ring of at least a key block, as the fusion needs."""
+    hq, hkv, d, g, max_len = 4, 2, 64, 4, 256
+    w = 32 if dtype == "float32" else 64
+    config = _cache_config("cca", hq, hkv, d, g, w, dtype).replace(pooling=pooling)
+    lengths = [g * 5 - 1, 2 * w + 2, g * 20 - 1, g * 9 - 1]
+    n_valid = jnp.asarray([1, 1, 1, 0], jnp.int32)
+    cache = _random_cache(config, 4, max_len, lengths, seed=11)
+    q, k, v = (x[:, 0] for x in _new_token(config, 4, seed=11))
+    ring = cache.append(k[:, None], v[:, None], n_valid)
+    t = cache.lengths  # the new token's position (append advanced ring.lengths past it)
+    args = (q, k, v, ring.core_k, ring.core_v, ring.ring_k, ring.ring_v, t)
+    with poison_outputs():
+        got = jax.jit(lambda *a: pallas_decode.cca_decode_step(
+            *a, n_valid, group_size=g, local_window=w, pooling=pooling))(*args)
+    step, attend = (triton_module(f"kernels.cca.{m}") for m in ("triton_decode_step",
+                                                               "triton_decode"))
+    core_k, core_v = step.pool_decode_step(
+        *(_torch(a) for a in (q, ring.ring_k, ring.ring_v, ring.core_k, ring.core_v, t,
+                              n_valid)), group_size=g, pooling=pooling)
+    with attend.poison_outputs():
+        out = attend.cca_decode_attention(
+            *(_torch(a) for a in (q, k, v)), core_k, core_v,
+            *(_torch(a) for a in (ring.ring_k, ring.ring_v, t)), group_size=g,
+            local_window=w)
+    assert rel_err(out.float().cpu().numpy(), np.asarray(got[0], np.float32)) < TOL[dtype]
+    for a, b in zip((core_k, core_v), got[1:], strict=True):
+        a = a.float().cpu().numpy()
+        if dtype == "float32":
+            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
+        else:
+            _close(a, b, dtype, 1, atol_ulps=0.1)
+    pooled = np.any(np.asarray(got[1] != ring.core_k), axis=(2, 3))
+    assert pooled.sum(axis=1).tolist() == [1, 0, 1, 0]
+
+
 NORM_CASES = [((3, 1, 64), "float32", True), ((2, 256), "bfloat16", True),
               ((4, 128), "bfloat16", False), ((2, 96), "float32", True)]
 
