@@ -21,8 +21,10 @@ bound.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -78,6 +80,18 @@ def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False,
         (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
          pallas_decode.default_decode_config, pallas_rope_append.rope_append,
          pallas_decode.fuses_pooling) = saved
+
+
+def kernel_counts(hlo: str) -> dict:
+    """What a compiled step launches, read off its optimized HLO's entry computation: fusions
+    by kind (kLoop, kInput: XLA's own kernels, e.g. split-K reductions; kCustom: GEMMs and the
+    like), custom calls (the Pallas kernels) and copies."""
+    starts = [m.start() for m in re.finditer(r"^ENTRY ", hlo, re.M)]
+    entry = hlo[starts[-1]:] if starts else ""
+    counts = collections.Counter(re.findall(r" fusion\(.*?kind=(k\w+)", entry))
+    counts["custom-call"] = len(re.findall(r" custom-call\(", entry))
+    counts["copy"] = len(re.findall(r" copy\(", entry))
+    return dict(counts)
 
 
 VARIANTS = {"norm kernel, 3 stages/256": (True, False), "XLA norms, 3 stages/256": (False, False),
@@ -145,14 +159,15 @@ def main(argv=None) -> int:
     peaks = {} if args.quick else measure_peaks()
     bw = peaks.get("bandwidth_gbps")
     read = weight_bytes_read(config, state, 1) + cache_bytes_read(config, t, max_len)
-    rows = {n: {"ms": statistics.median(v[1:]), "runs_ms": v[1:]} for n, v in times.items()}
+    rows = {n: {"ms": statistics.median(v[1:]), "runs_ms": v[1:],
+                "kernels": kernel_counts(steps[n].as_text())} for n, v in times.items()}
     result = {"env": environment(), "peaks": peaks, "context": t, "bytes_read": read,
               "xla_options": {n: o for n, (_, o) in chosen.items() if o},
               "bound_ms": read / bw / 1e6 if bw else None, "variants": rows}
     for n, r in rows.items():
         bound = result["bound_ms"]
         frac = f"  {bound / r['ms']:.1%} of the {bound:.2f} ms bound" if bound else ""
-        print(f"{n:28s} {r['ms']:.3f} ms{frac}")
+        print(f"{n:28s} {r['ms']:.3f} ms{frac}  kernels {r['kernels']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
