@@ -236,10 +236,11 @@ def reattention_program(args, sharding):
     from kernels.reattention import pallas
     from kernels.reattention.params import default_config
 
-    config = default_config(128, 2, 512 * args.heads // args.kv_heads)
+    d = args.head_dim
+    config = default_config(d, 2, 512 * args.heads // args.kv_heads)
     config = dataclasses.replace(config, **parse_sets(args.set))
-    q = bf16((args.batch, args.length, args.heads, 128), sharding)
-    k = bf16((args.batch, args.length, args.kv_heads, 128), sharding)
+    q = bf16((args.batch, args.length, args.heads, d), sharding)
+    k = bf16((args.batch, args.length, args.kv_heads, d), sharding)
     return (lambda q, k, v: pallas.reattention(q, k, v, config=config, interpret=False)), (q, k, k)
 
 
@@ -247,9 +248,10 @@ def reattention_decode_program(args, sharding):
     from kernels.reattention import pallas
     from kernels.reattention.params import default_config
 
-    config = dataclasses.replace(default_config(128, 2, 1), **parse_sets(args.set))
-    q = bf16((args.batch, args.heads, 128), sharding)
-    k = bf16((args.batch, args.length, args.kv_heads, 128), sharding)
+    d = args.head_dim
+    config = dataclasses.replace(default_config(d, 2, 1), **parse_sets(args.set))
+    q = bf16((args.batch, args.heads, d), sharding)
+    k = bf16((args.batch, args.length, args.kv_heads, d), sharding)
     n = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=sharding)
     fn = lambda q, k, v, n: pallas.reattention_decode(q, k, v, n, config=config, interpret=False)
     return fn, (q, k, k, n)
@@ -281,8 +283,8 @@ def cca_program(args, sharding):
     the model's defaults (g = 16, w = 1024), implementation "pallas" (as on a GPU)."""
     from jax_cca import ops
 
-    q = bf16((args.batch, args.length, args.heads, 128), sharding)
-    k = bf16((args.batch, args.length, args.kv_heads, 128), sharding)
+    q = bf16((args.batch, args.length, args.heads, args.head_dim), sharding)
+    k = bf16((args.batch, args.length, args.kv_heads, args.head_dim), sharding)
 
     def fwd_bwd(q, k, v):
         def loss(q, k, v):
@@ -357,6 +359,7 @@ def main(argv=None) -> int:
                     help="tokens (ReAttention, cca, prefill)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128, help="ReAttention and cca programs")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a ReAttention Config field (e.g. mgpu_merge=rows)")

@@ -212,8 +212,9 @@ class StreamingAttention(Attention):
         q, q_sink, k, v = self._streaming_qkv(x, default_positions(*x.shape[:2]))
         return self._output(self._streaming(q, q_sink, k, v))
 
-    def with_cache(self, x, cos, sin, cache: FullCache, n_valid, *, prefill: bool):
-        del cos, sin
+    def with_cache(self, x, cos, sin, cache: FullCache, n_valid, *, prefill: bool,
+                   positions=None):
+        del cos, sin, positions  # positions from its own cache, cos and sin recomputed
         first = 0 if prefill else cache.lengths[:, None]
         positions = jnp.broadcast_to(first + jnp.arange(x.shape[1], dtype=jnp.int32),
                                      x.shape[:2])
