@@ -146,11 +146,13 @@ def _merge_splits(vals, idx, top_k: int):
     return vals, jnp.where(idx == INT_MAX, -1, idx)
 
 
-def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu: bool):
+def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu: bool,
+           merge: bool = True):
     """Per-row picks (vals, idx), (B, Hkv, NC, R, K) for the chunk's R = ``geo.rows`` real rows
     (the kernels score ``q_rows``' padded rows too; those are dropped before the key splits
     are merged, so a decode step sorts G rows, not 64 x consumers): unordered, idx -1 where
-    none. ``mgpu``: through the Mosaic GPU kernel (``_uses_mgpu_score``)."""
+    none. ``mgpu``: through the Mosaic GPU kernel (``_uses_mgpu_score``). ``merge`` False: the
+    rows' candidates from every key split, (B, Hkv, NC, R, splits x K), unmerged."""
     b, hkv, nc, r_pad, d = q_rows.shape
     s_len = k.shape[1]
     sel = geo.sel
@@ -165,7 +167,7 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
         rows = lambda x: x[..., : geo.rows].transpose(0, 1, 2, 5, 3, 4).reshape(
             b, hkv, nc, geo.rows, -1)
         vals, idx = rows(vals), rows(idx)
-        return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
+        return _merge_splits(vals, idx, sel.top_k) if splits > 1 and merge else (vals, idx)
     bq, bk = config.score_block_q, config.score_block_k
     tiles = r_pad // bq
     splits = score_splits(config, geo, nc * tiles)
@@ -197,7 +199,7 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
     rows = lambda x: x[..., : geo.rows, : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(
         b, hkv, nc, geo.rows, -1)
     vals, idx = rows(vals), rows(idx)
-    return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
+    return _merge_splits(vals, idx, sel.top_k) if splits > 1 and merge else (vals, idx)
 
 
 # ----------------------------------------------------------------------------- 3. attention
@@ -497,9 +499,10 @@ def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
 
 
 def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,
-           q_lengths=None, skip: int = 0):
+           q_lengths=None, skip: int = 0, merge: bool = True):
     """``picks`` and the packed rows it scored, of chunks ``skip`` .. NC - 1 only: a prefill's
-    first chunks have empty middles (``full_prefix_chunks``), so their picks would all be -1."""
+    first chunks have empty middles (``full_prefix_chunks``), so their picks would all be -1.
+    ``merge`` False: every key split's candidates, unmerged (``_score``)."""
     geo = geometry(q.shape, k.shape, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
@@ -512,7 +515,7 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     p = skip * geo.chunk
     geo_rows = dataclasses.replace(geo, num_queries=geo.num_queries - p)
     q_rows = pad_to(reference.pack_rows(q[:, p:], geo_rows), 3, tile)
-    vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu)
+    vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge)
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
     live = reference.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]  # (B, NC, R)
     return vals, jnp.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
@@ -555,8 +558,16 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
 
 
 def _select(idx, vals, c0, l0, sel: Selection, interpret: bool):
-    """``reference.select_from_picks``; as one kernel (``pallas_select``) where a chunk has few
-    picks (a decode step), through XLA's sorts otherwise."""
+    """``reference.select_from_picks`` of each row's best top_k candidates, from (N, R, C)
+    candidates (C = key splits x top_k; C = top_k: already merged). Where a chunk has few picks
+    (a decode step) one kernel merges and selects (``pallas_select``); otherwise XLA sorts the
+    candidates (``_merge_splits``) and, for many picks, selects with its sorts."""
+    n, rows, c = idx.shape
+    if c > sel.top_k and pallas_select.merges(rows, c, sel.top_k):
+        return pallas_select.select_from_candidates(idx, vals, c0, l0, sel, interpret=interpret)
+    if c > sel.top_k:
+        vals, idx = _merge_splits(vals, idx, sel.top_k)
+    idx, vals = idx.reshape(n, -1), vals.reshape(n, -1)
     if pallas_select.applies(idx.shape[1]):
         return pallas_select.select_from_picks(idx, vals, c0, l0, sel, interpret=interpret)
     return reference.select_from_picks(idx, vals, c0, l0, sel)
@@ -599,12 +610,12 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     glist, n_g = _sink_lists(c0[:, :n_free], geo)
     if n_free < nc:
         vals, idx, (q_rows, *_) = _picks(q, k, sel=sel, q_start=q_start, config=config,
-                                         interpret=interpret, q_lengths=q_lengths, skip=n_free)
+                                         interpret=interpret, q_lengths=q_lengths, skip=n_free,
+                                         merge=False)
         n_sel = nc - n_free
         rep = lambda x: jnp.broadcast_to(x[:, None, n_free:], (b, hkv, n_sel)).reshape(-1)
-        picked, n_picked = _select(idx.reshape(b * hkv * n_sel, -1),
-                                   vals.reshape(b * hkv * n_sel, -1), rep(c0), rep(l0), sel,
-                                   interpret)
+        cands = lambda x: x.reshape(b * hkv * n_sel, geo.rows, -1)
+        picked, n_picked = _select(cands(idx), cands(vals), rep(c0), rep(l0), sel, interpret)
         glist = jnp.concatenate([glist, picked.reshape(b, hkv, n_sel, -1)], axis=2)
         n_g = jnp.concatenate([n_g, n_picked.reshape(b, hkv, n_sel)], axis=2)
     window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),

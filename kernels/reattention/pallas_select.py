@@ -18,6 +18,12 @@ program per (batch, kv head, chunk) does the whole selection:
   plus the lengths of the kept spans below it;
 * the list is written a block of slots at a time (``TABLE`` / P): slot s holds s inside the
   sink, else the token of the one span that covers it, else 0.
+
+:func:`select_from_candidates` takes each row's candidates from all the scoring's key splits
+instead (a decode step: G rows x 32 splits x top_k) and first keeps each row's best top_k by
+pairwise ranks (a row at a time, C x C comparisons), in the order of the sort it replaces
+(``pallas._merge_splits``): one launch instead of that sort, its two copies and three small
+fusions.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from kernels.cca.pallas_common import call
 from kernels.reattention.params import Selection, cdiv, next_power_of_2
 
 MAX_PICKS = 64  # pairwise tables of MAX_PICKS^2 per program; more picks go through the sorts
+MAX_CANDIDATES = 256  # a row's candidates, ranked pairwise (select_from_candidates)
 TABLE = 8192  # elements of the (slots, picks) table of one store: slots per store = TABLE / P
 
 
@@ -43,8 +50,42 @@ def applies(picks: int) -> bool:
 
 def _kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, ng: int,
             slots: int):
-    c0, l0 = meta_ref[0], meta_ref[1]
-    idx, val = idx_ref[...], val_ref[...]
+    _select(meta_ref[0], meta_ref[1], idx_ref[...], val_ref[...], glist_ref, n_g_ref, sel=sel,
+            ng=ng, slots=slots)
+
+
+def _merge_kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, ng: int,
+                  slots: int, rows: int, kp: int):
+    """The top_k candidates of each row (``pallas._merge_splits``' order: higher score, then
+    lower position, then earlier candidate; -0 equal to +0), as kp picks per row (slots past
+    top_k and missing candidates: -1), then :func:`_select` of all rows' picks."""
+    c = idx_ref.shape[1]
+    col = lambda x: x[:, None]
+    row = lambda x: x[None, :]
+    pos = jnp.arange(c, dtype=jnp.int32)
+    slot = jnp.arange(kp, dtype=jnp.int32)
+    row_of = jnp.arange(rows, dtype=jnp.int32)
+    acc_idx = jnp.full((rows, kp), -1, jnp.int32)
+    acc_val = jnp.full((rows, kp), -jnp.inf, jnp.float32)
+    for r in range(rows):
+        ci, cv = idx_ref[r, :], val_ref[r, :]
+        valid = ci >= 0
+        neg = jnp.where(valid, -cv, jnp.inf)
+        key = jnp.where(valid, ci, jnp.iinfo(jnp.int32).max)
+        before = (row(neg) < col(neg)) | ((row(neg) == col(neg)) & (
+            (row(key) < col(key)) | ((row(key) == col(key)) & (row(pos) < col(pos)))))
+        rank = jnp.sum(before.astype(jnp.int32), axis=1)
+        hit = (row(rank) == col(slot)) & row(valid) & col(slot < sel.top_k)  # (kp, C)
+        picked = jnp.max(jnp.where(hit, row(ci), -1), axis=1)
+        score = jnp.max(jnp.where(hit, row(cv), -jnp.inf), axis=1)
+        acc_idx = jnp.where(col(row_of == r), row(picked), acc_idx)
+        acc_val = jnp.where(col(row_of == r), row(score), acc_val)
+    _select(meta_ref[0], meta_ref[1], acc_idx.reshape(rows * kp), acc_val.reshape(rows * kp),
+            glist_ref, n_g_ref, sel=sel, ng=ng, slots=slots)
+
+
+def _select(c0, l0, idx, val, glist_ref, n_g_ref, *, sel: Selection, ng: int, slots: int):
+    """The selection of one chunk from its picks (idx -1: none), written to its list."""
     valid = idx >= 0
     col = lambda x: x[:, None]  # pick i down the rows, pick j across the columns
     row = lambda x: x[None, :]
@@ -104,6 +145,58 @@ def select_from_picks(idx: Int[Array, "N P"], val: Float[Array, "N P"], c0: Int[
         in_specs=[pl.BlockSpec((None, 2), lambda i: (i, 0)),
                   pl.BlockSpec((None, pp), lambda i: (i, 0)),
                   pl.BlockSpec((None, pp), lambda i: (i, 0))],
+        out_specs=[pl.BlockSpec((None, ngp), lambda i: (i, 0)),
+                   pl.BlockSpec((None, 1), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((n, ngp), jnp.int32),
+                   jax.ShapeDtypeStruct((n, 1), jnp.int32)],
+        inputs=[meta, idx, val],
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="reattention_select",
+    )
+    return glist[:, :ng], n_g[:, 0]
+
+
+def merges(rows: int, candidates: int, top_k: int) -> bool:
+    """Whether :func:`select_from_candidates` takes chunks of ``rows`` rows with ``candidates``
+    candidates each: at most ``MAX_PICKS`` picks (rows and top_k padded to powers of two) and
+    ``MAX_CANDIDATES`` candidates per row (ranked pairwise)."""
+    return (1 <= candidates <= MAX_CANDIDATES
+            and applies(next_power_of_2(rows) * next_power_of_2(max(top_k, 1))))
+
+
+@functools.partial(jax.jit, static_argnames=("sel", "interpret"))
+def select_from_candidates(idx: Int[Array, "N R C"], val: Float[Array, "N R C"],
+                           c0: Int[Array, "N"], l0: Int[Array, "N"], sel: Selection,
+                           interpret: bool = False
+                           ) -> tuple[Int[Array, "N NG"], Int[Array, "N"]]:
+    """``reference.select_from_picks`` of each row's best ``top_k`` candidates, as one kernel
+    launch: what ``pallas._merge_splits`` (a sort of every row's candidates from all key splits)
+    then :func:`select_from_picks` give, bit for bit. A decode step's rows are G query heads
+    with splits x top_k candidates each; merged by XLA that was a sort, two copies and three
+    small fusions, each a launch of its own."""
+    n, r, c = idx.shape
+    if not merges(r, c, sel.top_k) or val.shape != (n, r, c) or c0.shape != (n,) or (
+            l0.shape != (n,)):
+        raise ValueError(f"the candidate-merging selection kernel takes (N, R, C) candidates "
+                         f"with at most {MAX_PICKS} picks and {MAX_CANDIDATES} candidates a "
+                         f"row, and (N,) chunk bounds; got idx {idx.shape}, val {val.shape}, "
+                         f"c0 {c0.shape}, l0 {l0.shape}")
+    rp, cp, kp = next_power_of_2(r), next_power_of_2(max(c, 2)), next_power_of_2(sel.top_k)
+    pad = ((0, 0), (0, rp - r), (0, cp - c))
+    idx = jnp.pad(idx.astype(jnp.int32), pad, constant_values=-1)
+    val = jnp.pad(val.astype(jnp.float32), pad)
+    ng = sel.num_gathered()
+    slots = min(TABLE // (rp * kp), next_power_of_2(ng))
+    ngp = cdiv(ng, slots) * slots
+    meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
+    glist, n_g = call(
+        functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, kp=kp),
+        grid=(n,),
+        in_specs=[pl.BlockSpec((None, 2), lambda i: (i, 0)),
+                  pl.BlockSpec((None, rp, cp), lambda i: (i, 0, 0)),
+                  pl.BlockSpec((None, rp, cp), lambda i: (i, 0, 0))],
         out_specs=[pl.BlockSpec((None, ngp), lambda i: (i, 0)),
                    pl.BlockSpec((None, 1), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((n, ngp), jnp.int32),
