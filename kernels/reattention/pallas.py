@@ -516,6 +516,8 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     geo_rows = dataclasses.replace(geo, num_queries=geo.num_queries - p)
     q_rows = pad_to(reference.pack_rows(q[:, p:], geo_rows), 3, tile)
     vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge)
+    if q_lengths is None and geo.num_queries % geo.chunk == 0:  # every row votes (decode)
+        return vals, idx, (q_rows, c0, c1, l0, geo)
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
     live = reference.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]  # (B, NC, R)
     return vals, jnp.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
