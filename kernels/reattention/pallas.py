@@ -152,7 +152,8 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
     (the kernels score ``q_rows``' padded rows too; those are dropped before the key splits
     are merged, so a decode step sorts G rows, not 64 x consumers): unordered, idx -1 where
     none. ``mgpu``: through the Mosaic GPU kernel (``_uses_mgpu_score``). ``merge`` False: the
-    rows' candidates from every key split, (B, Hkv, NC, R, splits x K), unmerged."""
+    candidates from every key split, unmerged and candidate-major, (B, Hkv, NC, splits x K,
+    R') with R' >= R rows (the Mosaic GPU kernel's own layout: no copy)."""
     b, hkv, nc, r_pad, d = q_rows.shape
     s_len = k.shape[1]
     sel = geo.sel
@@ -164,10 +165,12 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
                                 splits=splits, split_len=split_len, block_k=bk,
                                 slots=config.mgpu_slots, consumers=config.mgpu_consumers,
                                 merge=config.mgpu_merge, interpret=interpret)
+        if not merge:  # (B, Hkv, NC, splits, K, R'): splits and K adjacent
+            return vals.reshape(b, hkv, nc, -1, r_pad), idx.reshape(b, hkv, nc, -1, r_pad)
         rows = lambda x: x[..., : geo.rows].transpose(0, 1, 2, 5, 3, 4).reshape(
             b, hkv, nc, geo.rows, -1)
         vals, idx = rows(vals), rows(idx)
-        return _merge_splits(vals, idx, sel.top_k) if splits > 1 and merge else (vals, idx)
+        return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
     bq, bk = config.score_block_q, config.score_block_k
     tiles = r_pad // bq
     splits = score_splits(config, geo, nc * tiles)
@@ -196,10 +199,14 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
         interpret=interpret,
         name="reattention_score",
     )
+    if not merge:  # (B, Hkv, NC, splits, R', Kp) -> candidate-major
+        cands = lambda x: x[..., : sel.top_k].transpose(0, 1, 2, 3, 5, 4).reshape(
+            b, hkv, nc, -1, r_pad)
+        return cands(vals), cands(idx)
     rows = lambda x: x[..., : geo.rows, : sel.top_k].transpose(0, 1, 2, 4, 3, 5).reshape(
         b, hkv, nc, geo.rows, -1)
     vals, idx = rows(vals), rows(idx)
-    return _merge_splits(vals, idx, sel.top_k) if splits > 1 and merge else (vals, idx)
+    return _merge_splits(vals, idx, sel.top_k) if splits > 1 else (vals, idx)
 
 
 # ----------------------------------------------------------------------------- 3. attention
@@ -502,7 +509,7 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
            q_lengths=None, skip: int = 0, merge: bool = True):
     """``picks`` and the packed rows it scored, of chunks ``skip`` .. NC - 1 only: a prefill's
     first chunks have empty middles (``full_prefix_chunks``), so their picks would all be -1.
-    ``merge`` False: every key split's candidates, unmerged (``_score``)."""
+    ``merge`` False: every key split's candidates, unmerged and candidate-major (``_score``)."""
     geo = geometry(q.shape, k.shape, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
@@ -519,8 +526,10 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     if q_lengths is None and geo.num_queries % geo.chunk == 0:  # every row votes (decode)
         return vals, idx, (q_rows, c0, c1, l0, geo)
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
-    live = reference.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]  # (B, NC, R)
-    return vals, jnp.where(live[:, None, :, :, None], idx, -1), (q_rows, c0, c1, l0, geo)
+    rows = idx.shape[3] if merge else idx.shape[4]  # R, or the candidates' R' (rows last)
+    live = reference.row_positions(c0, rows, geo.groups) < vote_end[..., None]  # (B, NC, R)
+    live = live[:, None, :, :, None] if merge else live[:, None, :, None, :]
+    return vals, jnp.where(live, idx, -1), (q_rows, c0, c1, l0, geo)
 
 
 def full_prefix_chunks(geo: Geometry, q_start, mode: str) -> int:
@@ -559,14 +568,17 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
     return prefix, rotated
 
 
-def _select(idx, vals, c0, l0, sel: Selection, interpret: bool):
-    """``reference.select_from_picks`` of each row's best top_k candidates, from (N, R, C)
-    candidates (C = key splits x top_k; C = top_k: already merged). Where a chunk has few picks
-    (a decode step) one kernel merges and selects (``pallas_select``); otherwise XLA sorts the
-    candidates (``_merge_splits``) and, for many picks, selects with its sorts."""
-    n, rows, c = idx.shape
+def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int):
+    """``reference.select_from_picks`` of each of the first ``rows`` rows' best top_k
+    candidates, from candidate-major (N, C, R') candidates (C = key splits x top_k; C = top_k:
+    one split, nothing to merge). Where a chunk has few picks (a decode step) one kernel merges
+    and selects (``pallas_select``); otherwise XLA sorts the candidates (``_merge_splits``) and,
+    for many picks, selects with its sorts."""
+    n, c, _ = idx.shape
     if c > sel.top_k and pallas_select.merges(rows, c, sel.top_k):
-        return pallas_select.select_from_candidates(idx, vals, c0, l0, sel, interpret=interpret)
+        return pallas_select.select_from_candidates(idx, vals, c0, l0, sel, rows=rows,
+                                                    interpret=interpret)
+    idx, vals = (x[:, :, :rows].transpose(0, 2, 1) for x in (idx, vals))  # (N, R, C)
     if c > sel.top_k:
         vals, idx = _merge_splits(vals, idx, sel.top_k)
     idx, vals = idx.reshape(n, -1), vals.reshape(n, -1)
@@ -616,8 +628,9 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
                                          merge=False)
         n_sel = nc - n_free
         rep = lambda x: jnp.broadcast_to(x[:, None, n_free:], (b, hkv, n_sel)).reshape(-1)
-        cands = lambda x: x.reshape(b * hkv * n_sel, geo.rows, -1)
-        picked, n_picked = _select(cands(idx), cands(vals), rep(c0), rep(l0), sel, interpret)
+        cands = lambda x: x.reshape(b * hkv * n_sel, *x.shape[3:])  # (N, C, R')
+        picked, n_picked = _select(cands(idx), cands(vals), rep(c0), rep(l0), sel, interpret,
+                                   geo.rows)
         glist = jnp.concatenate([glist, picked.reshape(b, hkv, n_sel, -1)], axis=2)
         n_g = jnp.concatenate([n_g, n_picked.reshape(b, hkv, n_sel)], axis=2)
     window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),

@@ -55,11 +55,12 @@ def _kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, n
 
 
 def _merge_kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, ng: int,
-                  slots: int, rows: int, kp: int):
-    """The top_k candidates of each row (``pallas._merge_splits``' order: higher score, then
-    lower position, then earlier candidate; -0 equal to +0), as kp picks per row (slots past
-    top_k and missing candidates: -1), then :func:`_select` of all rows' picks."""
-    c = idx_ref.shape[1]
+                  slots: int, rows: int, real: int, kp: int):
+    """The top_k candidates of each of the ``real`` rows (``pallas._merge_splits``' order:
+    higher score, then lower position, then earlier candidate; -0 equal to +0), as kp picks per
+    row (slots past top_k, missing candidates and rows past ``real``: -1), then :func:`_select`
+    of the ``rows`` x kp picks."""
+    c = idx_ref.shape[0]
     col = lambda x: x[:, None]
     row = lambda x: x[None, :]
     pos = jnp.arange(c, dtype=jnp.int32)
@@ -67,8 +68,8 @@ def _merge_kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Select
     row_of = jnp.arange(rows, dtype=jnp.int32)
     acc_idx = jnp.full((rows, kp), -1, jnp.int32)
     acc_val = jnp.full((rows, kp), -jnp.inf, jnp.float32)
-    for r in range(rows):
-        ci, cv = idx_ref[r, :], val_ref[r, :]
+    for r in range(real):
+        ci, cv = idx_ref[:, r], val_ref[:, r]  # row r's candidates (candidate-major block)
         valid = ci >= 0
         neg = jnp.where(valid, -cv, jnp.inf)
         key = jnp.where(valid, ci, jnp.iinfo(jnp.int32).max)
@@ -166,37 +167,43 @@ def merges(rows: int, candidates: int, top_k: int) -> bool:
             and applies(next_power_of_2(rows) * next_power_of_2(max(top_k, 1))))
 
 
-@functools.partial(jax.jit, static_argnames=("sel", "interpret"))
-def select_from_candidates(idx: Int[Array, "N R C"], val: Float[Array, "N R C"],
+@functools.partial(jax.jit, static_argnames=("sel", "rows", "interpret"))
+def select_from_candidates(idx: Int[Array, "N C Rc"], val: Float[Array, "N C Rc"],
                            c0: Int[Array, "N"], l0: Int[Array, "N"], sel: Selection,
-                           interpret: bool = False
+                           rows: int | None = None, interpret: bool = False
                            ) -> tuple[Int[Array, "N NG"], Int[Array, "N"]]:
-    """``reference.select_from_picks`` of each row's best ``top_k`` candidates, as one kernel
-    launch: what ``pallas._merge_splits`` (a sort of every row's candidates from all key splits)
-    then :func:`select_from_picks` give, bit for bit. A decode step's rows are G query heads
-    with splits x top_k candidates each; merged by XLA that was a sort, two copies and three
-    small fusions, each a launch of its own."""
-    n, r, c = idx.shape
-    if not merges(r, c, sel.top_k) or val.shape != (n, r, c) or c0.shape != (n,) or (
-            l0.shape != (n,)):
-        raise ValueError(f"the candidate-merging selection kernel takes (N, R, C) candidates "
-                         f"with at most {MAX_PICKS} picks and {MAX_CANDIDATES} candidates a "
-                         f"row, and (N,) chunk bounds; got idx {idx.shape}, val {val.shape}, "
-                         f"c0 {c0.shape}, l0 {l0.shape}")
+    """``reference.select_from_picks`` of the best ``top_k`` candidates of each of the first
+    ``rows`` rows (default: all Rc), as one kernel launch: what ``pallas._merge_splits`` (a sort
+    of every row's candidates from all key splits) then :func:`select_from_picks` give, bit for
+    bit. Candidate-major, as the Mosaic GPU scoring writes them (rows past ``rows`` are its
+    padding, not read). A decode step's rows are G query heads with splits x top_k candidates
+    each; merged by XLA that was a transposition, a sort, two copies and small fusions, each a
+    launch of its own."""
+    n, c, rc = idx.shape
+    r = rc if rows is None else rows
+    if not (merges(r, c, sel.top_k) and r <= rc) or val.shape != (n, c, rc) or (
+            c0.shape != (n,) or l0.shape != (n,)):
+        raise ValueError(f"the candidate-merging selection kernel takes (N, C, R) candidates, "
+                         f"C <= {MAX_CANDIDATES} of each of rows <= R rows, with at most "
+                         f"{MAX_PICKS} picks, and (N,) chunk bounds; got idx {idx.shape}, val "
+                         f"{val.shape}, rows {rows}, c0 {c0.shape}, l0 {l0.shape}")
     rp, cp, kp = next_power_of_2(r), next_power_of_2(max(c, 2)), next_power_of_2(sel.top_k)
-    pad = ((0, 0), (0, rp - r), (0, cp - c))
-    idx = jnp.pad(idx.astype(jnp.int32), pad, constant_values=-1)
-    val = jnp.pad(val.astype(jnp.float32), pad)
+    rcp = max(rp, next_power_of_2(rc))  # the block's rows: a power of two, as Triton's
+    pad = ((0, 0), (0, cp - c), (0, rcp - rc))
+    if cp != c or rcp != rc:  # a copy; the scoring's own layout needs none
+        idx = jnp.pad(idx, pad, constant_values=-1)
+        val = jnp.pad(val, pad)
+    idx, val = idx.astype(jnp.int32), val.astype(jnp.float32)
     ng = sel.num_gathered()
     slots = min(TABLE // (rp * kp), next_power_of_2(ng))
     ngp = cdiv(ng, slots) * slots
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
     glist, n_g = call(
-        functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, kp=kp),
+        functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, real=r, kp=kp),
         grid=(n,),
         in_specs=[pl.BlockSpec((None, 2), lambda i: (i, 0)),
-                  pl.BlockSpec((None, rp, cp), lambda i: (i, 0, 0)),
-                  pl.BlockSpec((None, rp, cp), lambda i: (i, 0, 0))],
+                  pl.BlockSpec((None, cp, rcp), lambda i: (i, 0, 0)),
+                  pl.BlockSpec((None, cp, rcp), lambda i: (i, 0, 0))],
         out_specs=[pl.BlockSpec((None, ngp), lambda i: (i, 0)),
                    pl.BlockSpec((None, 1), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((n, ngp), jnp.int32),

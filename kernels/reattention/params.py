@@ -246,13 +246,16 @@ TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100): enough scoring progr
 
 def score_splits(config: Config, geo: Geometry, row_tiles: int) -> int:
     """Key-range splits of the scoring kernel: 1 when the (row tiles x batch x kv heads) grid
-    already fills the GPU; more (each split at least 8 key tiles long) when it does not."""
+    already fills the GPU; more (each split at least 8 key tiles long) when it does not. A
+    decode step's count is rounded down to a power of two, so that its candidates (splits x
+    top_k) reach the selection kernel without a padding copy (``pallas_select``)."""
     if config.score_splits:
         return config.score_splits
     middle = max(0, geo.num_keys - geo.sel.sink_tokens)
     programs = row_tiles * geo.batch * geo.kv_heads
     most = max(1, cdiv(middle, 8 * config.score_block_k))
-    return max(1, min(most, cdiv(TARGET_PROGRAMS, programs)))
+    splits = max(1, min(most, cdiv(TARGET_PROGRAMS, programs)))
+    return 1 << (splits.bit_length() - 1) if geo.num_queries == 1 else splits
 
 
 def attend_splits(config: Config, geo: Geometry, programs: int, key_tiles: int) -> int:

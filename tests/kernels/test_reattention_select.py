@@ -92,37 +92,44 @@ def test_lowers_for_cuda(p):
 
 
 # ------------------------------------------------------------------ with the split merge fused
-def _candidates(rng, n: int, rows: int, c: int, sel: Selection):
-    """(idx, val, c0, l0): each row's candidates from all key splits, as the scoring writes them:
-    tie-heavy integer scores with -0.0 and +0.0, empty candidates (-1, as a split with fewer
-    than top_k keys leaves), crowded positions (votes), chunks anywhere."""
-    idx, val, c0, l0 = _picks(rng, n, rows * c, sel, crowded=bool(rng.integers(2)))
-    return idx.reshape(n, rows, c), val.reshape(n, rows, c), c0, l0
+def _candidates(rng, n: int, rows: int, c: int, sel: Selection, padded: int = 0):
+    """(idx, val, c0, l0): each row's candidates from all key splits, candidate-major (N, C,
+    rows + padded) as the scoring writes them: tie-heavy integer scores with -0.0 and +0.0,
+    empty candidates (-1, as a split with fewer than top_k keys leaves), crowded positions
+    (votes), chunks anywhere; ``padded`` more rows of valid-looking candidates (the scoring's
+    padded query rows), which must not be read."""
+    idx, val, c0, l0 = _picks(rng, n, (rows + padded) * c, sel, crowded=bool(rng.integers(2)))
+    cm = lambda x: x.reshape(n, rows + padded, c).transpose(0, 2, 1)
+    if padded:
+        idx.reshape(n, rows + padded, c)[:, rows:] = sel.sink_tokens + 5  # would be picked
+    return cm(idx), cm(val), c0, l0
 
 
-def _merged_then_selected(idx, val, c0, l0, sel):
+def _merged_then_selected(idx, val, c0, l0, sel, rows):
     from kernels.reattention import pallas as P
 
-    n, rows, c = idx.shape
-    v, i = P._merge_splits(val, idx, sel.top_k)  # the XLA path: sort every row's candidates
+    n = idx.shape[0]
+    rm = lambda x: x[:, :, :rows].transpose(0, 2, 1)  # (N, rows, C)
+    v, i = P._merge_splits(rm(val), rm(idx), sel.top_k)  # the XLA path: sort each row
     return R.select_from_picks(i.reshape(n, -1), v.reshape(n, -1), c0, l0, sel)
 
 
 @pytest.mark.parametrize("name", ["defaults", "cap 3, span 3", "cap 5, span 4"])
-@pytest.mark.parametrize("rows,c", [(4, 128), (1, 8), (3, 20), (8, 64)])
-def test_candidates_merged_in_the_kernel_equal_the_sort_bit_for_bit(name, rows, c):
+@pytest.mark.parametrize("rows,c,padded", [(4, 128, 124), (1, 8, 0), (3, 20, 2), (8, 64, 0)])
+def test_candidates_merged_in_the_kernel_equal_the_sort_bit_for_bit(name, rows, c, padded):
     """``select_from_candidates`` (each row's best top_k by pairwise ranks, then the selection)
     against ``pallas._merge_splits`` (XLA's sort) then ``reference.select_from_picks``: the
     same lists and lengths, with ties in score (lower position first), -0 against +0, rows
-    and candidate counts that are not powers of two, and more empty candidates than top_k."""
+    and candidate counts that are not powers of two, more empty candidates than top_k, and
+    padded rows (a decode step: 4 real of 128) whose candidates are not read."""
     sel = SELECTIONS[name]
     if not PS.merges(rows, c, sel.top_k):
         pytest.skip(f"{rows} rows x top_k {sel.top_k} picks exceed the kernel's table")
     rng = np.random.default_rng(rows * 1000 + c)
     for _ in range(2):
-        idx, val, c0, l0 = (jnp.asarray(x) for x in _candidates(rng, 6, rows, c, sel))
-        want = _merged_then_selected(idx, val, c0, l0, sel)
-        got = PS.select_from_candidates(idx, val, c0, l0, sel, interpret=True)
+        idx, val, c0, l0 = (jnp.asarray(x) for x in _candidates(rng, 6, rows, c, sel, padded))
+        want = _merged_then_selected(idx, val, c0, l0, sel, rows)
+        got = PS.select_from_candidates(idx, val, c0, l0, sel, rows=rows, interpret=True)
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
 
@@ -132,8 +139,8 @@ def test_candidate_ranks_keep_the_lower_position_among_equal_scores():
     are their spans), as the sort's second key does; with a cap of 1 only the lowest survives
     (equal votes and scores). A rank that broke ties the other way would keep the highest."""
     sel = small(2, 16, 2, 1, 1, 8, 4)  # top_k 2, max_selected 1, span 1
-    idx = jnp.asarray([[[40, 12, 33, 7, 25, 18]]], jnp.int32)
-    val = jnp.full((1, 1, 6), 1.5, jnp.float32)
+    idx = jnp.asarray([[[40], [12], [33], [7], [25], [18]]], jnp.int32)  # (N, C, R) = (1, 6, 1)
+    val = jnp.full((1, 6, 1), 1.5, jnp.float32)
     c0, l0 = jnp.asarray([100], jnp.int32), jnp.asarray([60], jnp.int32)
     glist, n_g = PS.select_from_candidates(idx, val, c0, l0, sel, interpret=True)
     assert int(n_g[0]) == 3 and np.asarray(glist)[0, :3].tolist() == [0, 1, 7]
@@ -142,7 +149,7 @@ def test_candidate_ranks_keep_the_lower_position_among_equal_scores():
 def test_candidate_merge_refuses_what_it_cannot_rank():
     sel = Selection()  # top_k 4: 16 rows x 4 = 64 picks at most
     assert PS.merges(16, 256, 4) and not PS.merges(17, 8, 4) and not PS.merges(4, 257, 4)
-    idx = jnp.zeros((2, 4, PS.MAX_CANDIDATES + 1), jnp.int32)
+    idx = jnp.zeros((2, PS.MAX_CANDIDATES + 1, 4), jnp.int32)
     with pytest.raises(ValueError, match="candidate-merging"):
         PS.select_from_candidates(idx, idx.astype(jnp.float32), jnp.zeros(2, jnp.int32),
                                   jnp.zeros(2, jnp.int32), sel)
@@ -150,9 +157,9 @@ def test_candidate_merge_refuses_what_it_cannot_rank():
 
 def test_candidate_merge_lowers_for_cuda():
     sds = jax.ShapeDtypeStruct
-    f = jax.jit(lambda i, v, c, l: PS.select_from_candidates(i, v, c, l, Selection()))
+    f = jax.jit(lambda i, v, c, l: PS.select_from_candidates(i, v, c, l, Selection(), rows=4))
     exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        sds((8, 4, 128), jnp.int32), sds((8, 4, 128), jnp.float32), sds((8,), jnp.int32),
+        sds((8, 128, 128), jnp.int32), sds((8, 128, 128), jnp.float32), sds((8,), jnp.int32),
         sds((8,), jnp.int32))
     assert [o.shape for o in exported.out_avals] == [(8, Selection().num_gathered()), (8,)]
