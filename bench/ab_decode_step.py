@@ -43,7 +43,8 @@ from kernels.cca import pallas_decode, pallas_rope_append
 def _xla_lengths(rope_append):
     """``rope_append`` as it was called before the kernel took the lengths over (a03e6ff): the
     write predicate and the new lengths as XLA ops on the layer's own lengths, two one-thread
-    kernels per layer."""
+    kernels per layer. (The attention kernels after it still get the step's positions, layer
+    0's lengths, as in the shipped step: equal values, so only buffer sharing could differ.)"""
     def call(qkv, cos, sin, k_buf, v_buf, positions, n_valid, lengths=None, *, num_heads,
              modulus=None, limit=None, interpret=None):
         own = positions if lengths is None else lengths

@@ -461,7 +461,9 @@ def cca_decode_step(
     already be in the ring) into its core slot, in place; that slot is never visible to the
     token that completes it (``(j + 1) g = t + 1 > start(t)``), so the attention's programs do
     not read it (their masked loads may, and weigh it 0). Saves a launch per layer and step.
-    Needs :func:`fuses_pooling`; the core arrays are updated in place when donated."""
+    Needs :func:`fuses_pooling`; the core arrays are updated in place when donated. Like every
+    masked slot of a loaded block, the slot being pooled must hold a finite value (the caches'
+    zeros or an earlier pooling): its weight is exactly 0, but 0 x NaN is not."""
     from kernels.cca import pallas_decode_pool
 
     d = q.shape[-1]

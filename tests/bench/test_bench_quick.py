@@ -177,15 +177,24 @@ def test_ab_decode_step_variants_of_the_ninth_session_are_the_same_step():
     assert ab_decode_step.pallas_decode.fuses_pooling(cache[0].num_core, cache[0].ring, 64, 4)
     tokens, n_valid = jnp.array([3, 5], jnp.int32), jnp.array([1, 0], jnp.int32)
 
-    def step(cache):
-        return nnx.merge(graphdef, state).cached_forward(tokens[:, None], n_valid, cache,
-                                                         prefill=False)
+    def make_step():  # a new function per variant: jax.jit would reuse one trace of one
+        def step(cache):
+            return nnx.merge(graphdef, state).cached_forward(tokens[:, None], n_valid, cache,
+                                                             prefill=False)
+        return step
 
-    outs = {}
+    outs, texts = {}, {}
     for name in ("norm kernel, 3 stages/256", "XLA lengths", "pool apart",
                  "XLA lengths, pool apart"):
         with ab_decode_step.variant(*ab_decode_step.VARIANTS[name]):
-            outs[name] = jax.jit(step)(cache)
+            step = jax.jit(make_step())
+            texts[name] = str(step.trace(cache).jaxpr)
+            outs[name] = step(cache)
+    # each variant traced its own program: the pooling kernel apart, the lengths in XLA
+    pool_kernels = {n: "cca_decode_pool" in t for n, t in texts.items()}
+    assert pool_kernels == {"norm kernel, 3 stages/256": False, "XLA lengths": False,
+                            "pool apart": True, "XLA lengths, pool apart": True}, pool_kernels
+    assert len(set(texts.values())) == 4
     assert ab_decode_step.pallas_rope_append.rope_append.__name__ == "rope_append"  # restored
     shipped, *others = (jax.tree_util.tree_leaves(o) for o in outs.values())
     for other in others:
