@@ -414,6 +414,17 @@ def cca_decode_attention(
     The ring must hold the whole local region, i.e. R >= w + g - 1 or R >= every position (as
     ``jax_cca.cache.ring_size`` sizes it); the core slots below start(t) / g must be pooled.
     """
+    _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group_size,
+               local_window)
+    ring = ring_k.shape[1]
+    return _decode(q, k_new, v_new, positions,
+                   [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)],
+                   g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
+                   interpret=interpret)
+
+
+def _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group_size: int,
+               local_window: int) -> None:
     from kernels.cca.reference import check_cca_hparams
 
     check_cca_hparams(group_size, local_window)
@@ -422,11 +433,6 @@ def cca_decode_attention(
     if core_k.shape != core_v.shape or ring_k.shape != ring_v.shape or ring_k.shape[1] < 1:
         raise ValueError(f"core_k {core_k.shape} / core_v {core_v.shape} and ring_k "
                          f"{ring_k.shape} / ring_v {ring_v.shape} must match pairwise, R >= 1")
-    ring = ring_k.shape[1]
-    return _decode(q, k_new, v_new, positions,
-                   [("core", core_k, core_v, 0), ("ring", ring_k, ring_v, ring)],
-                   g=group_size, w=local_window, softmax_scale=softmax_scale, config=config,
-                   interpret=interpret)
 
 
 def fuses_pooling(core_slots: int, ring: int, head_dim: int, itemsize: int,
@@ -477,14 +483,8 @@ def cca_decode_step(
                          f"dim ({d}) and a ring of whole groups (R = {ring_k.shape[1]})")
     if pooling not in ("cca", "mean", "max"):
         raise ValueError(f"pooling must be 'cca', 'mean' or 'max'; got {pooling!r}")
-    from kernels.cca.reference import check_cca_hparams
-
-    check_cca_hparams(group_size, local_window)
-    _check(q, k_new, v_new, positions, {"core_k": core_k, "core_v": core_v, "ring_k": ring_k,
-                                        "ring_v": ring_v})
-    if core_k.shape != core_v.shape or ring_k.shape != ring_v.shape:
-        raise ValueError(f"core_k {core_k.shape} / core_v {core_v.shape} and ring_k "
-                         f"{ring_k.shape} / ring_v {ring_v.shape} must match pairwise")
+    _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group_size,
+               local_window)
     if n_valid.shape != positions.shape:
         raise ValueError(f"n_valid must be {positions.shape}; got {n_valid.shape}")
     ring = ring_k.shape[1]

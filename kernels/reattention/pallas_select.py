@@ -140,12 +140,20 @@ def select_from_picks(idx: Int[Array, "N P"], val: Float[Array, "N P"], c0: Int[
     slots = min(TABLE // pp, next_power_of_2(ng))
     ngp = cdiv(ng, slots) * slots
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
+    return _launch(functools.partial(_kernel, sel=sel, ng=ng, slots=slots), meta, idx, val,
+                   ng, ngp, interpret)
+
+
+def _launch(kernel, meta, idx, val, ng: int, ngp: int, interpret: bool):
+    """One program per chunk: its (c0, l0), its whole picks or candidates block, its list."""
+    n = meta.shape[0]
+    block = (None, *idx.shape[1:])
+    whole = lambda i: (i,) + (0,) * (idx.ndim - 1)
     glist, n_g = call(
-        functools.partial(_kernel, sel=sel, ng=ng, slots=slots),
+        kernel,
         grid=(n,),
         in_specs=[pl.BlockSpec((None, 2), lambda i: (i, 0)),
-                  pl.BlockSpec((None, pp), lambda i: (i, 0)),
-                  pl.BlockSpec((None, pp), lambda i: (i, 0))],
+                  pl.BlockSpec(block, whole), pl.BlockSpec(block, whole)],
         out_specs=[pl.BlockSpec((None, ngp), lambda i: (i, 0)),
                    pl.BlockSpec((None, 1), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((n, ngp), jnp.int32),
@@ -198,20 +206,6 @@ def select_from_candidates(idx: Int[Array, "N C Rc"], val: Float[Array, "N C Rc"
     slots = min(TABLE // (rp * kp), next_power_of_2(ng))
     ngp = cdiv(ng, slots) * slots
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
-    glist, n_g = call(
-        functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, real=r, kp=kp),
-        grid=(n,),
-        in_specs=[pl.BlockSpec((None, 2), lambda i: (i, 0)),
-                  pl.BlockSpec((None, cp, rcp), lambda i: (i, 0, 0)),
-                  pl.BlockSpec((None, cp, rcp), lambda i: (i, 0, 0))],
-        out_specs=[pl.BlockSpec((None, ngp), lambda i: (i, 0)),
-                   pl.BlockSpec((None, 1), lambda i: (i, 0))],
-        out_shape=[jax.ShapeDtypeStruct((n, ngp), jnp.int32),
-                   jax.ShapeDtypeStruct((n, 1), jnp.int32)],
-        inputs=[meta, idx, val],
-        num_warps=4,
-        num_stages=1,
-        interpret=interpret,
-        name="reattention_select",
-    )
-    return glist[:, :ng], n_g[:, 0]
+    kernel = functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, real=r,
+                               kp=kp)
+    return _launch(kernel, meta, idx, val, ng, ngp, interpret)
