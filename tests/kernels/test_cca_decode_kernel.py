@@ -392,7 +392,8 @@ def test_gpu_32k_prefill_and_kernel_decode_equal_one_forward(attention, rel_err)
     for step in range(21):
         pos = lengths + step
         tokens = np.where(pos < t, ids[np.arange(2), np.minimum(pos, t - 1)], 0)
-        logits, cache = model.decode_step(tokens, cache)
+        # a full sequence gets no valid token (extend refuses tokens past max_len)
+        logits, cache = model.extend(tokens[:, None], (pos < t).astype(np.int32), cache)
         for b, row in enumerate(np.asarray(logits)):
             if pos[b] < t:
                 got[b].append(row)
