@@ -3,8 +3,10 @@
 ``DecodeConfig``, 3 stages / about 256 programs, or 2 stages / about 384 programs, the best of
 an isolated H200 sweep, ``tune_decode_h200.json``), "XLA lengths" (the shipped step with
 the write predicate and the lengths' update back in XLA, as before a03e6ff: two one-thread
-kernels per layer more), "pool apart" (the pooling kernel as its own launch instead of
-programs of the attention's grid) and both (the step as it was before the ninth session),
+kernels per layer more), "pool apart" (the pooling kernel as its own launch, as shipped;
+forced even where ``pallas_decode.POOL_IN_ATTENTION`` is on), "pool fused" (the pooling in the
+first attention program of each sequence and kv head) and "XLA lengths, pool apart" (the step
+as it was before the ninth session),
 LLaMA-2-7B shapes, bf16, batch 1, CCA at
 ``--context`` tokens (synthetic cache), random weights. ``--xla NAME=OPTION=VALUE,...`` adds a
 variant of the shipped step compiled with XLA options (``Lowered.compile(compiler_options=)``,
@@ -59,11 +61,13 @@ def _xla_lengths(rope_append):
 
 @contextlib.contextmanager
 def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False,
-            pool_apart: bool = False):
+            pool_apart: bool = False, pool_fused: bool = False):
     """Patches what the step reads at trace time; restores it after compiling."""
     saved = (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
              pallas_decode.default_decode_config, pallas_rope_append.rope_append,
-             pallas_decode.fuses_pooling)
+             pallas_decode.fuses_pooling, pallas_decode.POOL_IN_ATTENTION)
+    if pool_fused:  # the pooling in the first attention program of each (sequence, kv head)
+        pallas_decode.POOL_IN_ATTENTION = True
     if xla_lengths:
         pallas_rope_append.rope_append = _xla_lengths(pallas_rope_append.rope_append)
     if pool_apart:  # the pooling kernel as its own launch, before the attention's
@@ -80,7 +84,7 @@ def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False,
     finally:
         (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
          pallas_decode.default_decode_config, pallas_rope_append.rope_append,
-         pallas_decode.fuses_pooling) = saved
+         pallas_decode.fuses_pooling, pallas_decode.POOL_IN_ATTENTION) = saved
 
 
 def kernel_counts(hlo: str) -> dict:
@@ -98,7 +102,8 @@ def kernel_counts(hlo: str) -> dict:
 VARIANTS = {"norm kernel, 3 stages/256": (True, False), "XLA norms, 3 stages/256": (False, False),
             "norm kernel, 2 stages/384": (True, True), "XLA norms, 2 stages/384": (False, True),
             "XLA lengths": (True, False, True), "pool apart": (True, False, False, True),
-            "XLA lengths, pool apart": (True, False, True, True)}
+            "XLA lengths, pool apart": (True, False, True, True),
+            "pool fused": (True, False, False, False, True)}
 
 
 def _option(text: str) -> tuple[str, object]:

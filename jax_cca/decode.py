@@ -179,14 +179,14 @@ def _kernel_step(
     token from k, v. CCA: the pooling finds a completed group whole in the ring (instead of the
     XLA path's gather, pool and masked write) and the attention reads the cores and the ring,
     whose slot of the new token holds t (or, unwritten, t - R), neither of which its mask
-    admits. Both run in one launch (``pallas_decode.cca_decode_step``: the pooled slot is not
-    visible to this step) where core and ring hold at least a key block; otherwise the pooling
-    kernel runs first, as its own launch."""
+    admits. The pooling kernel runs first, as its own launch; with
+    ``pallas_decode.POOL_IN_ATTENTION`` both run in one (``pallas_decode.cca_decode_step``: the
+    pooled slot is not visible to this step) where core and ring hold at least a key block."""
     if isinstance(cache, FullCache):
         return pallas_decode.full_decode_attention(q, k, v, cache.k, cache.v, first), cache
     g = config.group_size
-    if cache.num_core and pallas_decode.fuses_pooling(cache.num_core, cache.ring,
-                                                      config.head_dim, q.dtype.itemsize):
+    if cache.num_core and pallas_decode.POOL_IN_ATTENTION and pallas_decode.fuses_pooling(
+            cache.num_core, cache.ring, config.head_dim, q.dtype.itemsize):
         out, core_k, core_v = pallas_decode.cca_decode_step(  # pooling in the same launch
             q, k, v, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, first, n_valid,
             group_size=g, local_window=config.local_window, pooling=config.pooling)

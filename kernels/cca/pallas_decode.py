@@ -432,9 +432,17 @@ def _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group
                          f"{ring_k.shape} / ring_v {ring_v.shape} must match pairwise, R >= 1")
 
 
+# Whether the model's decode step pools inside the attention's launch (cca_decode_step) where
+# it can. Off: on an H200 (ab_decode_step_s9_h200.json) pooling as 32 extra programs made the
+# 7B step 0.16 ms slower than the pooling kernel apart (5.678 against 5.519 ms); the pooling
+# in the first attention program instead, which keeps the grid at one wave, is not measured yet
+# (ab_decode_step.py variant "pool fused"; gpu-runbook.md, c12).
+POOL_IN_ATTENTION = False
+
+
 def fuses_pooling(core_slots: int, ring: int, head_dim: int, itemsize: int,
                   config: DecodeConfig | None = None) -> bool:
-    """Whether :func:`cca_decode_step` pools in the attention's launch: the core and ring
+    """Whether :func:`cca_decode_step` can pool in the attention's launch: the core and ring
     segments need no padding to the key block (a padded copy cannot be written in place)."""
     bk = (config or default_decode_config(head_dim, itemsize)).block_k
     return min(core_slots, ring) >= bk
