@@ -3,10 +3,9 @@
 ``DecodeConfig``, 3 stages / about 256 programs, or 2 stages / about 384 programs, the best of
 an isolated H200 sweep, ``tune_decode_h200.json``), "XLA lengths" (the shipped step with
 the write predicate and the lengths' update back in XLA, as before a03e6ff: two one-thread
-kernels per layer more), "pool apart" (the pooling kernel as its own launch, as shipped;
-forced even where ``pallas_decode.POOL_IN_ATTENTION`` is on), "pool fused" (the pooling in the
-first attention program of each sequence and kv head) and "XLA lengths, pool apart" (the step
-as it was before the ninth session),
+kernels per layer more), "pool apart" (the pooling kernel as its own launch), "pool fused"
+(the pooling in the first attention program of each sequence and kv head, as shipped) and
+"XLA lengths, pool apart" (the step as it was before the ninth session),
 LLaMA-2-7B shapes, bf16, batch 1, CCA at
 ``--context`` tokens (synthetic cache), random weights. ``--xla NAME=OPTION=VALUE,...`` adds a
 variant of the shipped step compiled with XLA options (``Lowered.compile(compiler_options=)``,

@@ -179,9 +179,9 @@ def _kernel_step(
     token from k, v. CCA: the pooling finds a completed group whole in the ring (instead of the
     XLA path's gather, pool and masked write) and the attention reads the cores and the ring,
     whose slot of the new token holds t (or, unwritten, t - R), neither of which its mask
-    admits. The pooling kernel runs first, as its own launch; with
-    ``pallas_decode.POOL_IN_ATTENTION`` both run in one (``pallas_decode.cca_decode_step``: the
-    pooled slot is not visible to this step) where core and ring hold at least a key block."""
+    admits. With ``pallas_decode.POOL_IN_ATTENTION`` (on) both run in one launch
+    (``pallas_decode.cca_decode_step``: the pooled slot is not visible to this step) where core
+    and ring hold at least a key block; otherwise the pooling kernel runs first, as its own."""
     if isinstance(cache, FullCache):
         return pallas_decode.full_decode_attention(q, k, v, cache.k, cache.v, first), cache
     g = config.group_size

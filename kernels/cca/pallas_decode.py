@@ -433,11 +433,11 @@ def _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group
 
 
 # Whether the model's decode step pools inside the attention's launch (cca_decode_step) where
-# it can. Off: on an H200 (ab_decode_step_s9_h200.json) pooling as 32 extra programs made the
-# 7B step 0.16 ms slower than the pooling kernel apart (5.678 against 5.519 ms); the pooling
-# in the first attention program instead, which keeps the grid at one wave, is not measured yet
-# (ab_decode_step.py variant "pool fused"; gpu-runbook.md, c12).
-POOL_IN_ATTENTION = False
+# it can. H200, 7B at 128K, one process (ab_decode_step_s9b_h200.json): in the first attention
+# program of each (sequence, kv head) 5.346 ms against 5.386 with the pooling kernel apart
+# (faster in 13 of 15 rounds). As 32 extra programs instead (past one wave) it was 0.16 ms
+# slower (ab_decode_step_s9_h200.json).
+POOL_IN_ATTENTION = True
 
 
 def fuses_pooling(core_slots: int, ring: int, head_dim: int, itemsize: int,
