@@ -485,11 +485,7 @@ def cca_decode_step(
         raise ValueError(f"cca_decode_step needs core slots ({core_k.shape[1]}) and ring "
                          f"({ring_k.shape[1]}) of at least a key block; use pool_decode_step "
                          f"and cca_decode_attention")
-    if not pallas_decode_pool.supports(group_size, d, ring_k.shape[1]):
-        raise ValueError(f"decode pooling needs power-of-two group size ({group_size}) and head "
-                         f"dim ({d}) and a ring of whole groups (R = {ring_k.shape[1]})")
-    if pooling not in ("cca", "mean", "max"):
-        raise ValueError(f"pooling must be 'cca', 'mean' or 'max'; got {pooling!r}")
+    pallas_decode_pool.check_pooling(group_size, d, ring_k.shape[1], pooling)
     _check_cca(q, k_new, v_new, core_k, core_v, ring_k, ring_v, positions, group_size,
                local_window)
     if n_valid.shape != positions.shape:

@@ -42,6 +42,16 @@ def supports(group_size: int, head_dim: int, ring: int) -> bool:
     return pow2(group_size) and pow2(head_dim) and ring % group_size == 0
 
 
+def check_pooling(group_size: int, head_dim: int, ring: int, pooling: str) -> None:
+    """Raises ValueError for what the pooling (this kernel, or ``pool_group`` inside
+    ``pallas_decode.cca_decode_step``) cannot take."""
+    if not supports(group_size, head_dim, ring):
+        raise ValueError(f"the decode pooling kernel needs power-of-two group size ({group_size})"
+                         f" and head dim ({head_dim}) and a ring of whole groups (R = {ring})")
+    if pooling not in ("cca", "mean", "max"):
+        raise ValueError(f"pooling must be 'cca', 'mean' or 'max'; got {pooling!r}")
+
+
 def _kernel(pos_ref, valid_ref, q_ref, ring_k_ref, ring_v_ref, core_k_in, core_v_in,
             core_k_ref, core_v_ref, **static):
     del core_k_in, core_v_in  # aliased to the outputs: only the completed group's row changes
@@ -100,11 +110,7 @@ def pool_decode_step(
     _, r, hkv, _ = ring_k.shape
     n = core_k.shape[1]
     g = group_size
-    if not supports(g, d, r):
-        raise ValueError(f"the decode pooling kernel needs power-of-two group size ({g}) and head "
-                         f"dim ({d}) and a ring of whole groups (R = {r})")
-    if pooling not in ("cca", "mean", "max"):
-        raise ValueError(f"pooling must be 'cca', 'mean' or 'max'; got {pooling!r}")
+    check_pooling(g, d, r, pooling)
     if n == 0:
         return core_k, core_v
     grp = hq // hkv
