@@ -56,8 +56,8 @@ from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import (pallas_gather, pallas_mgpu_attend, pallas_mgpu_score,
-                                 pallas_select, params, reference)
+from kernels.reattention import (pallas_combine, pallas_gather, pallas_mgpu_attend,
+                                 pallas_mgpu_score, pallas_select, params, reference)
 from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
                                         default_config, geometry, next_power_of_2, round_up,
                                         score_splits)
@@ -234,7 +234,8 @@ def _attend_kernel(meta_ref, q_ref, k_ref, v_ref, glist_ref, cos_ref, sin_ref, *
 
     ``splits`` > 1: program i takes split i % splits of the row tile's key tiles (the list's,
     then the tail's, as one sequence cut into equal runs) and writes its normalised partial
-    output and base-2 log-sum-exp (0 and ``NEG`` where it saw no key) for ``_merge_partials``."""
+    output and base-2 log-sum-exp (0 and ``NEG`` where it saw no key) for
+    ``pallas_combine.merge_partials``."""
     n_in = 2 if rotated_tail else 0
     qo_ref, krot_ref = refs[:n_in] if rotated_tail else (None, None)
     o_ref, lse_ref = refs[n_in:] if splits > 1 else (refs[n_in], None)
@@ -361,16 +362,19 @@ def tail_window(k, q0, geo: Geometry, inv_freq):
 
 
 def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: Config,
-            interpret: bool, rotated=None):
+            interpret: bool, rotated=None, r_att: int | None = None):
     """``rotated``: None (RoPE of every key tile in the kernel) or (qo_rows, window), the rows
-    rotated at their original positions and ``tail_window``'s keys (its ws in meta[..., 4])."""
-    b, hkv, nc, r_pad, d = q_rows.shape
+    rotated at their original positions and ``tail_window``'s keys (its ws in meta[..., 4]).
+    ``r_att``: the first rows of q_rows attended, a multiple of ``attn_block_q`` (default all;
+    q_rows is read in place, so a decode step's rows padded for the scoring are not copied)."""
+    b, hkv, nc, _, d = q_rows.shape
+    r_pad = r_att or q_rows.shape[3]
     s_len = k.shape[1]
     bq, bk = config.attn_block_q, config.attn_block_k
     tiles = r_pad // bq
-    glist = pad_to(glist, 3, bk)
+    glist = pad_to(glist, 3, bk)  # NG slots or more, read in place
     ng_pad = glist.shape[3]
-    n_pos = ng_pad + round_up(geo.tail, bk)
+    n_pos = round_up(geo.num_gathered, bk) + round_up(geo.tail, bk)
     cos, sin = rope_tables(n_pos, inv_freq)
     splits = attend_splits(config, geo, nc * tiles * b * hkv, params.cdiv(n_pos, bk))
     kernel = functools.partial(_attend_kernel, groups=geo.groups, bk=bk, s_len=s_len,
@@ -397,7 +401,7 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
         inputs += [qo_rows, window]
     if splits == 1:
         out_specs = [pl.BlockSpec((None, None, None, bq, d), row_map)]
-        out_shape = [jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)]
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, nc, r_pad, d), q_rows.dtype)]
     else:  # per split: normalised partial output (float32) and base-2 log-sum-exp
         split_map = lambda i, bi, h: (bi, h, chunk_of(i), lax.rem(i, splits), tile_of(i))
         out_specs = [pl.BlockSpec((None, None, None, None, bq, d), lambda *g: (*split_map(*g), 0)),
@@ -416,15 +420,12 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
         interpret=interpret,
         name="reattention_attend",
     )
-    return outs[0] if splits == 1 else _merge_partials(*outs).astype(q_rows.dtype)
-
-
-def _merge_partials(o: Float[Array, "B Hkv NC P R D"], lse: Float[Array, "B Hkv NC P R"]):
-    """The softmax over all key splits from each split's normalised output and base-2
-    log-sum-exp (splits that saw no key: lse ``NEG``, weight 0)."""
-    top = jnp.max(lse, axis=3, keepdims=True)
-    w = jnp.exp2(lse - top)
-    return jnp.sum(w[..., None] * o, axis=3) / jnp.sum(w, axis=3)[..., None]
+    if splits == 1:
+        return outs[0]
+    if pallas_combine.applies(geo.rows, r_pad):  # one launch; rows past geo.rows: padding
+        return pallas_combine.merge_partials(*outs, rows=geo.rows, dtype=q_rows.dtype,
+                                             interpret=interpret)
+    return pallas_combine.merge_partials_reference(*outs).astype(q_rows.dtype)
 
 
 def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret: bool) -> bool:
@@ -573,11 +574,12 @@ def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int):
     candidates, from candidate-major (N, C, R') candidates (C = key splits x top_k; C = top_k:
     one split, nothing to merge). Where a chunk has few picks (a decode step) one kernel merges
     and selects (``pallas_select``); otherwise XLA sorts the candidates (``_merge_splits``) and,
-    for many picks, selects with its sorts."""
+    for many picks, selects with its sorts. The lists may be wider than NG (the kernel's own
+    width, ``select_from_candidates(wide=True)``); their slots from n_g on hold 0."""
     n, c, _ = idx.shape
     if c > sel.top_k and pallas_select.merges(rows, c, sel.top_k):
         return pallas_select.select_from_candidates(idx, vals, c0, l0, sel, rows=rows,
-                                                    interpret=interpret)
+                                                    interpret=interpret, wide=True)
     idx, vals = (x[:, :, :rows].transpose(0, 2, 1) for x in (idx, vals))  # (N, R, C)
     if c > sel.top_k:
         vals, idx = _merge_splits(vals, idx, sel.top_k)
@@ -631,7 +633,9 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
         cands = lambda x: x.reshape(b * hkv * n_sel, *x.shape[3:])  # (N, C, R')
         picked, n_picked = _select(cands(idx), cands(vals), rep(c0), rep(l0), sel, interpret,
                                    geo.rows)
-        glist = jnp.concatenate([glist, picked.reshape(b, hkv, n_sel, -1)], axis=2)
+        picked = picked.reshape(b, hkv, n_sel, -1)  # NG or more slots (the kernel's width)
+        wider = [(0, 0)] * 3 + [(0, picked.shape[3] - glist.shape[3])]
+        glist = jnp.concatenate([jnp.pad(glist, wider), picked], axis=2)
         n_g = jnp.concatenate([n_g, n_picked.reshape(b, hkv, n_sel)], axis=2)
     window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),
                                                                                   jnp.int32))
@@ -661,14 +665,14 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
             qo_rows = reference.pack_rows(rotate_at(q[:, p:], at_own, inv_freq), geo_rest)
             extra = (pad_to(qo_rows, 3, r_att), window)
         if mgpu_attend:
-            o = _attend_mgpu(extra[0], k, v, glist[:, :, rest], meta[:, :, rest], window,
-                             inv_freq, scale, geo, config, interpret)
+            o = _attend_mgpu(extra[0], k, v, glist[:, :, rest, :geo.num_gathered],
+                             meta[:, :, rest], window, inv_freq, scale, geo, config, interpret)
         else:
-            o = _attend(q_rows[:, :, :, :r_att], k, v, glist[:, :, rest], meta[:, :, rest],
-                        inv_freq, scale, geo, config, interpret, extra)
+            o = _attend(q_rows, k, v, glist[:, :, rest], meta[:, :, rest], inv_freq, scale,
+                        geo, config, interpret, extra, r_att)
         outs.append(reference.unpack_rows(o, geo_rest))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out, glist, n_g
+    return out, glist[..., :geo.num_gathered], n_g
 
 
 def reattention(

@@ -144,8 +144,9 @@ def select_from_picks(idx: Int[Array, "N P"], val: Float[Array, "N P"], c0: Int[
                    ng, ngp, interpret)
 
 
-def _launch(kernel, meta, idx, val, ng: int, ngp: int, interpret: bool):
-    """One program per chunk: its (c0, l0), its whole picks or candidates block, its list."""
+def _launch(kernel, meta, idx, val, ng: int, ngp: int, interpret: bool, wide: bool = False):
+    """One program per chunk: its (c0, l0), its whole picks or candidates block, its list
+    (``wide``: all NGp slots the kernel writes, else the first NG)."""
     n = meta.shape[0]
     block = (None, *idx.shape[1:])
     whole = lambda i: (i,) + (0,) * (idx.ndim - 1)
@@ -164,7 +165,7 @@ def _launch(kernel, meta, idx, val, ng: int, ngp: int, interpret: bool):
         interpret=interpret,
         name="reattention_select",
     )
-    return glist[:, :ng], n_g[:, 0]
+    return (glist if wide else glist[:, :ng]), n_g[:, 0]
 
 
 def merges(rows: int, candidates: int, top_k: int) -> bool:
@@ -175,18 +176,22 @@ def merges(rows: int, candidates: int, top_k: int) -> bool:
             and applies(next_power_of_2(rows) * next_power_of_2(max(top_k, 1))))
 
 
-@functools.partial(jax.jit, static_argnames=("sel", "rows", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sel", "rows", "interpret", "wide"))
 def select_from_candidates(idx: Int[Array, "N C Rc"], val: Float[Array, "N C Rc"],
                            c0: Int[Array, "N"], l0: Int[Array, "N"], sel: Selection,
-                           rows: int | None = None, interpret: bool = False
-                           ) -> tuple[Int[Array, "N NG"], Int[Array, "N"]]:
+                           rows: int | None = None, interpret: bool = False,
+                           wide: bool = False) -> tuple[Int[Array, "N NG"], Int[Array, "N"]]:
     """``reference.select_from_picks`` of the best ``top_k`` candidates of each of the first
     ``rows`` rows (default: all Rc), as one kernel launch: what ``pallas._merge_splits`` (a sort
     of every row's candidates from all key splits) then :func:`select_from_picks` give, bit for
     bit. Candidate-major, as the Mosaic GPU scoring writes them (rows past ``rows`` are its
     padding, not read). A decode step's rows are G query heads with splits x top_k candidates
     each; merged by XLA that was a transposition, a sort, two copies and small fusions, each a
-    launch of its own."""
+    launch of its own.
+
+    ``wide``: the list as the kernel writes it, (N, NGp): NGp >= NG a multiple of the power of
+    two slots it stores at a time, every slot from n_g on 0 (as the reference's from n_g to
+    NG). The attention reads that list in place: no copy of its first NG slots."""
     n, c, rc = idx.shape
     r = rc if rows is None else rows
     if not (merges(r, c, sel.top_k) and r <= rc) or val.shape != (n, c, rc) or (
@@ -208,4 +213,4 @@ def select_from_candidates(idx: Int[Array, "N C Rc"], val: Float[Array, "N C Rc"
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
     kernel = functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, real=r,
                                kp=kp)
-    return _launch(kernel, meta, idx, val, ng, ngp, interpret)
+    return _launch(kernel, meta, idx, val, ng, ngp, interpret, wide)

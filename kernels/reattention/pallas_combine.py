@@ -1,0 +1,96 @@
+"""The gathered attention's key splits merged into one output, as one kernel (Triton lowering).
+
+A decode step splits each row tile's keys over ``attend_splits`` programs (flash-decoding), and
+each writes its normalised partial output and base-2 log-sum-exp. Merged by XLA that was three
+launches per step (the weights' exponentials, the weighted sum, the real rows' slice); here it is
+one program per (batch element, kv head, chunk) that reads only the real rows and writes the
+output in the attention's own dtype. ``merge_partials_reference`` is the same math in jnp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from kernels.cca.pallas_common import NEG, call, exp2_for
+from kernels.reattention.params import next_power_of_2
+
+UNROLL_SPLITS = 32  # the loop over the splits is unrolled up to this many
+
+
+def merge_partials_reference(o: Float[Array, "B Hkv NC P R D"],
+                             lse: Float[Array, "B Hkv NC P R"]) -> Float[Array, "B Hkv NC R D"]:
+    """The softmax over all key splits from each split's normalised output and base-2
+    log-sum-exp (splits that saw no key: lse ``NEG``, weight 0), float32."""
+    top = jnp.max(lse, axis=3, keepdims=True)
+    w = jnp.exp2(lse - top)
+    return jnp.sum(w[..., None] * o, axis=3) / jnp.sum(w, axis=3)[..., None]
+
+
+def _merge_kernel(o_ref, lse_ref, out_ref, *, splits: int, exp2):
+    """Program (chunk, b, h): the running merge over the P splits of its first Rp rows, in
+    float32. It starts from split 0's own weight 1 (lse - max with max = lse), so a split that
+    saw no key (lse ``NEG``) adds exactly 0 once any split has seen one."""
+    m, acc = lse_ref[0, :], o_ref[0, :, :]
+    l = jnp.ones_like(m)
+
+    def merge(p, carry):
+        m, l, acc = carry
+        lse = lse_ref[p, :]
+        m_new = jnp.maximum(m, lse)
+        a, w = exp2(m - m_new), exp2(lse - m_new)
+        return m_new, l * a + w, acc * a[:, None] + o_ref[p, :, :] * w[:, None]
+
+    carry = (m, l, acc)
+    if splits <= UNROLL_SPLITS:
+        for i in range(1, splits):
+            carry = merge(i, carry)
+    else:
+        carry = lax.fori_loop(1, splits, merge, carry)
+    _, l, acc = carry
+    out_ref[...] = (acc / l[:, None]).astype(out_ref.dtype)
+
+
+def applies(rows: int, r: int) -> bool:
+    """Whether :func:`merge_partials` takes ``rows`` real rows of R = ``r``: their power-of-two
+    block must fit in R."""
+    return 1 <= rows and next_power_of_2(rows) <= r
+
+
+def merge_partials(o: Float[Array, "B Hkv NC P R D"], lse: Float[Array, "B Hkv NC P R"], *,
+                   rows: int, dtype, interpret: bool = False) -> Float[Array, "B Hkv NC Rp D"]:
+    """``merge_partials_reference`` of the first ``rows`` rows, cast to ``dtype``: (B, Hkv, NC,
+    Rp, D) with Rp = ``rows`` rounded up to a power of two (rows past ``rows`` are padding)."""
+    b, hkv, nc, splits, r, d = o.shape
+    rp = next_power_of_2(rows)
+    if lse.shape != o.shape[:5] or not applies(rows, r) or o.dtype != jnp.float32:
+        raise ValueError(f"merge_partials takes float32 partial outputs (B, Hkv, NC, P, R, D), "
+                         f"their (B, Hkv, NC, P, R) log-sum-exps and 1 <= rows <= R with rows "
+                         f"rounded up to a power of two <= R; got o {o.shape} {o.dtype}, lse "
+                         f"{lse.shape}, rows {rows}")
+    if lse.dtype != jnp.float32:
+        lse = lse.astype(jnp.float32)
+    kernel = functools.partial(_merge_kernel, splits=splits, exp2=exp2_for(interpret))
+    [out] = call(
+        kernel,
+        grid=(nc, b, hkv),
+        in_specs=[pl.BlockSpec((None, None, None, splits, rp, d),
+                               lambda c, bi, h: (bi, h, c, 0, 0, 0)),
+                  pl.BlockSpec((None, None, None, splits, rp), lambda c, bi, h: (bi, h, c, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, rp, d), lambda c, bi, h: (bi, h, c, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, nc, rp, d), dtype)],
+        inputs=[o, lse],
+        num_warps=4,
+        num_stages=1,
+        interpret=interpret,
+        name="reattention_merge",
+    )
+    return out
+
+
+__all__ = ["NEG", "applies", "merge_partials", "merge_partials_reference"]
