@@ -3,8 +3,10 @@
 A decode step splits each row tile's keys over ``attend_splits`` programs (flash-decoding), and
 each writes its normalised partial output and base-2 log-sum-exp. Merged by XLA that was three
 launches per step (the weights' exponentials, the weighted sum, the real rows' slice); here it is
-one program per (batch element, kv head, chunk) that reads only the real rows and writes the
-output in the attention's own dtype. ``merge_partials_reference`` is the same math in jnp.
+one program per (batch element, kv head, chunk, 32 head-dim columns) that reads only the real
+rows and writes the output in the attention's own dtype. Its loop over the splits is unrolled,
+so that their loads are in flight together (a loop of 33 dependent loads took 10 us on the H200,
+against 5 us for XLA's three kernels). ``merge_partials_reference`` is the same math in jnp.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from jaxtyping import Array, Float
 from kernels.cca.pallas_common import NEG, call, exp2_for
 from kernels.reattention.params import next_power_of_2
 
-UNROLL_SPLITS = 32  # the loop over the splits is unrolled up to this many
+UNROLL_SPLITS = 64  # the loop over the splits is unrolled (loads issued together) up to this many
+D_BLOCK = 32  # head-dim columns per program: a decode step's merge spreads over D / 32 x more SMs
 
 
 def merge_partials_reference(o: Float[Array, "B Hkv NC P R D"],
@@ -33,8 +36,8 @@ def merge_partials_reference(o: Float[Array, "B Hkv NC P R D"],
 
 
 def _merge_kernel(o_ref, lse_ref, out_ref, *, splits: int, exp2):
-    """Program (chunk, b, h): the running merge over the P splits of its first Rp rows, in
-    float32. It starts from split 0's own weight 1 (lse - max with max = lse), so a split that
+    """Program (chunk x column block, b, h): the running merge over the P splits of its first
+    Rp rows and its columns, in float32. It starts from split 0's own weight 1 (lse - max with max = lse), so a split that
     saw no key (lse ``NEG``) adds exactly 0 once any split has seen one."""
     m, acc = lse_ref[0, :], o_ref[0, :, :]
     l = jnp.ones_like(m)
@@ -76,13 +79,18 @@ def merge_partials(o: Float[Array, "B Hkv NC P R D"], lse: Float[Array, "B Hkv N
     if lse.dtype != jnp.float32:
         lse = lse.astype(jnp.float32)
     kernel = functools.partial(_merge_kernel, splits=splits, exp2=exp2_for(interpret))
+    db = min(d, D_BLOCK)
+    nd = d // db
+    chunk, cols = (lambda i: lax.div(i, nd)), (lambda i: lax.rem(i, nd))
     [out] = call(
         kernel,
-        grid=(nc, b, hkv),
-        in_specs=[pl.BlockSpec((None, None, None, splits, rp, d),
-                               lambda c, bi, h: (bi, h, c, 0, 0, 0)),
-                  pl.BlockSpec((None, None, None, splits, rp), lambda c, bi, h: (bi, h, c, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, None, rp, d), lambda c, bi, h: (bi, h, c, 0, 0))],
+        grid=(nc * nd, b, hkv),
+        in_specs=[pl.BlockSpec((None, None, None, splits, rp, db),
+                               lambda i, bi, h: (bi, h, chunk(i), 0, 0, cols(i))),
+                  pl.BlockSpec((None, None, None, splits, rp),
+                               lambda i, bi, h: (bi, h, chunk(i), 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, None, rp, db),
+                                lambda i, bi, h: (bi, h, chunk(i), 0, cols(i)))],
         out_shape=[jax.ShapeDtypeStruct((b, hkv, nc, rp, d), dtype)],
         inputs=[o, lse],
         num_warps=4,

@@ -16,14 +16,17 @@ program per (batch, kv head, chunk) does the whole selection:
 * a kept position's span starts after the previous kept span's end (the previous one is the kept
   position below it with the largest end: ends do not decrease); its first list slot is the sink
   plus the lengths of the kept spans below it;
-* the list is written a block of slots at a time (``TABLE`` / P): slot s holds s inside the
-  sink, else the token of the one span that covers it, else 0.
+* the kept spans tile [sink, n_g) in order, so the list is two stores: each kept span's
+  tokens scattered to its slots (one masked store of a (P, span) table), and every other slot
+  written a block at a time (s inside the sink, 0 from n_g on; masked off inside the spans, so
+  no slot is written twice).
 
 :func:`select_from_candidates` takes each row's candidates from all the scoring's key splits
-instead (a decode step: G rows x 32 splits x top_k) and first keeps each row's best top_k by
-pairwise ranks (a row at a time, C x C comparisons), in the order of the sort it replaces
-(``pallas._merge_splits``): one launch instead of that sort, its two copies and three small
-fusions.
+instead (a decode step: G rows x 32 splits x top_k) and first keeps each row's best top_k, in
+the order of the sort it replaces (``pallas._merge_splits``), by top_k rounds of extraction:
+the best score, the lowest position among its equals, the earliest candidate among those (three
+reductions over the candidates, all rows at once). One launch instead of that sort, its two
+copies and three small fusions.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import call
@@ -41,7 +45,14 @@ from kernels.reattention.params import Selection, cdiv, next_power_of_2
 
 MAX_PICKS = 64  # pairwise tables of MAX_PICKS^2 per program; more picks go through the sorts
 MAX_CANDIDATES = 256  # a row's candidates, ranked pairwise (select_from_candidates)
-TABLE = 8192  # elements of the (slots, picks) table of one store: slots per store = TABLE / P
+FILL = 2048  # list slots per store of the fill (outside the spans)
+
+
+def list_width(ng: int) -> tuple[int, int]:
+    """(slots per store of the fill, NGp): the list as written, NG slots and at least one more
+    (the masked span entries' slot), in whole stores."""
+    slots = min(FILL, next_power_of_2(ng + 1))
+    return slots, cdiv(ng + 1, slots) * slots
 
 
 def applies(picks: int) -> bool:
@@ -59,28 +70,29 @@ def _merge_kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Select
     """The top_k candidates of each of the ``real`` rows (``pallas._merge_splits``' order:
     higher score, then lower position, then earlier candidate; -0 equal to +0), as kp picks per
     row (slots past top_k, missing candidates and rows past ``real``: -1), then :func:`_select`
-    of the ``rows`` x kp picks."""
+    of the ``rows`` x kp picks. Round j takes each row's best remaining candidate: three
+    reductions over the (C, rows) block, candidates down the columns."""
     c = idx_ref.shape[0]
     col = lambda x: x[:, None]
     row = lambda x: x[None, :]
-    pos = jnp.arange(c, dtype=jnp.int32)
-    slot = jnp.arange(kp, dtype=jnp.int32)
-    row_of = jnp.arange(rows, dtype=jnp.int32)
+    ci, cv = idx_ref[:, pl.ds(0, rows)], val_ref[:, pl.ds(0, rows)]  # (C, rows)
+    live = (ci >= 0) & row(jnp.arange(rows, dtype=jnp.int32) < real)
+    cand = col(jnp.arange(c, dtype=jnp.int32))
+    slot = row(jnp.arange(kp, dtype=jnp.int32))
     acc_idx = jnp.full((rows, kp), -1, jnp.int32)
     acc_val = jnp.full((rows, kp), -jnp.inf, jnp.float32)
-    for r in range(real):
-        ci, cv = idx_ref[:, r], val_ref[:, r]  # row r's candidates (candidate-major block)
-        valid = ci >= 0
-        neg = jnp.where(valid, -cv, jnp.inf)
-        key = jnp.where(valid, ci, jnp.iinfo(jnp.int32).max)
-        before = (row(neg) < col(neg)) | ((row(neg) == col(neg)) & (
-            (row(key) < col(key)) | ((row(key) == col(key)) & (row(pos) < col(pos)))))
-        rank = jnp.sum(before.astype(jnp.int32), axis=1)
-        hit = (row(rank) == col(slot)) & row(valid) & col(slot < sel.top_k)  # (kp, C)
-        picked = jnp.max(jnp.where(hit, row(ci), -1), axis=1)
-        score = jnp.max(jnp.where(hit, row(cv), -jnp.inf), axis=1)
-        acc_idx = jnp.where(col(row_of == r), row(picked), acc_idx)
-        acc_val = jnp.where(col(row_of == r), row(score), acc_val)
+    for j in range(sel.top_k):
+        best = jnp.max(jnp.where(live, cv, -jnp.inf), axis=0)  # -0 and +0 compare equal
+        at = live & (cv == row(best))
+        low = jnp.min(jnp.where(at, ci, jnp.iinfo(jnp.int32).max), axis=0)
+        at = at & (ci == row(low))
+        first = jnp.min(jnp.where(at, cand, c), axis=0)
+        chosen = at & (cand == row(first))  # one candidate per row, none once a row is empty
+        picked = jnp.max(jnp.where(chosen, ci, -1), axis=0)
+        score = jnp.max(jnp.where(chosen, cv, -jnp.inf), axis=0)  # its own bits (-0 stays)
+        acc_idx = jnp.where(slot == j, col(picked), acc_idx)
+        acc_val = jnp.where(slot == j, col(score), acc_val)
+        live = live & ~chosen
     _select(meta_ref[0], meta_ref[1], acc_idx.reshape(rows * kp), acc_val.reshape(rows * kp),
             glist_ref, n_g_ref, sel=sel, ng=ng, slots=slots)
 
@@ -110,16 +122,23 @@ def _select(c0, l0, idx, val, glist_ref, n_g_ref, *, sel: Selection, ng: int, sl
     count = jnp.where(kept, jnp.maximum(end - start + 1, 0), 0)
     sink = jnp.minimum(sel.sink_tokens, c0)
     offset = sink + jnp.sum(jnp.where(below, row(count), 0), axis=1)
-    n_g_ref[0] = sink + jnp.sum(count)
+    n_g = sink + jnp.sum(count)
+    n_g_ref[0] = n_g
 
-    def store(b, carry):
+    def fill(b, carry):  # slots outside the spans: s inside the sink, 0 from n_g on
         s = b * slots + jnp.arange(slots, dtype=jnp.int32)
-        inside = (col(s) >= row(offset)) & (col(s) < row(offset + count))
-        token = jnp.sum(jnp.where(inside, row(start - offset) + col(s), 0), axis=1)
-        glist_ref[pl.ds(b * slots, slots)] = jnp.where(s < sink, s, token)
+        plt.store(glist_ref.at[pl.ds(b * slots, slots)], jnp.where(s < sink, s, 0),
+                  mask=(s < sink) | (s >= n_g))
         return carry
 
-    lax.fori_loop(0, cdiv(ng, slots), store, 0)
+    lax.fori_loop(0, glist_ref.shape[0] // slots, fill, 0)
+    # The spans: kept pick i's tokens start_i + o at slots offset_i + o, o < count_i (they tile
+    # [sink, n_g)). Masked-off entries point at the list's last slot, past NG, which no span
+    # writes (the interpreter's masked store rewrites the old value there).
+    o = row(jnp.arange(next_power_of_2(sel.span), dtype=jnp.int32))
+    inside = o < col(count)
+    dest = jnp.where(inside, col(offset) + o, glist_ref.shape[0] - 1)
+    plt.store(glist_ref.at[dest], col(start) + o, mask=inside)
 
 
 @functools.partial(jax.jit, static_argnames=("sel", "interpret"))
@@ -137,8 +156,7 @@ def select_from_picks(idx: Int[Array, "N P"], val: Float[Array, "N P"], c0: Int[
     idx = jnp.pad(idx.astype(jnp.int32), ((0, 0), (0, pp - p)), constant_values=-1)
     val = jnp.pad(val.astype(jnp.float32), ((0, 0), (0, pp - p)))
     ng = sel.num_gathered()
-    slots = min(TABLE // pp, next_power_of_2(ng))
-    ngp = cdiv(ng, slots) * slots
+    slots, ngp = list_width(ng)
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
     return _launch(functools.partial(_kernel, sel=sel, ng=ng, slots=slots), meta, idx, val,
                    ng, ngp, interpret)
@@ -208,8 +226,7 @@ def select_from_candidates(idx: Int[Array, "N C Rc"], val: Float[Array, "N C Rc"
         val = jnp.pad(val, pad)
     idx, val = idx.astype(jnp.int32), val.astype(jnp.float32)
     ng = sel.num_gathered()
-    slots = min(TABLE // (rp * kp), next_power_of_2(ng))
-    ngp = cdiv(ng, slots) * slots
+    slots, ngp = list_width(ng)
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
     kernel = functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, real=r,
                                kp=kp)

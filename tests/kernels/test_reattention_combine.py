@@ -4,8 +4,8 @@ The kernel must give ``merge_partials_reference`` (the jnp softmax over the spli
 log-sum-exps) up to float32 rounding, in the Pallas interpreter here: splits that saw no key
 (lse ``NEG``, output 0) anywhere, including the first; rows that saw no key at all (output 0);
 split counts unrolled and looped; real rows fewer than the tile's, which are the only ones read
-and written. The kernel lowers for CUDA (Triton) on the CPU; the decode steps of the op and
-parity suites run it on the GPU.
+and written. The kernel lowers for CUDA (Triton) on the CPU; on the GPU the decode steps of the
+op and parity suites run it, and the test marked gpu compares it with the reference.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _partials(rng, shape, empty: float = 0.3):
     return jnp.asarray(o), jnp.asarray(lse)
 
 
-@pytest.mark.parametrize("splits", [1, 5, 33, 40])  # unrolled up to 32, then a loop
+@pytest.mark.parametrize("splits", [1, 5, 33, 70])  # unrolled up to 64, then a loop
 @pytest.mark.parametrize("rows", [4, 3, 16])
 def test_equals_the_reference(splits, rows):
     rng = np.random.default_rng(splits * 100 + rows)
@@ -91,3 +91,14 @@ def test_lowers_for_cuda():
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
         sds((1, 8, 1, 33, 16, 128), jnp.float32), sds((1, 8, 1, 33, 16), jnp.float32))
     assert [o.shape for o in exported.out_avals] == [(1, 8, 1, 4, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="needs a CUDA GPU (runs on the device machine)")
+@pytest.mark.parametrize("splits,d", [(33, 128), (32, 64), (70, 128)])
+def test_gpu_compiled_equals_the_reference(splits, d):
+    o, lse = _partials(np.random.default_rng(splits), (1, 8, 1, splits, 16, d))
+    got = PC.merge_partials(o, lse, rows=4, dtype=jnp.float32)
+    want = PC.merge_partials_reference(o, lse)[:, :, :, :4]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=2e-6)

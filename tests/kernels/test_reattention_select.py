@@ -6,7 +6,8 @@ the Pallas interpreter here: positions picked several times (votes), equal best 
 +0 (equal to the sorts), empty picks (-1), caps that cut the distinct positions, spans that
 overlap, merge and clip at the sink and at L0, chunks that start inside the sink, pick counts
 that are not powers of two. On the GPU it runs in every ReAttention decode step of the op and
-parity suites. The kernel lowers for CUDA (Triton) on the CPU.
+parity suites, and the tests marked gpu compare the compiled kernels with the sorts. The kernel
+lowers for CUDA (Triton) on the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from kernels.reattention import pallas_select as PS
 from kernels.reattention import reference as R
 from kernels.reattention.params import Selection
 from kernels.reattention.shapes import small
+
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
 
 SELECTIONS = {
     "defaults": Selection(),
@@ -117,7 +121,8 @@ def _merged_then_selected(idx, val, c0, l0, sel, rows):
 @pytest.mark.parametrize("name", ["defaults", "cap 3, span 3", "cap 5, span 4"])
 @pytest.mark.parametrize("rows,c,padded", [(4, 128, 124), (1, 8, 0), (3, 20, 2), (8, 64, 0)])
 def test_candidates_merged_in_the_kernel_equal_the_sort_bit_for_bit(name, rows, c, padded):
-    """``select_from_candidates`` (each row's best top_k by pairwise ranks, then the selection)
+    """``select_from_candidates`` (each row's best top_k by rounds of extraction, then the
+    selection)
     against ``pallas._merge_splits`` (XLA's sort) then ``reference.select_from_picks``: the
     same lists and lengths, with ties in score (lower position first), -0 against +0, rows
     and candidate counts that are not powers of two, more empty candidates than top_k, and
@@ -163,3 +168,43 @@ def test_candidate_merge_lowers_for_cuda():
         sds((8, 128, 128), jnp.int32), sds((8, 128, 128), jnp.float32), sds((8,), jnp.int32),
         sds((8,), jnp.int32))
     assert [o.shape for o in exported.out_avals] == [(8, Selection().num_gathered()), (8,)]
+
+
+def test_the_wide_list_is_the_list_then_zeros():
+    """``wide=True`` (the attention reads the list in place): the kernel's whole list, its first
+    NG slots those of the narrow one, every slot from n_g on 0."""
+    sel = SELECTIONS["cap 5, span 4"]
+    rng = np.random.default_rng(7)
+    idx, val, c0, l0 = (jnp.asarray(x) for x in _candidates(rng, 6, 4, 24, sel, 4))
+    narrow, n_g = PS.select_from_candidates(idx, val, c0, l0, sel, rows=4, interpret=True)
+    wide, n_g2 = PS.select_from_candidates(idx, val, c0, l0, sel, rows=4, interpret=True,
+                                           wide=True)
+    ng = sel.num_gathered()
+    assert wide.shape[1] > ng and wide.shape[1] == PS.list_width(ng)[1]
+    np.testing.assert_array_equal(np.asarray(n_g2), np.asarray(n_g))
+    np.testing.assert_array_equal(np.asarray(wide[:, :ng]), np.asarray(narrow))
+    past = np.arange(wide.shape[1])[None, :] >= np.asarray(n_g)[:, None]
+    assert (np.asarray(wide)[past] == 0).all()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", ["defaults", "cap 5, span 4"])
+def test_gpu_compiled_kernels_equal_the_sorts_bit_for_bit(name):
+    """The compiled kernels (Triton) against the sorts: picks (16 and 64) and a decode step's
+    candidates (4 real rows of 128, 128 candidates), tie-heavy, with the wide list's tail 0."""
+    sel = SELECTIONS[name]
+    rng = np.random.default_rng(11)
+    for p in (16, 64):
+        idx, val, c0, l0 = (jnp.asarray(x) for x in _picks(rng, 64, p, sel, bool(p == 16)))
+        want = R.select_from_picks(idx, val, c0, l0, sel)
+        got = PS.select_from_picks(idx, val, c0, l0, sel)
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    idx, val, c0, l0 = (jnp.asarray(x) for x in _candidates(rng, 64, 4, 128, sel, 124))
+    want = _merged_then_selected(idx, val, c0, l0, sel, 4)
+    got, n_g = PS.select_from_candidates(idx, val, c0, l0, sel, rows=4, wide=True)
+    ng = sel.num_gathered()
+    np.testing.assert_array_equal(np.asarray(n_g), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[:, :ng]), np.asarray(want[0]))
+    assert (np.asarray(got)[:, ng:] == 0).all()
