@@ -34,6 +34,11 @@ VARIANTS = {
     "xla_merge": {"_patch": (pallas_combine, "applies", lambda rows, r: False)},
     "attn_splits_1": dict(attn_splits=1),
     "score_c2": dict(mgpu_consumers=2),
+    "score_splits_16": dict(score_splits=16),
+    "score_splits_64": dict(score_splits=64),
+    "attn_bk64": dict(attn_block_k=64),
+    "attn_bk64_s2": dict(attn_block_k=64, attn_stages=2),
+    "attn_splits_64": dict(attn_splits=64),
     "score_triton": dict(score_lowering="triton"),
 }
 LAYERS = {"16k_d128": (16384, 128), "32k_d128": (32768, 128), "128k_d128": (131072, 128),

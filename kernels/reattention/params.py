@@ -152,7 +152,9 @@ class Config:
     count that is a multiple of 8, top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU, else "triton".
     H200, 128K, 32 heads, d = 128: 105-114 ms with the defaults, 200 ms through Triton.
     ``mgpu_merge``: how that kernel keeps each row's top_k, "lanes" (per-thread lists, a warp
-    vote per 8 rows) or "rows" (a warp per row through shared memory, ``mgpu_row_merge.py``).
+    vote per 8 rows) or "rows" (a warp per row through shared memory, ``mgpu_row_merge.py``;
+    correct on the H200 but slower: 7.97 ms against 5.31 at 32K with 32 heads,
+    ``bench/results/ab_reattention_score_rows_h200.json``).
 
     ``attend_lowering``: the same choice for the gathered attention. "mosaic_gpu" runs the
     warp-specialised kernel of ``pallas_mgpu_attend.py`` (Hopper, 16-bit, head dim 64 or 128, the
