@@ -375,7 +375,7 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
     glist = pad_to(glist, 3, bk)  # NG slots or more, read in place
     ng_pad = glist.shape[3]
     n_pos = round_up(geo.num_gathered, bk) + round_up(geo.tail, bk)
-    cos, sin = rope_tables(n_pos, inv_freq)
+    tables = jnp.stack(rope_tables(n_pos, inv_freq))  # cos, sin: one XLA kernel, not two
     splits = attend_splits(config, geo, nc * tiles * b * hkv, params.cdiv(n_pos, bk))
     kernel = functools.partial(_attend_kernel, groups=geo.groups, bk=bk, s_len=s_len,
                                n_pos=n_pos, tiles=tiles, splits=splits, scale=scale,
@@ -384,15 +384,15 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
     tile_of = lambda i: lax.rem(lax.div(i, splits), tiles)
     row_map = lambda i, bi, h: (bi, h, chunk_of(i), tile_of(i), 0)
     kv_spec = pl.BlockSpec((None, s_len, None, d), lambda i, bi, h: (bi, 0, h, 0))
-    table_spec = pl.BlockSpec((n_pos, d // 2), lambda i, bi, h: (0, 0))
+    table_spec = lambda j: pl.BlockSpec((None, n_pos, d // 2), lambda i, bi, h: (j, 0, 0))
     in_specs = [
         pl.BlockSpec((None, None, None, 8), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
         pl.BlockSpec((None, None, None, bq, d), row_map),
         kv_spec, kv_spec,
         pl.BlockSpec((None, None, None, ng_pad), lambda i, bi, h: (bi, h, chunk_of(i), 0)),
-        table_spec, table_spec,
+        table_spec(0), table_spec(1),
     ]
-    inputs = [meta, q_rows, k, v, glist, cos, sin]
+    inputs = [meta, q_rows, k, v, glist, tables, tables]
     if rotated is not None:
         qo_rows, window = rotated
         in_specs += [pl.BlockSpec((None, None, None, bq, d), row_map),
