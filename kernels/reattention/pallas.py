@@ -15,7 +15,7 @@ Three stages per chunk of queries (README.md in this folder):
    candidates per row), count votes, keep the most-voted, expand spans, compact into the
    gathered list. O(C * G * K log) per chunk, independent of the context length. A chunk of at
    most 64 picks (a decode step: G * K) is selected by one kernel instead
-   (``pallas_select.py``: pairwise ranks, no sorts).
+   (``pallas_select.py``: extraction rounds and pairwise ranks, no sorts).
 3. ``_attend_kernel``: one program per (row tile, batch, kv head); FlashAttention-style online
    softmax (base 2) over the gathered list (keys loaded by index), then over the contiguous tail
    [L0, c1) (local window + the chunk itself, causal on the last tiles). RoPE is applied in the
