@@ -46,8 +46,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import (
-    LOG2E, NEG, call, cdiv, dot, exp2_for, online_softmax_update, pad_to, resolve_interpret,
-    window_start)
+    LOG2E, NEG, call, cdiv, dot, exp2_for, merge_split_partials, online_softmax_update, pad_to,
+    resolve_interpret, window_start)
 
 # About 2 programs per SM of an H100 (132 SMs), as many as fit at once with 3 stages of 64-row
 # tiles. bench/tune_decode.py, H100, 7B shapes, batch 1: CCA at 128K 65 us (512 programs: 69), full
@@ -321,20 +321,7 @@ def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int
     # The new token is always visible: start from it (weight 1 at its own score), so the
     # running maximum is finite and a share without a visible key (lse -huge) adds exactly 0.
     carry = (s_new, jnp.ones_like(s_new), jnp.broadcast_to(v_new[None, :], q.shape))
-
-    def merge(p, carry):
-        m, l, acc = carry
-        lse = lse_ref[p, :]
-        m_new = jnp.maximum(m, lse)
-        a, w = exp2(m - m_new), exp2(lse - m_new)
-        return m_new, l * a + w, acc * a[:, None] + o_ref[p, :, :] * w[:, None]
-
-    if splits <= UNROLL_SPLITS:
-        for i in range(splits):
-            carry = merge(i, carry)
-        _, l, acc = carry
-    else:
-        _, l, acc = lax.fori_loop(0, splits, merge, carry)
+    _, l, acc = merge_split_partials(carry, o_ref, lse_ref, 0, splits, UNROLL_SPLITS, exp2)
     out_ref[...] = (acc / l[:, None]).astype(out_ref.dtype)
 
 

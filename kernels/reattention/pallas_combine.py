@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from kernels.cca.pallas_common import NEG, call, exp2_for
+from kernels.cca.pallas_common import NEG, call, exp2_for, merge_split_partials
 from kernels.reattention.params import next_power_of_2
 
 UNROLL_SPLITS = 64  # the loop over the splits is unrolled (loads issued together) up to this many
@@ -37,25 +37,12 @@ def merge_partials_reference(o: Float[Array, "B Hkv NC P R D"],
 
 def _merge_kernel(o_ref, lse_ref, out_ref, *, splits: int, exp2):
     """Program (chunk x column block, b, h): the running merge over the P splits of its first
-    Rp rows and its columns, in float32. It starts from split 0's own weight 1 (lse - max with max = lse), so a split that
-    saw no key (lse ``NEG``) adds exactly 0 once any split has seen one."""
+    Rp rows and its columns, in float32. It starts from split 0's own weight 1 (lse - max with
+    max = lse), so a split that saw no key (lse ``NEG``) adds exactly 0 once any split has
+    seen one."""
     m, acc = lse_ref[0, :], o_ref[0, :, :]
-    l = jnp.ones_like(m)
-
-    def merge(p, carry):
-        m, l, acc = carry
-        lse = lse_ref[p, :]
-        m_new = jnp.maximum(m, lse)
-        a, w = exp2(m - m_new), exp2(lse - m_new)
-        return m_new, l * a + w, acc * a[:, None] + o_ref[p, :, :] * w[:, None]
-
-    carry = (m, l, acc)
-    if splits <= UNROLL_SPLITS:
-        for i in range(1, splits):
-            carry = merge(i, carry)
-    else:
-        carry = lax.fori_loop(1, splits, merge, carry)
-    _, l, acc = carry
+    carry = (m, jnp.ones_like(m), acc)
+    _, l, acc = merge_split_partials(carry, o_ref, lse_ref, 1, splits, UNROLL_SPLITS, exp2)
     out_ref[...] = (acc / l[:, None]).astype(out_ref.dtype)
 
 
