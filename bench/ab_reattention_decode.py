@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -45,20 +46,10 @@ LAYERS = {"16k_d128": (16384, 128), "32k_d128": (32768, 128), "128k_d128": (1310
           "64k_d64": (65536, 64), "1m_d64": (1 << 20, 64)}
 
 
-@contextlib.contextmanager
 def patched(patch):
-    """``setattr(module, name, value)`` for the block (the variant's step is traced inside it;
-    later calls reuse that trace)."""
-    if patch is None:
-        yield
-        return
-    module, name, value = patch
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
+    """``unittest.mock.patch.object(module, name, value)`` of a variant's ``_patch`` for the
+    block (its step is traced inside it; later calls reuse that trace); None: nothing."""
+    return contextlib.nullcontext() if patch is None else mock.patch.object(*patch)
 
 
 def full_decode(implementation: str):

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from kernels.cca.pallas_common import NEG, call, exp2_for, merge_split_partials
+from kernels.cca.pallas_common import call, exp2_for, merge_split_partials
 from kernels.reattention.params import next_power_of_2
 
 UNROLL_SPLITS = 64  # the loop over the splits is unrolled (loads issued together) up to this many
@@ -88,4 +88,4 @@ def merge_partials(o: Float[Array, "B Hkv NC P R D"], lse: Float[Array, "B Hkv N
     return out
 
 
-__all__ = ["NEG", "applies", "merge_partials", "merge_partials_reference"]
+__all__ = ["applies", "merge_partials", "merge_partials_reference"]

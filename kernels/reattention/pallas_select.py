@@ -59,14 +59,13 @@ def applies(picks: int) -> bool:
     return 1 <= picks <= MAX_PICKS
 
 
-def _kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, ng: int,
-            slots: int):
+def _kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, slots: int):
     _select(meta_ref[0], meta_ref[1], idx_ref[...], val_ref[...], glist_ref, n_g_ref, sel=sel,
-            ng=ng, slots=slots)
+            slots=slots)
 
 
-def _merge_kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, ng: int,
-                  slots: int, rows: int, real: int, kp: int):
+def _merge_kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Selection, slots: int,
+                  rows: int, real: int, kp: int):
     """The top_k candidates of each of the ``real`` rows (``pallas._merge_splits``' order:
     higher score, then lower position, then earlier candidate; -0 equal to +0), as kp picks per
     row (slots past top_k, missing candidates and rows past ``real``: -1), then :func:`_select`
@@ -94,11 +93,12 @@ def _merge_kernel(meta_ref, idx_ref, val_ref, glist_ref, n_g_ref, *, sel: Select
         acc_val = jnp.where(slot == j, col(score), acc_val)
         live = live & ~chosen
     _select(meta_ref[0], meta_ref[1], acc_idx.reshape(rows * kp), acc_val.reshape(rows * kp),
-            glist_ref, n_g_ref, sel=sel, ng=ng, slots=slots)
+            glist_ref, n_g_ref, sel=sel, slots=slots)
 
 
-def _select(c0, l0, idx, val, glist_ref, n_g_ref, *, sel: Selection, ng: int, slots: int):
-    """The selection of one chunk from its picks (idx -1: none), written to its list."""
+def _select(c0, l0, idx, val, glist_ref, n_g_ref, *, sel: Selection, slots: int):
+    """The selection of one chunk from its picks (idx -1: none), written to its whole list
+    (``list_width``: NG slots and more, ``slots`` per store of the fill)."""
     valid = idx >= 0
     col = lambda x: x[:, None]  # pick i down the rows, pick j across the columns
     row = lambda x: x[None, :]
@@ -158,7 +158,7 @@ def select_from_picks(idx: Int[Array, "N P"], val: Float[Array, "N P"], c0: Int[
     ng = sel.num_gathered()
     slots, ngp = list_width(ng)
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
-    return _launch(functools.partial(_kernel, sel=sel, ng=ng, slots=slots), meta, idx, val,
+    return _launch(functools.partial(_kernel, sel=sel, slots=slots), meta, idx, val,
                    ng, ngp, interpret)
 
 
@@ -228,6 +228,6 @@ def select_from_candidates(idx: Int[Array, "N C Rc"], val: Float[Array, "N C Rc"
     ng = sel.num_gathered()
     slots, ngp = list_width(ng)
     meta = jnp.stack([c0, l0], axis=1).astype(jnp.int32)
-    kernel = functools.partial(_merge_kernel, sel=sel, ng=ng, slots=slots, rows=rp, real=r,
+    kernel = functools.partial(_merge_kernel, sel=sel, slots=slots, rows=rp, real=r,
                                kp=kp)
     return _launch(kernel, meta, idx, val, ng, ngp, interpret, wide)

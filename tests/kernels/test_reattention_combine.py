@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from kernels.reattention import pallas_combine as PC
-from kernels.reattention.pallas_combine import NEG
+from kernels.cca.pallas_common import NEG
 
 
 def _partials(rng, shape, empty: float = 0.3):
