@@ -5,8 +5,9 @@
 Each variant is the whole prefill op (``pallas.reattention``: cuDNN prefix, scoring, selection,
 gathered attention) with the authors' defaults, bf16, 32 query heads with 32 and 8 kv heads,
 d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block / ring depth,
-``Config.gather_bytes`` or the list gather (``mgpu_xla_gather``: XLA's instead of
-``pallas_gather``'s) differ, so the differences are the attention stage's. ``rel_vs_triton`` is each variant's
+``Config.gather_bytes``, the list gather (``mgpu_xla_gather``: XLA's instead of
+``pallas_gather``'s), the rows' copies (``Config.mgpu_rows``) or the cuDNN prefix's
+(``Config.prefix_keys``) differ, so the differences are the attention stage's. ``rel_vs_triton`` is each variant's
 output against the Triton lowering's (same selection, different rounding).
 """
 
@@ -34,6 +35,12 @@ VARIANTS = {
     "mgpu_gather256m": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 28),
     "mgpu_gather4g": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 32),
     "mgpu_xla_gather": dict(attend_lowering="mosaic_gpu", gather="xla"),
+    # the rows packed and the output concatenated, and the cuDNN prefix on sliced copies (both
+    # the defaults before 2026-12-05, eleventh session), each alone and together
+    "mgpu_packed_rows": dict(attend_lowering="mosaic_gpu", mgpu_rows="packed"),
+    "mgpu_prefix_sliced": dict(attend_lowering="mosaic_gpu", prefix_keys="sliced"),
+    "mgpu_packed_sliced": dict(attend_lowering="mosaic_gpu", mgpu_rows="packed",
+                               prefix_keys="sliced"),
 }
 XLA_GATHER = types.SimpleNamespace(  # pallas_gather's interface, XLA's gather inside
     gather_list=lambda *args, interpret=False: pallas_mgpu_attend.gather_list(*args))
@@ -60,7 +67,8 @@ def main(argv=None) -> int:
         for hkv in map(int, args.kv_heads.split(",")):
             a = inputs(t, hkv)
             base = default_config(128, 2, 512 * 32 // hkv)
-            fs, outs, row = {}, {}, {"T": t, "Hq": 32, "Hkv": hkv, "ms": {}, "errors": {}}
+            fs, outs, row = {}, {}, {"T": t, "Hq": 32, "Hkv": hkv, "ms": {}, "errors": {},
+                                     "temp_bytes": {}}
             for n in names:
                 change = dict(VARIANTS[n])
                 if change.pop("gather", None) == "xla":
@@ -70,6 +78,8 @@ def main(argv=None) -> int:
                 try:
                     outs[n] = f(*a)
                     fs[n] = (f, a)
+                    memory = f.lower(*a).compile().memory_analysis()
+                    row["temp_bytes"][n] = getattr(memory, "temp_size_in_bytes", None)
                 except Exception as e:  # a variant that does not compile is a result too
                     row["errors"][n] = f"{type(e).__name__}: {str(e)[:400]}"
                 finally:

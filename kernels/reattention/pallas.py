@@ -31,6 +31,11 @@ Three stages per chunk of queries (README.md in this folder):
 A prefill's first chunks (start < sink + w + align) have an empty middle: they are causal
 attention and run as such (``Config.full_prefix``, cuDNN on a GPU).
 
+The Mosaic GPU kernels of a prefill read their rows from q and the rotated q in place and the
+attention writes every group's queries into one (B, T, Hq, D) output, into which the prefix's
+output is then copied (``Config.mgpu_rows``, ``mgpu_tokens.py``): no packed copy of q, no
+concatenation of outputs. The Triton-lowered kernels read packed rows.
+
 The Triton-lowered kernels read the KV cache in place (vector-indexed loads, clamped to the
 cache), never padded; their one copy is the rotated tail window (at most T + w + align + sink
 keys of each kv head). The Mosaic GPU attention also copies the values of that window and, a
@@ -56,7 +61,7 @@ from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import (pallas_combine, pallas_gather, pallas_mgpu_attend,
+from kernels.reattention import (mgpu_tokens, pallas_combine, pallas_gather, pallas_mgpu_attend,
                                  pallas_mgpu_score, pallas_select, params, reference)
 from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
                                         default_config, geometry, next_power_of_2, round_up,
@@ -131,7 +136,8 @@ def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> b
 
 
 @functools.partial(jax.jit, static_argnames=("sink", "top_k", "splits", "split_len", "block_k",
-                                             "slots", "consumers", "merge", "interpret"))
+                                             "slots", "consumers", "merge", "tokens",
+                                             "interpret"))
 def _mgpu_score(q_rows, k, l0, **kwargs):
     """``pallas_mgpu_score.score`` as one jitted function, so that the layers of a model share
     one lowered kernel (as ``kernels.cca.pallas._mgpu_forward``)."""
@@ -147,14 +153,19 @@ def _merge_splits(vals, idx, top_k: int):
 
 
 def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu: bool,
-           merge: bool = True):
+           merge: bool = True, tokens: tuple[int, int, int] | None = None):
     """Per-row picks (vals, idx), (B, Hkv, NC, R, K) for the chunk's R = ``geo.rows`` real rows
     (the kernels score ``q_rows``' padded rows too; those are dropped before the key splits
     are merged, so a decode step sorts G rows, not 64 x consumers): unordered, idx -1 where
     none. ``mgpu``: through the Mosaic GPU kernel (``_uses_mgpu_score``). ``merge`` False: the
     candidates from every key split, unmerged and candidate-major, (B, Hkv, NC, splits x K,
-    R') with R' >= R rows (the Mosaic GPU kernel's own layout: no copy)."""
-    b, hkv, nc, r_pad, d = q_rows.shape
+    R') with R' >= R rows (the Mosaic GPU kernel's own layout: no copy). ``tokens`` = (C,
+    q_offset, R'): ``q_rows`` is q itself, read in place by the Mosaic GPU kernel
+    (``Config.mgpu_rows``), whose rows come back to the packed order here."""
+    if tokens is None:
+        b, hkv, nc, r_pad, d = q_rows.shape
+    else:
+        b, hkv, nc, r_pad, d = q_rows.shape[0], k.shape[2], meta.shape[1], tokens[2], k.shape[3]
     s_len = k.shape[1]
     sel = geo.sel
     if mgpu:
@@ -164,7 +175,9 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
         vals, idx = _mgpu_score(q_rows, k, meta[..., 2], sink=sel.sink_tokens, top_k=sel.top_k,
                                 splits=splits, split_len=split_len, block_k=bk,
                                 slots=config.mgpu_slots, consumers=config.mgpu_consumers,
-                                merge=config.mgpu_merge, interpret=interpret)
+                                merge=config.mgpu_merge, tokens=tokens, interpret=interpret)
+        if tokens is not None:  # head-major tiles -> packed rows
+            vals, idx = (mgpu_tokens.to_packed(x, geo.groups) for x in (vals, idx))
         if not merge:  # (B, Hkv, NC, splits, K, R'): splits and K adjacent
             return vals.reshape(b, hkv, nc, -1, r_pad), idx.reshape(b, hkv, nc, -1, r_pad)
         rows = lambda x: x[..., : geo.rows].transpose(0, 1, 2, 5, 3, 4).reshape(
@@ -428,6 +441,27 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
     return pallas_combine.merge_partials_reference(*outs).astype(q_rows.dtype)
 
 
+def _rows_in_place(geo: Geometry, config: Config) -> bool:
+    """Whether the Mosaic GPU kernels read and write a prefill's rows in place
+    (``Config.mgpu_rows``, ``mgpu_tokens``)."""
+    return (config.mgpu_rows == "in_place" and geo.num_queries > 1
+            and mgpu_tokens.applies(geo.groups, geo.chunk))
+
+
+def _tokens(qo, geo: Geometry, p: int, r_att: int, interpret: bool):
+    """(``pallas_mgpu_attend.Tokens``, the rotated queries past the prefix) for the attention
+    with its rows in place: output (B, T, Hq, D), its queries from p on written by the kernel.
+    The interpreter raises on copies past an array's end, which the GPU fills or drops: there
+    the queries are padded as far as a padding tile reads and the output reaches NC * C."""
+    nc_rest = geo.num_chunks - p // geo.chunk
+    out_len = geo.num_queries
+    if interpret:
+        reach = nc_rest * geo.chunk + r_att // geo.groups
+        qo = jnp.pad(qo, [(0, 0), (0, reach - qo.shape[1]), (0, 0), (0, 0)])
+        out_len = geo.num_chunks * geo.chunk
+    return pallas_mgpu_attend.Tokens(geo.chunk, r_att, 0, p, out_len), qo
+
+
 def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret: bool) -> bool:
     """Whether the gathered attention runs the Mosaic GPU kernel (``Config.attend_lowering``)."""
     fits = (pallas_mgpu_attend.supports(q.dtype, geo.head_dim) and rotated
@@ -441,14 +475,14 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
-                                             "interpret"))
-def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, **kwargs):
+                                             "tokens", "interpret"))
+def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, out=None, **kwargs):
     """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers)."""
-    return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, **kwargs)
+    return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, out=out, **kwargs)
 
 
 def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geometry,
-                 config: Config, interpret: bool):
+                 config: Config, interpret: bool, tokens=None):
     """The gathered attention through ``pallas_mgpu_attend``: chunks in groups whose gathered
     lists (keys and values) fit in ``Config.gather_bytes``, one after the other, each group's
     lists gathered and rotated (``pallas_gather``), then attended by the kernel, which reads the
@@ -457,14 +491,21 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     loop's condition is read back by the host every trip, and stacking the groups for
     ``lax.map`` cost a transpose of the rows, a zeroed output and a transpose back. Each group's
     lists wait for the previous group's output (``optimization_barrier``), so that one group's
-    lists are alive at a time."""
-    b, hkv, ncr, r_pad, d = qo_rows.shape
+    lists are alive at a time.
+
+    With ``tokens`` (``pallas_mgpu_attend.Tokens``), ``qo_rows`` is the rotated queries
+    (B, T', Hq, D) and every group writes its queries into one output (B, ``tokens.out_len``,
+    Hq, D) in place; its queries before ``tokens.o_offset`` are left for the caller. (jax 0.10's
+    interpreter cannot write in place: there each group's output is merged in by a copy.)"""
+    b, hkv, ncr, _ = glist.shape
+    d = k.shape[3]
     bk = config.mgpu_attend_block_k
     k_window, v_rows = pallas_mgpu_attend.tail_sources(
         window, v, block_k=bk, num_queries=geo.num_queries, interpret=interpret)
     per_chunk = b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize * 2
     n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
     per_group = params.cdiv(ncr, n_groups)
+    in_place = tokens is not None and mgpu_tokens.in_place_supported(interpret)
     outs = []
     for lo in range(0, ncr, per_group):
         gl = glist[:, :, lo:lo + per_group]
@@ -473,13 +514,19 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
             outs[-1], gl = lax.optimization_barrier((outs[-1], gl))
         kg, vg = pallas_gather.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk,
                                            interpret=interpret)
-        outs.append(_mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, groups=geo.groups,
-                                 num_keys=geo.num_keys, scale=scale, block_k=bk,
-                                 slots=config.mgpu_attend_slots, interpret=interpret))
-        if interpret and not isinstance(outs[-1], jax.core.Tracer):
+        into = outs[-1] if in_place and outs else None
+        o = _mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, into, groups=geo.groups,
+                         num_keys=geo.num_keys, scale=scale, block_k=bk,
+                         slots=config.mgpu_attend_slots, tokens=tokens, interpret=interpret)
+        if interpret and not isinstance(o, jax.core.Tracer):
             # Op by op, jax 0.10's Mosaic GPU interpreter can deadlock when the next kernel is
             # dispatched while the threads of the previous one still run: one at a time.
-            outs[-1].block_until_ready()
+            o.block_until_ready()
+        if tokens is not None and outs and not in_place:  # the group's queries, copied in
+            first = tokens.o_offset + lo * tokens.chunk
+            last = min(first + gl.shape[2] * tokens.chunk, tokens.out_len)
+            o = lax.dynamic_update_slice_in_dim(outs[-1], o[:, first:last], first, axis=1)
+        outs = [o] if tokens is not None else [*outs, o]  # in place: one output
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
@@ -506,11 +553,18 @@ def picks(q, k, *, sel: Selection, q_start=None, config: Config | None = None,
                   q_lengths=q_lengths, skip=skip)[:2]
 
 
+def _packed_rows(q, geo: Geometry, p: int, tile: int):
+    """q's queries from p on as packed rows (``reference.pack_rows``), R padded to ``tile``."""
+    geo_rows = dataclasses.replace(geo, num_queries=geo.num_queries - p)
+    return pad_to(reference.pack_rows(q[:, p:], geo_rows), 3, tile)
+
+
 def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,
            q_lengths=None, skip: int = 0, merge: bool = True):
-    """``picks`` and the packed rows it scored, of chunks ``skip`` .. NC - 1 only: a prefill's
-    first chunks have empty middles (``full_prefix_chunks``), so their picks would all be -1.
-    ``merge`` False: every key split's candidates, unmerged and candidate-major (``_score``)."""
+    """``picks`` and the packed rows it scored (None where the scoring read q in place,
+    ``Config.mgpu_rows``), of chunks ``skip`` .. NC - 1 only: a prefill's first chunks have
+    empty middles (``full_prefix_chunks``), so their picks would all be -1. ``merge`` False:
+    every key split's candidates, unmerged and candidate-major (``_score``)."""
     geo = geometry(q.shape, k.shape, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
@@ -521,9 +575,17 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     if mgpu:  # its programs take 64 x consumers rows
         tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
     p = skip * geo.chunk
-    geo_rows = dataclasses.replace(geo, num_queries=geo.num_queries - p)
-    q_rows = pad_to(reference.pack_rows(q[:, p:], geo_rows), 3, tile)
-    vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge)
+    if mgpu and _rows_in_place(geo, config):  # q read in place; no packed rows
+        r_pad = round_up(geo.rows, tile)
+        if interpret:  # the GPU reads zeros past q's end; the interpreter raises
+            reach = geo.num_chunks * geo.chunk + r_pad // geo.groups
+            q = jnp.pad(q, [(0, 0), (0, reach - geo.num_queries), (0, 0), (0, 0)])
+        vals, idx = _score(q, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge,
+                           tokens=(geo.chunk, p, r_pad))
+        q_rows = None
+    else:
+        q_rows = _packed_rows(q, geo, p, tile)
+        vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge)
     if q_lengths is None and geo.num_queries % geo.chunk == 0:  # every row votes (decode)
         return vals, idx, (q_rows, c0, c1, l0, geo)
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
@@ -639,16 +701,18 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
         n_g = jnp.concatenate([n_g, n_picked.reshape(b, hkv, n_sel)], axis=2)
     window, ws = tail_window(k, q0, geo, inv_freq) if rotated else (None, jnp.zeros((b,),
                                                                                   jnp.int32))
-    outs = []
     p = min(t, n_free * geo.chunk)
+    prefix = rest_out = tokens = None
     if n_free:  # the call starts at 0: query i and key i sit at position i
         at_own = lambda x: rotate_at(x[:, :p], jnp.arange(p, dtype=jnp.int32)[None, :],
                                      inv_freq)
-        keys = window[:, :p] if rotated else at_own(k)  # the window starts at key 0 here
+        keys, values = (window[:, :p] if rotated else at_own(k)), v[:, :p]  # window from key 0
+        if (prefix_mode == "cudnn" and config.prefix_keys == "whole" and rotated
+                and window.shape[1] == geo.num_keys):  # causal: keys past p are masked
+            keys, values = window, v
         with jax.default_matmul_precision("highest" if q.dtype == jnp.float32 else None):
-            outs.append(jax.nn.dot_product_attention(at_own(q), keys, v[:, :p], scale=scale,
-                                                     is_causal=True,
-                                                     implementation=prefix_mode))
+            prefix = jax.nn.dot_product_attention(at_own(q), keys, values, scale=scale,
+                                                  is_causal=True, implementation=prefix_mode)
     if n_free < nc:
         rest = slice(n_free, nc)
         per_chunk = lambda x: jnp.broadcast_to(x[:, None], (b, hkv, nc))
@@ -660,18 +724,34 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
         r_att = round_up(geo.rows, pallas_mgpu_attend.TILE if mgpu_attend else
                          config.attn_block_q)
         extra = None
-        if rotated:  # the rows past the prefix, rotated at their own positions, packed like q_rows
+        if rotated:  # the rows past the prefix, rotated at their own positions
             at_own = q0[:, None] + jnp.arange(p, t, dtype=jnp.int32)[None, :]
-            qo_rows = reference.pack_rows(rotate_at(q[:, p:], at_own, inv_freq), geo_rest)
-            extra = (pad_to(qo_rows, 3, r_att), window)
+            qo = rotate_at(q[:, p:], at_own, inv_freq)
+            if mgpu_attend and _rows_in_place(geo, config):
+                tokens, qo = _tokens(qo, geo, p, r_att, interpret)
+            else:  # packed like q_rows
+                qo = pad_to(reference.pack_rows(qo, geo_rest), 3, r_att)
+            extra = (qo, window)
         if mgpu_attend:
-            o = _attend_mgpu(extra[0], k, v, glist[:, :, rest, :geo.num_gathered],
-                             meta[:, :, rest], window, inv_freq, scale, geo, config, interpret)
+            rest_out = _attend_mgpu(extra[0], k, v, glist[:, :, rest, :geo.num_gathered],
+                                    meta[:, :, rest], window, inv_freq, scale, geo, config,
+                                    interpret, tokens)
         else:
-            o = _attend(q_rows, k, v, glist[:, :, rest], meta[:, :, rest], inv_freq, scale,
-                        geo, config, interpret, extra, r_att)
-        outs.append(reference.unpack_rows(o, geo_rest))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+            if q_rows is None:  # the scoring read q in place
+                q_rows = _packed_rows(q, geo, p, r_att)
+            rest_out = _attend(q_rows, k, v, glist[:, :, rest], meta[:, :, rest], inv_freq,
+                               scale, geo, config, interpret, extra, r_att)
+        if tokens is None:
+            rest_out = reference.unpack_rows(rest_out, geo_rest)
+    if tokens is not None:  # every query past the prefix written in place; the prefix copied in
+        out = rest_out[:, :t]
+        if prefix is not None:  # (not fused with cuDNN's call: XLA's dynamic-slice fusion
+            # of a custom call into an update fails when the target is another custom call's)
+            out, prefix = lax.optimization_barrier((out, prefix.astype(out.dtype)))
+            out = lax.dynamic_update_slice_in_dim(out, prefix, 0, axis=1)
+    else:
+        outs = [x for x in (prefix, rest_out) if x is not None]
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out, glist[..., :geo.num_gathered], n_g
 
 

@@ -24,7 +24,9 @@ a multiple of 8 rows of the window, as TMA copies into tiled shared memory need)
 row's query (causal, the last blocks). Rows are packed as in ``reference.pack_rows``: row r of a
 chunk is query ``c0 + r // G``, head ``r % G``; rows of queries past ``min(c1, S)`` (padding,
 or a chunk written past the cache) are computed as that last query (at least L0) and discarded
-by the caller.
+by the caller. Or (``tokens``) the kernel reads a consumer's 64 rows from the rotated queries
+(B, T, Hq, D) in place, head-major (``mgpu_tokens``), and writes them to the output's queries,
+so that the op needs neither a packed copy of q nor one of the output.
 
 Tail blocks start up to 7 rows before L0 and may end up to a block past the window (or the
 cache): the TMA copies fill rows past the end of a buffer with zeros, keys there are masked
@@ -38,6 +40,7 @@ GPU interpreter.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +49,9 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from kernels.cca.pallas_common import LOG2E, NEG, cdiv, pad_to
-from kernels.cca.pallas_mgpu import (Ring, attend_block, interpret_params, layout_helpers,
-                                     produce, take_turn, wgmma_inputs)
+from kernels.cca.pallas_mgpu import (Ring, attend_block, layout_helpers, produce, take_turn,
+                                     wgmma_inputs)
+from kernels.reattention import mgpu_tokens
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
 CONSUMERS = 2
@@ -60,7 +64,7 @@ def supports(dtype, head_dim: int) -> bool:
 
 
 def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, groups, bk,
-            slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, interpret):
+            slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, tokens, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -82,7 +86,10 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
     # Padding rows count as the chunk's last query, and rows of a chunk written past the cache
     # (not stored) as at least L0, so that every row sees a key and the tail has a block.
     last_t = jnp.minimum(c1, s_len) - 1
-    query_of = lambda r: jnp.maximum(jnp.minimum(c0 + lax.div(r, groups), last_t), l0)
+    clamp = lambda t: jnp.maximum(jnp.minimum(t, last_t), l0)
+    query_of = lambda r: clamp(c0 + lax.div(r, groups))  # packed row r; a tile's first/last
+    if tokens is not None:  # rows in place (``mgpu_tokens``): chunk c + shift of q and out
+        token = lambda offset, r0: offset + (c + row_shift) * tokens.chunk + lax.div(r0, groups)
 
     # The CTA's stream: steps [0, nl) are list blocks, [nl, n_steps) tail blocks; tail block i
     # holds window rows a0 + i bk .. (key ws + that row).
@@ -98,7 +105,11 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
         plgpu.set_max_registers(232, action="increase")
         qo_smem = qo_smem2.at[wg]
         r0 = tile * TILE + wg * ROWS
-        plgpu.copy_gmem_to_smem(q_ref.at[q_row, pl.ds(r0, ROWS)], qo_smem, q_full.at[wg])
+        if tokens is None:
+            plgpu.copy_gmem_to_smem(q_ref.at[q_row, pl.ds(r0, ROWS)], qo_smem, q_full.at[wg])
+        else:
+            mgpu_tokens.load(q_ref, b, token(tokens.q_offset, r0), h * groups, groups, qo_smem,
+                             q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
         m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -113,9 +124,14 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
                     cols = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
                     if kind == "list":
                         return cols + s * bk < n_g
-                    rows = r0 + iota(jnp.int32, (ROWS, bk), 0, plgpu.Layout.WGMMA)
+                    rows = iota(jnp.int32, (ROWS, bk), 0, plgpu.Layout.WGMMA)
+                    if tokens is None:
+                        queries = query_of(r0 + rows)
+                    else:  # head-major rows
+                        queries = clamp(c0 + lax.div(r0, groups)
+                                        + mgpu_tokens.tile_query(rows, groups))
                     keys = cols + (ws + a0 + (s - nl) * bk)
-                    return (keys >= l0) & (keys <= query_of(rows))
+                    return (keys >= l0) & (keys <= queries)
 
                 return attend_block(s, carry, q_smem=qo_smem, ring=ring, n_steps=n_steps,
                                     scale2=scale * LOG2E, dtype=dtype,
@@ -140,7 +156,11 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         qo_smem[...] = acc.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[chunk_row, pl.ds(r0, ROWS)])
+        if tokens is None:
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[chunk_row, pl.ds(r0, ROWS)])
+        else:  # padding tiles (rows past C * G) would land on the next chunk's queries
+            pl.when(r0 < tokens.chunk * groups)(lambda: mgpu_tokens.store(
+                qo_smem, o_ref, b, token(tokens.o_offset, r0), h * groups, groups))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == CONSUMERS)
@@ -217,8 +237,21 @@ def tail_sources(window: Float[Array, "B W Hkv D"], v: Float[Array, "B S Hkv D"]
     return pad_to(window, 1, 8), pad_to(v, 1, 8)
 
 
+class Tokens(NamedTuple):
+    """Rows read and written in place (``mgpu_tokens``): the rows of chunk c (+ meta's row shift)
+    are queries ``q_offset + (c + shift) * chunk ..`` of the query array (B, Tq, Hq, D), and go
+    to the same queries ``o_offset + ..`` of the output (B, ``out_len``, Hq, D); ``rows``: rows
+    per chunk, C * G padded to a multiple of 128 (the CTAs' tiles)."""
+
+    chunk: int
+    rows: int
+    q_offset: int
+    o_offset: int
+    out_len: int
+
+
 def attend(
-    qo_rows: Float[Array, "B Hkv NC R D"],
+    qo_rows: Float[Array, "B Hkv NC R D"] | Float[Array, "B Tq Hq D"],
     kg: Float[Array, "B Hkv NC NG D"],
     vg: Float[Array, "B Hkv NC NG D"],
     k_window: Float[Array, "B W Hkv D"],
@@ -230,8 +263,10 @@ def attend(
     scale: float,
     block_k: int = 128,
     slots: int = 2,
+    tokens: Tokens | None = None,
+    out: Float[Array, "B To Hq D"] | None = None,
     interpret: bool = False,
-) -> Float[Array, "B Hkv NC R D"]:
+) -> Float[Array, "B Hkv NC R D"] | Float[Array, "B To Hq D"]:
     """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
     over each chunk's list (``kg``, rotated at ``slot + L0 - n_g``; ``vg``) and its tail:
     ``pallas.tail_window``'s keys (row i = key ws + i) and the cache's values (row i = key i),
@@ -239,11 +274,33 @@ def attend(
     chunk; ``num_keys`` S. Chunk c of ``kg`` / ``meta`` (and of the output) reads its rows
     from chunk c + (row shift) of ``qo_rows``, so that a group of a call's chunks reads its
     rows in place (the shift is the group's first chunk; 0 when ``qo_rows`` holds exactly the
-    chunks of ``kg``). It must keep c + shift within ``qo_rows``' chunks: not checked."""
+    chunks of ``kg``). It must keep c + shift within ``qo_rows``' chunks: not checked.
+
+    With ``tokens``, ``qo_rows`` is the rotated queries themselves (B, Tq, Hq, D) and the output
+    is (B, ``tokens.out_len``, Hq, D), its chunk c + shift written in place
+    (``mgpu_tokens.applies`` must hold); ``out``: an array to write into (in place, aliased),
+    else a fresh one whose other queries are left unwritten. Queries past either array's end
+    are zeros (read) or dropped (written) by the TMA unit; the interpreter raises on them."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    b, hkv, nc_rows, r, d = qo_rows.shape
     nc, ng = kg.shape[2], kg.shape[3]
+    if tokens is None:
+        if out is not None:
+            raise ValueError("an output to write into needs the rows in place (tokens)")
+        b, hkv, nc_rows, r, d = qo_rows.shape
+        rows_in = (b * hkv * nc_rows, r, d)
+        out_type = jax.ShapeDtypeStruct((b * hkv * nc, r, d), qo_rows.dtype)
+    else:
+        b, _, hq, d = qo_rows.shape
+        hkv, nc_rows, r = kg.shape[1], nc, tokens.rows
+        if hq != hkv * groups or not mgpu_tokens.applies(groups, tokens.chunk):
+            raise ValueError(f"rows in place need Hq = Hkv * G with G in {mgpu_tokens.GROUPS} "
+                             f"and C * G a multiple of {mgpu_tokens.ROWS}; got Hq {hq}, Hkv "
+                             f"{hkv}, G {groups}, C {tokens.chunk}")
+        if r < tokens.chunk * groups:
+            raise ValueError(f"tokens.rows ({r}) must cover C * G = {tokens.chunk * groups}")
+        rows_in = qo_rows.shape
+        out_type = jax.ShapeDtypeStruct((b, tokens.out_len, hq, d), qo_rows.dtype)
     if nc > nc_rows:
         raise ValueError(f"{nc} chunks of lists but only {nc_rows} chunks of rows")
     if not (supports(qo_rows.dtype, d) and qo_rows.dtype == kg.dtype == vg.dtype
@@ -253,7 +310,7 @@ def attend(
                          f"{kg.dtype}/{vg.dtype}, window {k_window.dtype}, values {v.dtype}")
     if block_k not in (64, 128) or slots < 2:
         raise ValueError(f"block_k must be 64 or 128 and slots >= 2; got {block_k}, {slots}")
-    if (kg.shape != vg.shape or kg.shape[:3] != (b, hkv, nc) or kg.shape[4] != d
+    if (kg.shape != vg.shape or kg.shape[:2] != (b, hkv) or kg.shape[4] != d
             or k_window.shape[::2] != (b, hkv) or v.shape[::2] != (b, hkv)
             or k_window.shape[3] != d or v.shape[3] != d or meta.shape != (b, hkv, nc, 8)):
         raise ValueError(f"shapes disagree: rows {qo_rows.shape}, list {kg.shape}/{vg.shape}, "
@@ -266,34 +323,36 @@ def attend(
     tiles = r // TILE
     smem = functools.partial(plgpu.SMEM, transforms=(plgpu.TilingTransform((8, 64)),
                                                      plgpu.SwizzleTransform(128)))
+    q_copies = 1 if tokens is None else groups  # copies that fill a consumer's query tile
 
     def entry(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref):
         kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
                                    nc=nc, nc_rows=nc_rows, hkv=hkv, s_len=num_keys,
-                                   scale=scale, dtype=dtype, interpret=interpret)
+                                   scale=scale, dtype=dtype, tokens=tokens, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, block_k, d), dtype),
              smem((slots, block_k, d), dtype)),
             (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
-             plgpu.Barrier(num_barriers=CONSUMERS)),
+             plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS)),
             (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=slots),) * 2,
             plgpu.Barrier(num_arrivals=CONSUMERS),
             collective_axes="wg",
         )
 
-    rows = (b * hkv * nc_rows, r, d)
     lists = (b * hkv * nc, ng, d)
-    o = plgpu.kernel(
+    o = mgpu_tokens.launch(
         entry,
-        out_type=jax.ShapeDtypeStruct((b * hkv * nc, r, d), dtype),
+        (meta.astype(jnp.int32), qo_rows.reshape(rows_in), kg.reshape(lists), vg.reshape(lists),
+         k_window, v),
+        out,
+        out_type=out_type,
         grid=(nc * tiles, b, hkv),
         grid_names=("items", "batch", "heads"),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params() if interpret else None,
-    )(meta.astype(jnp.int32), qo_rows.reshape(rows), kg.reshape(lists), vg.reshape(lists),
-      k_window, v)
-    return o.reshape(b, hkv, nc, r, d)
+        interpret=interpret,
+    )
+    return o if tokens is not None else o.reshape(b, hkv, nc, r, d)

@@ -57,7 +57,7 @@ from jaxtyping import Array, Float, Int
 from kernels.cca.pallas_common import NEG, cdiv
 from kernels.cca.pallas_mgpu import (available, interpret_params,  # noqa: F401
                                      layout_helpers, produce, wgmma_inputs)
-from kernels.reattention import mgpu_row_merge, params
+from kernels.reattention import mgpu_row_merge, mgpu_tokens, params
 from kernels.reattention.reference import INT_MAX
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
@@ -235,7 +235,7 @@ def smem_bytes(head_dim: int, itemsize: int, top_k: int, block_k: int, slots: in
 
 
 def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk, slots, s_len,
-            splits, split_len, tiles, nc, hkv, consumers, merge, interpret):
+            splits, split_len, tiles, nc, hkv, consumers, merge, tokens, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (q_smem2, k_smem, v_out2, i_out2, *row_buffer), (k_full, q_full), k_free = scoped
@@ -262,7 +262,12 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
         plgpu.set_max_registers(REGISTERS[consumers][0], action="increase")
         q_smem = q_smem2.at[wg]
         r0 = tile * (consumers * ROWS) + wg * ROWS
-        plgpu.copy_gmem_to_smem(q_ref.at[chunk_row, pl.ds(r0, ROWS)], q_smem, q_full.at[wg])
+        if tokens is None:
+            plgpu.copy_gmem_to_smem(q_ref.at[chunk_row, pl.ds(r0, ROWS)], q_smem, q_full.at[wg])
+        else:  # in place, head-major rows (``mgpu_tokens``): the caller reorders the picks
+            chunk, q_offset, groups = tokens
+            mgpu_tokens.load(q_ref, b, q_offset + c * chunk + lax.div(r0, groups), h * groups,
+                             groups, q_smem, q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         vals = [cast(jnp.full((ROWS,), NEG, jnp.float32), row_layout)] * top_k
@@ -342,7 +347,7 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
 
 
 def score(
-    q_rows: Float[Array, "B Hkv NC R D"],
+    q_rows: Float[Array, "B Hkv NC R D"] | Float[Array, "B T Hq D"],
     k: Float[Array, "B S Hkv D"],
     l0: Int[Array, "B NC"],
     *,
@@ -354,16 +359,35 @@ def score(
     slots: int = 4,
     consumers: int = 4,
     merge: str = "lanes",
+    tokens: tuple[int, int, int] | None = None,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B Hkv NC P K R"], Int[Array, "B Hkv NC P K R"]]:
     """Per-row top_k (score, position) of the middle keys [sink + p * split_len, min(L0, sink +
     (p + 1) * split_len)) of every split p, sorted by score; idx -1 where none. ``merge``: how
     the GPU keeps the top_k, "lanes" (per-thread lists, ``_lane_topk``) or "rows" (a warp per
-    row, ``mgpu_row_merge``); the interpreter merges in rounds either way."""
+    row, ``mgpu_row_merge``); the interpreter merges in rounds either way.
+
+    ``tokens`` = (C, q_offset, R): ``q_rows`` is q itself (B, T, Hq, D), chunk c's rows the
+    queries ``q_offset + c * C ..``, R rows per chunk (C * G padded to 64 x consumers), read in
+    place (``mgpu_tokens``) into head-major tiles: the outputs' rows come in that order
+    (``mgpu_tokens.to_packed`` gives the packed order)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    b, hkv, nc, r, d = q_rows.shape
     s_len = k.shape[1]
+    if tokens is None:
+        b, hkv, nc, r, d = q_rows.shape
+        q_in = q_rows.reshape(b * hkv * nc, r, d)
+    else:
+        chunk, q_offset, r = tokens
+        b, _, hq, d = q_rows.shape
+        hkv, nc, groups = k.shape[2], l0.shape[1], q_rows.shape[2] // k.shape[2]
+        if hq != hkv * groups or not mgpu_tokens.applies(groups, chunk):
+            raise ValueError(f"rows in place need Hq = Hkv * G with G in {mgpu_tokens.GROUPS} "
+                             f"and C * G a multiple of {mgpu_tokens.ROWS}; got Hq {hq}, Hkv "
+                             f"{hkv}, C {chunk}")
+        if r < chunk * groups:
+            raise ValueError(f"R ({r}) must cover C * G = {chunk * groups}")
+        q_in = q_rows
     if not (supports(q_rows.dtype, d, s_len, top_k, block_k) and q_rows.dtype == k.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention scoring needs 16-bit q and k with head dim "
                          f"64 or 128, at least {block_k} keys (a multiple of 8) and top_k "
@@ -390,6 +414,7 @@ def score(
         kernel = functools.partial(_kernel, sink=sink, top_k=top_k, bk=block_k, slots=slots,
                                    s_len=s_len, splits=splits, split_len=split_len, tiles=tiles,
                                    nc=nc, hkv=hkv, consumers=consumers, merge=merge,
+                                   tokens=tokens and (tokens[0], tokens[1], groups),
                                    interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped),
@@ -398,7 +423,9 @@ def score(
              plgpu.SMEM((consumers, top_k, ROWS), jnp.int32),
              *([plgpu.SMEM(mgpu_row_merge.buffer_shape(consumers), jnp.float32)]
                if merge == "rows" and not interpret else [])),
-            (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=consumers)),
+            (plgpu.Barrier(num_barriers=slots),
+             plgpu.Barrier(num_arrivals=1 if tokens is None else groups,
+                           num_barriers=consumers)),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
             collective_axes="wg",
         )
@@ -412,6 +439,6 @@ def score(
         num_threads=consumers + 1,
         thread_name="wg",
         interpret=interpret_params() if interpret else None,
-    )(l0.astype(jnp.int32), q_rows.reshape(b * hkv * nc, r, d), k)
+    )(l0.astype(jnp.int32), q_in, k)
     shape = (b, hkv, nc, splits, top_k, r)
     return vals.reshape(shape), idx.reshape(shape)

@@ -162,7 +162,18 @@ class Config:
     contiguous block by the list-gather kernel (``pallas_gather.py``), ``gather_bytes`` at a time
     (chunks are processed in groups whose gathered keys and values fit in it, one group's lists
     alive at a time), then read with ``mgpu_attend_block_k``-key TMA copies through
-    ``mgpu_attend_slots`` slots; "auto": "mosaic_gpu" where it applies on a Hopper GPU."""
+    ``mgpu_attend_slots`` slots; "auto": "mosaic_gpu" where it applies on a Hopper GPU.
+
+    ``mgpu_rows``: how the Mosaic GPU kernels of a prefill get their query rows and write their
+    output. "in_place" reads q (the scoring) and the rotated q (the attention) as they are, and
+    the attention writes every group of chunks into one (B, T, Hq, D) output, where
+    ``mgpu_tokens.applies`` (G in 1, 2, 4, 8 and C * G a multiple of 64; the authors' C = 512
+    qualifies); "packed" copies the rows into the packed layout (``reference.pack_rows``) and
+    the output back, and concatenates the groups' and the prefix's outputs.
+    ``prefix_keys``: what the cuDNN prefix (``full_prefix``) reads: "whole" the rotated window
+    and the cache's values as they are (causal: a query sees no key past its own, so the keys
+    past the prefix are masked, and cuDNN skips their blocks), where the window is the whole
+    cache; "sliced" copies of their first rows."""
 
     score_block_q: int = 64
     score_block_k: int = 64
@@ -185,6 +196,8 @@ class Config:
     mgpu_attend_block_k: int = 128
     mgpu_attend_slots: int = 2
     gather_bytes: int = 1 << 30
+    mgpu_rows: str = "in_place"
+    prefix_keys: str = "whole"
 
     def __post_init__(self):
         for name in ("score_block_q", "score_block_k", "attn_block_q", "attn_block_k"):
@@ -215,6 +228,11 @@ class Config:
         if self.mgpu_merge not in ("lanes", "rows"):
             raise ValueError(f"Config.mgpu_merge must be 'lanes' or 'rows'; got "
                              f"{self.mgpu_merge!r}")
+        for name, allowed in (("mgpu_rows", ("in_place", "packed")),
+                              ("prefix_keys", ("whole", "sliced"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Config.{name} must be one of {allowed}; got "
+                                 f"{getattr(self, name)!r}")
         if self.mgpu_consumers not in (2, 4):
             raise ValueError(f"Config.mgpu_consumers must be 2 or 4; got {self.mgpu_consumers}")
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from kernels.cca.pallas_mgpu import available, interpret_params
+from kernels.reattention import mgpu_tokens
 from kernels.reattention import pallas as P
 from kernels.reattention import pallas_mgpu_attend as M
 from kernels.reattention.params import Config, Selection
@@ -234,3 +235,95 @@ def test_gpu_matches_triton_lowering_and_reference(case):
         per_chunk = 2 * 2 * P.round_up(case.sel.num_gathered(), 128) * 64 * 2 * 2
         out_g, *_ = run("mosaic_gpu", gather_bytes=3 * per_chunk)
         np.testing.assert_array_equal(np.asarray(out_g, np.float32), np.asarray(out_m, np.float32))
+
+
+# ----------------------------------------------------------------------------- rows in place
+def test_rows_in_place_config_and_inputs_are_checked():
+    for bad in [dict(mgpu_rows="tokens"), dict(prefix_keys="all")]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Config(**bad)
+    assert [mgpu_tokens.applies(g, c) for g, c in [(1, 64), (4, 16), (8, 8), (2, 96), (5, 64),
+                                                   (16, 4), (4, 8), (1, 1)]] == [
+        True, True, True, True, False, False, False, False]
+    rows, lists = jnp.zeros((1, 70, 8, 64), jnp.bfloat16), jnp.zeros((1, 2, 2, 128, 64), jnp.bfloat16)
+    window, meta = jnp.zeros((1, 256, 2, 64), jnp.bfloat16), jnp.zeros((1, 2, 2, 8), jnp.int32)
+    kwargs = dict(groups=4, num_keys=256, scale=0.125, block_k=128, interpret=True)
+    for tokens, match in [(M.Tokens(8, 128, 0, 0, 70), "C \\* G a multiple of 64"),
+                          (M.Tokens(16, 64, 0, 0, 70), "multiple of 128"),
+                          (M.Tokens(64, 128, 0, 0, 70), "must cover")]:
+        with pytest.raises(ValueError, match=match):
+            M.attend(rows, lists, lists, window, window, meta, tokens=tokens, **kwargs)
+    with pytest.raises(ValueError, match="needs the rows in place"):
+        M.attend(lists, lists, lists, window, window, meta, out=rows, **kwargs)
+
+
+def test_head_major_tiles_go_back_to_the_packed_order():
+    """A tile read in place holds row (query t, head g) at g * 64 / G + t; ``to_packed`` puts it
+    back at t * G + g, tile by tile."""
+    for groups in mgpu_tokens.GROUPS:
+        n = 64 // groups
+        packed = np.arange(3 * 128).reshape(3, 128)  # two tiles per leading row
+        tile, r = np.divmod(np.arange(128), 64)
+        t, g = r % n, r // n  # what head-major row r of a tile holds
+        head_major = packed[:, tile * 64 + t * groups + g]
+        np.testing.assert_array_equal(np.asarray(mgpu_tokens.to_packed(
+            jnp.asarray(head_major), groups)), packed)
+
+
+@needs_interpreter
+@pytest.mark.skipif(not mgpu_tokens.in_place_supported(True),
+                    reason="jax 0.10's Mosaic GPU interpreter cannot write into an existing array "
+                           "(the op copies each group's queries in there instead)")
+def test_interpreted_launch_writes_into_an_existing_array():
+    """``mgpu_tokens.launch`` with an output to write into: the kernel's rows land in place, the
+    array's other rows keep their values."""
+    import functools
+
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental import pallas as pl
+
+    x = jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64).astype(jnp.bfloat16)
+    out = jnp.full((1, 130, 4, 64), -1.0, jnp.bfloat16)
+    smem = plgpu.SMEM((64, 64), jnp.bfloat16, transforms=(plgpu.TilingTransform((8, 64)),
+                                                          plgpu.SwizzleTransform(128)))
+
+    def body(x_ref, o_ref):
+        def scoped(buf, bar):
+            plgpu.copy_gmem_to_smem(x_ref, buf, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            mgpu_tokens.store(buf, o_ref, 0, 48, 0, 4)
+            plgpu.wait_smem_to_gmem(0)
+        pl.run_scoped(scoped, smem, plgpu.Barrier(num_barriers=1))
+
+    run = functools.partial(mgpu_tokens.launch, body, (x,), out_type=jax.ShapeDtypeStruct(
+        out.shape, out.dtype), interpret=True, grid=(1,), grid_names=("g",))
+    got = np.asarray(jax.jit(run)(out), np.float32)
+    want = np.full(out.shape, -1.0, np.float32)
+    want[0, 48:64] = np.asarray(x, np.float32).reshape(4, 16, 64).transpose(1, 0, 2)
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("hq,hkv,chunk", [(2, 2, 64), (4, 2, 32), (8, 2, 16), (8, 1, 8)],
+                         ids=["G1", "G2", "G4", "G8"])
+def test_interpreted_rows_in_place_equal_packed_rows(hq, hkv, chunk):
+    """Rows read and written in place (``Config.mgpu_rows``) against packed copies, bit for bit:
+    a prefill from position 0 with its first chunk as full attention (``full_prefix`` "xla":
+    the prefix copied into the in-place output), the rest in groups of one chunk, the last
+    chunk partial (its queries past T are not written), G = 1 to 8 (C * G = 64 or 128: the
+    second consumer of a 128-row tile holds only padding for C * G = 64)."""
+    t = 3 * chunk + chunk // 2 + 5
+    case = Case(1, t, hq, hkv, 64, small(4, 16, 2, 4, 4, chunk, 8))
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=t))
+    geo = P.geometry(q.shape, k.shape, case.sel)
+    runs_ = {}
+    for rows in ("in_place", "packed"):
+        config = _config("mosaic_gpu", full_prefix="xla", gather_bytes=1, mgpu_rows=rows)
+        assert P._rows_in_place(geo, config) == (rows == "in_place")
+        with P.poison_outputs():
+            runs_[rows] = _run(q, k, v, case.sel, config)
+    for a, b in zip(runs_["in_place"], runs_["packed"]):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = runs.reference_fn(case.sel)(f32(q), f32(k), f32(v))[0]
+    assert rel_err(runs_["in_place"][0], ref) < TOL[jnp.bfloat16]

@@ -220,3 +220,45 @@ def test_gpu_ties_go_to_the_lower_position(top_k, block_k, merge):
                                  mgpu_block_k=block_k, mgpu_merge=merge,
                                  mgpu_slots=_slots(block_k, merge))
     _check_ties(case, config, interpret=False)
+
+
+@pytest.mark.parametrize("groups,chunk", [(1, 64), (4, 512), (8, 8)])
+def test_lowers_for_cuda_with_rows_in_place(groups, chunk):
+    """With q read in place (``mgpu_tokens``: G copies per tile, a row offset of whole 8-row
+    tiles) the kernel lowers for CUDA on the CPU; its picks come out per (split, K, row)."""
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    q, k, l0 = bf16(1, 3 * chunk, 2 * groups, 128), bf16(1, 4096, 2, 128), jax.ShapeDtypeStruct(
+        (1, 2), jnp.int32)
+    r = P.round_up(chunk * groups, 256)
+
+    def score(q, k, l0):
+        return M.score(q, k, l0, sink=20, top_k=4, splits=2, split_len=2048,
+                       tokens=(chunk, chunk, r))
+
+    exported = jax.export.export(jax.jit(score), platforms=["cuda"])(q, k, l0)
+    assert [o.shape for o in exported.out_avals] == [(1, 2, 2, 2, 4, r)] * 2
+    with pytest.raises(ValueError, match="multiple of 64"):
+        M.score(jnp.zeros((1, 96, 4, 128), jnp.bfloat16), jnp.zeros((1, 256, 2, 128),
+                jnp.bfloat16), jnp.zeros((1, 2), jnp.int32), sink=4, top_k=2, splits=1,
+                split_len=256, tokens=(24, 0, 256), interpret=True)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [*gpu_cases(32768), Case(2, 20008, 16, 2, 64,
+                                                          Selection(chunk_size=64))],
+                         ids=lambda c: c.id)
+def test_gpu_rows_in_place_equal_packed_rows(case):
+    """q read in place (``Config.mgpu_rows``, the default where it applies) against packed
+    copies of the rows: the same picks and scores, bit for bit (the same products and sums per
+    row; only the rows' order in a tile differs). G = 1, 4 and 8 (C = 64)."""
+    q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=9))
+    rows = case.sel.chunk_size * case.q_heads // case.kv_heads
+
+    def picks(mode):
+        config = dataclasses.replace(P.default_config(case.head_dim, 2, rows),
+                                     score_lowering="mosaic_gpu", mgpu_rows=mode)
+        return jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config, skip=2))(q, k)
+
+    for a, b in zip(picks("in_place"), picks("packed")):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
