@@ -10,7 +10,8 @@ with :func:`to_packed` (a small array); the attention's rows only need their que
 causal mask, and its output tiles go back to their heads the same way, G copies per tile.
 
 Applies (:func:`applies`) where n is a whole number of 8-row shared-memory tiles, G in 1, 2, 4,
-8, and C * G is a multiple of 64, so that no tile holds rows of two chunks. Copies that reach
+8, C * G is a multiple of 64, so that no tile holds rows of two chunks, and the arrays' query
+counts are multiples of 8 (their TMA descriptors tile that dimension by 8). Copies that reach
 past the array's end (the last chunk's padding) are filled with zeros (reads) or dropped
 (writes) by the TMA unit on the GPU; the interpreter raises instead, so there the callers pad.
 
@@ -19,6 +20,8 @@ array in place (the custom call aliases it), so that several launches fill one o
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +34,11 @@ ROWS = 64  # rows of a consumer warpgroup's tile (one wgmma M tile)
 GROUPS = (1, 2, 4, 8)  # query heads per kv head whose tiles split into whole 8-row boxes
 
 
-def applies(groups: int, chunk: int) -> bool:
-    """Whether the kernels can read and write a chunk's rows in place (module docstring)."""
-    return groups in GROUPS and (chunk * groups) % ROWS == 0
+def applies(groups: int, chunk: int, num_queries: int) -> bool:
+    """Whether the kernels can read and write a chunk's rows in place (module docstring), in
+    arrays of ``num_queries`` queries: a multiple of 8, as the TMA descriptor of an array copied
+    into 8-row tiles tiles that dimension by 8 (Mosaic GPU refuses other lengths)."""
+    return groups in GROUPS and (chunk * groups) % ROWS == 0 and num_queries % 8 == 0
 
 
 def tile_query(rows, groups: int):
@@ -77,7 +82,7 @@ def to_packed(x: jax.Array, groups: int) -> jax.Array:
 def in_place_supported(interpret: bool) -> bool:
     """Whether :func:`launch` can write into an existing array: compiled, always; jax 0.10's
     Mosaic GPU interpreter has no buffers for aliased operands (0.11's has)."""
-    major_minor = tuple(int(x) for x in jax.__version__.split(".")[:2])
+    major_minor = tuple(int(re.match(r"\d+", x).group()) for x in jax.__version__.split(".")[:2])
     return not interpret or major_minor >= (0, 11)
 
 

@@ -443,9 +443,10 @@ def _attend(q_rows, k, v, glist, meta, inv_freq, scale, geo: Geometry, config: C
 
 def _rows_in_place(geo: Geometry, config: Config) -> bool:
     """Whether the Mosaic GPU kernels read and write a prefill's rows in place
-    (``Config.mgpu_rows``, ``mgpu_tokens``)."""
+    (``Config.mgpu_rows``, ``mgpu_tokens``): T must be a multiple of 8 as well, as the TMA
+    descriptors of q and of the output tile their query dimension by 8."""
     return (config.mgpu_rows == "in_place" and geo.num_queries > 1
-            and mgpu_tokens.applies(geo.groups, geo.chunk))
+            and mgpu_tokens.applies(geo.groups, geo.chunk, geo.num_queries))
 
 
 def _tokens(qo, geo: Geometry, p: int, r_att: int, interpret: bool):
@@ -475,9 +476,10 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
-                                             "tokens", "interpret"))
+                                             "tokens", "interpret"), donate_argnames=("out",))
 def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, out=None, **kwargs):
-    """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers)."""
+    """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers;
+    ``out``, written in place, is donated: called op by op, it is not copied)."""
     return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, out=out, **kwargs)
 
 
@@ -708,8 +710,8 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
                                      inv_freq)
         keys, values = (window[:, :p] if rotated else at_own(k)), v[:, :p]  # window from key 0
         if (prefix_mode == "cudnn" and config.prefix_keys == "whole" and rotated
-                and window.shape[1] == geo.num_keys):  # causal: keys past p are masked
-            keys, values = window, v
+                and window.shape[1] == geo.num_keys == t):  # causal: keys past p are masked;
+            keys, values = window, v  # S = T: all of them written (a block past p is read)
         with jax.default_matmul_precision("highest" if q.dtype == jnp.float32 else None):
             prefix = jax.nn.dot_product_attention(at_own(q), keys, values, scale=scale,
                                                   is_causal=True, implementation=prefix_mode)

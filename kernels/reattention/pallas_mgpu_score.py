@@ -381,10 +381,10 @@ def score(
         chunk, q_offset, r = tokens
         b, _, hq, d = q_rows.shape
         hkv, nc, groups = k.shape[2], l0.shape[1], q_rows.shape[2] // k.shape[2]
-        if hq != hkv * groups or not mgpu_tokens.applies(groups, chunk):
-            raise ValueError(f"rows in place need Hq = Hkv * G with G in {mgpu_tokens.GROUPS} "
-                             f"and C * G a multiple of {mgpu_tokens.ROWS}; got Hq {hq}, Hkv "
-                             f"{hkv}, C {chunk}")
+        if hq != hkv * groups or not mgpu_tokens.applies(groups, chunk, q_rows.shape[1]):
+            raise ValueError(f"rows in place need Hq = Hkv * G with G in {mgpu_tokens.GROUPS}, "
+                             f"C * G a multiple of {mgpu_tokens.ROWS} and T a multiple of 8; got "
+                             f"Hq {hq}, Hkv {hkv}, G {groups}, C {chunk}, T {q_rows.shape[1]}")
         if r < chunk * groups:
             raise ValueError(f"R ({r}) must cover C * G = {chunk * groups}")
         q_in = q_rows

@@ -210,7 +210,7 @@ def test_interpreted_chunk_written_past_the_cache():
 @pytest.mark.parametrize("case", [
     *gpu_cases(32768),
     Case(2, 20011, 10, 2, 64, Selection(sink_tokens=20)),
-    Case(2, 20011, 16, 4, 64, Selection(sink_tokens=20, chunk_size=128)),
+    Case(2, 20008, 16, 4, 64, Selection(sink_tokens=20, chunk_size=128)),
 ], ids=lambda c: c.id)
 def test_gpu_matches_triton_lowering_and_reference(case):
     """bf16 at 32K with the authors' defaults (MHA and GQA), and batch 2 at a length that is a
@@ -245,19 +245,60 @@ def test_rows_in_place_config_and_inputs_are_checked():
     for bad in [dict(mgpu_rows="tokens"), dict(prefix_keys="all")]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             Config(**bad)
-    assert [mgpu_tokens.applies(g, c) for g, c in [(1, 64), (4, 16), (8, 8), (2, 96), (5, 64),
-                                                   (16, 4), (4, 8), (1, 1)]] == [
-        True, True, True, True, False, False, False, False]
-    rows, lists = jnp.zeros((1, 70, 8, 64), jnp.bfloat16), jnp.zeros((1, 2, 2, 128, 64), jnp.bfloat16)
+    assert [mgpu_tokens.applies(g, c, t) for g, c, t in [
+        (1, 64, 8), (4, 16, 200), (8, 8, 16), (2, 96, 96), (5, 64, 64), (16, 4, 64), (4, 8, 64),
+        (1, 1, 8), (4, 16, 201)]] == [True, True, True, True, False, False, False, False, False]
+    rows = jnp.zeros((1, 72, 8, 64), jnp.bfloat16)
+    lists = jnp.zeros((1, 2, 2, 128, 64), jnp.bfloat16)
     window, meta = jnp.zeros((1, 256, 2, 64), jnp.bfloat16), jnp.zeros((1, 2, 2, 8), jnp.int32)
     kwargs = dict(groups=4, num_keys=256, scale=0.125, block_k=128, interpret=True)
-    for tokens, match in [(M.Tokens(8, 128, 0, 0, 70), "C \\* G a multiple of 64"),
-                          (M.Tokens(16, 64, 0, 0, 70), "multiple of 128"),
-                          (M.Tokens(64, 128, 0, 0, 70), "must cover")]:
+    for tokens, match in [(M.Tokens(8, 128, 0, 0, 72), "C \\* G a multiple of 64"),
+                          (M.Tokens(16, 128, 0, 0, 70), "multiples of 8; .* 70 out"),
+                          (M.Tokens(16, 64, 0, 0, 72), "multiple of 128"),
+                          (M.Tokens(64, 128, 0, 0, 72), "must cover")]:
         with pytest.raises(ValueError, match=match):
             M.attend(rows, lists, lists, window, window, meta, tokens=tokens, **kwargs)
     with pytest.raises(ValueError, match="needs the rows in place"):
         M.attend(lists, lists, lists, window, window, meta, out=rows, **kwargs)
+
+
+def test_rows_in_place_lower_for_cuda():
+    """The op's attention with its rows in place (``_attend_mgpu`` with ``Tokens``) lowers for
+    CUDA on the CPU, in three groups writing one aliased output, at a length that is a multiple
+    of 8 but not of the chunk (the last chunk's queries reach past T). A length that is not a
+    multiple of 8 keeps the packed rows: the TMA descriptors of q and of the output tile T by
+    8, and Mosaic GPU refuses other lengths."""
+    from jax.export import DisabledSafetyCheck
+
+    b, hkv, g, d, t, chunk = 1, 2, 4, 128, 1000, 128
+    sel = Selection(chunk_size=chunk)
+    geo = P.geometry((b, t, hkv * g, d), (b, t, hkv, d), sel)
+    config = dataclasses.replace(P.default_config(d, 2, geo.rows), attend_lowering="mosaic_gpu")
+    per_chunk = b * hkv * P.round_up(geo.num_gathered, 128) * d * 2 * 2
+    config = dataclasses.replace(config, gather_bytes=2 * per_chunk)
+    assert P._rows_in_place(geo, config)
+    assert not P._rows_in_place(dataclasses.replace(geo, num_queries=999), config)
+    p, nc = 2 * chunk, geo.num_chunks - 2
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    def attend(qo, k, v, gl, mt, window):
+        tokens, qo = P._tokens(qo, geo, p, geo.rows, interpret=False)
+        return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
+                              config, interpret=False, tokens=tokens)
+
+    exported = jax.export.export(
+        jax.jit(attend), platforms=["cuda"],
+        disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        bf16(b, t - p, hkv * g, d), bf16(b, t, hkv, d), bf16(b, t, hkv, d),
+        i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, t, hkv, d))
+    assert [o.shape for o in exported.out_avals] == [(b, t, hkv * g, d)]
+    text = exported.mlir_module()
+    assert text.count("call @_mgpu_attend") == 3  # groups of 2, 2 and 2 chunks
+    # two lowered kernels: the first group's into a fresh output, the later groups' (one
+    # function) into the previous output, aliased (operand 6: ``out``)
+    assert text.count("func.func private @_mgpu_attend") == 2
+    assert text.count("output_operand_aliases") == 1 and "operand_index = 6" in text
 
 
 def test_head_major_tiles_go_back_to_the_packed_order():
@@ -313,9 +354,9 @@ def test_interpreted_rows_in_place_equal_packed_rows(hq, hkv, chunk):
     """Rows read and written in place (``Config.mgpu_rows``) against packed copies, bit for bit:
     a prefill from position 0 with its first chunk as full attention (``full_prefix`` "xla":
     the prefix copied into the in-place output), the rest in groups of one chunk, the last
-    chunk partial (its queries past T are not written), G = 1 to 8 (C * G = 64 or 128: the
+    chunk partial but for G = 8 (its queries past T are not written), G = 1 to 8 (C * G = 64 or 128: the
     second consumer of a 128-row tile holds only padding for C * G = 64)."""
-    t = 3 * chunk + chunk // 2 + 5
+    t = (3 * chunk + chunk // 2 + 5) // 8 * 8  # in place needs T % 8 == 0 (its TMA boxes)
     case = Case(1, t, hq, hkv, 64, small(4, 16, 2, 4, 4, chunk, 8))
     q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=t))
     geo = P.geometry(q.shape, k.shape, case.sel)
