@@ -87,7 +87,9 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
     # (not stored) as at least L0, so that every row sees a key and the tail has a block.
     last_t = jnp.minimum(c1, s_len) - 1
     clamp = lambda t: jnp.maximum(jnp.minimum(t, last_t), l0)
-    query_of = lambda r: clamp(c0 + lax.div(r, groups))  # packed row r; a tile's first/last
+    # Packed row r's query. Head-major tiles (``tokens``) hold the same queries per 64 rows (G
+    # divides 64), so their first and last queries, which the schedule below uses, are too.
+    query_of = lambda r: clamp(c0 + lax.div(r, groups))
     if tokens is not None:  # rows in place (``mgpu_tokens``): chunk c + shift of q and out
         token = lambda offset, r0: offset + (c + row_shift) * tokens.chunk + lax.div(r0, groups)
 
