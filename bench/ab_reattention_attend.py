@@ -7,8 +7,9 @@ gathered attention) with the authors' defaults, bf16, 32 query heads with 32 and
 d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block / ring depth,
 ``Config.gather_bytes``, the list gather (``mgpu_xla_gather``: XLA's instead of
 ``pallas_gather``'s), the rows' copies (``Config.mgpu_rows``) or the cuDNN prefix's
-(``Config.prefix_keys``) differ, so the differences are the attention stage's. ``rel_vs_triton`` is each variant's
-output against the Triton lowering's (same selection, different rounding).
+(``Config.prefix_keys``) differ, so the differences are the attention stage's.
+``rel_vs_triton`` is each variant's output against the Triton lowering's (same selection,
+different rounding).
 """
 
 from __future__ import annotations

@@ -168,8 +168,9 @@ class Config:
     output. "in_place" reads q (the scoring) and the rotated q (the attention) as they are, and
     the attention writes every group of chunks into one (B, T, Hq, D) output, where
     ``mgpu_tokens.applies`` (G in 1, 2, 4, 8, C * G a multiple of 64 and T a multiple of 8;
-    the authors' C = 512 qualifies); "packed" copies the rows into the packed layout (``reference.pack_rows``) and
-    the output back, and concatenates the groups' and the prefix's outputs.
+    the authors' C = 512 qualifies); "packed" copies the rows into the packed layout
+    (``reference.pack_rows``) and the output back, and concatenates the groups' and the
+    prefix's outputs.
     ``prefix_keys``: what the cuDNN prefix (``full_prefix``) reads: "whole" the rotated window
     and the cache's values as they are (causal: a query sees no key past its own, so the keys
     past the prefix are masked, and cuDNN skips their blocks), where the window is the whole

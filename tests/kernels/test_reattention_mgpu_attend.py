@@ -354,8 +354,8 @@ def test_interpreted_rows_in_place_equal_packed_rows(hq, hkv, chunk):
     """Rows read and written in place (``Config.mgpu_rows``) against packed copies, bit for bit:
     a prefill from position 0 with its first chunk as full attention (``full_prefix`` "xla":
     the prefix copied into the in-place output), the rest in groups of one chunk, the last
-    chunk partial but for G = 8 (its queries past T are not written), G = 1 to 8 (C * G = 64 or 128: the
-    second consumer of a 128-row tile holds only padding for C * G = 64)."""
+    chunk partial but for G = 8 (its queries past T are not written), G = 1 to 8 (C * G = 64
+    or 128: the second consumer of a 128-row tile holds only padding for C * G = 64)."""
     t = (3 * chunk + chunk // 2 + 5) // 8 * 8  # in place needs T % 8 == 0 (its TMA boxes)
     case = Case(1, t, hq, hkv, 64, small(4, 16, 2, 4, 4, chunk, 8))
     q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=t))
@@ -371,3 +371,22 @@ def test_interpreted_rows_in_place_equal_packed_rows(hq, hkv, chunk):
     f32 = lambda x: x.astype(jnp.float32)
     ref = runs.reference_fn(case.sel)(f32(q), f32(k), f32(v))[0]
     assert rel_err(runs_["in_place"][0], ref) < TOL[jnp.bfloat16]
+
+
+@needs_interpreter
+def test_interpreted_rows_in_place_batch_continuation():
+    """Rows in place against packed rows, bit for bit, for a batch of two continuing a cache
+    from positions 100 and 84 (no prefix: every chunk is scored and gathered), G = 2 and C = 32
+    (C * G = 64: a 128-row tile whose second consumer holds only padding), three chunks, the
+    last partial."""
+    case = Case(2, 72, 4, 2, 64, small(3, 16, 2, 4, 5, 32, 4))
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=3, num_keys=176))
+    q_start = jnp.asarray([100, 84])
+    outs = {}
+    for rows in ("in_place", "packed"):
+        config = _config("mosaic_gpu", mgpu_rows=rows)
+        with P.poison_outputs():
+            outs[rows] = _run(q, k, v, case.sel, config, q_start)
+    for a, b in zip(outs["in_place"], outs["packed"]):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert np.isfinite(np.asarray(outs["in_place"][0], np.float32)).all()
