@@ -41,6 +41,25 @@ def applies(groups: int, chunk: int, num_queries: int) -> bool:
     return groups in GROUPS and (chunk * groups) % ROWS == 0 and num_queries % 8 == 0
 
 
+def check(hq: int, hkv: int, groups: int, chunk: int, rows: int, **queries: int) -> None:
+    """Raises ValueError unless Hq = Hkv * G and :func:`applies` holds for every array's query
+    count (``queries``: name -> count), and ``rows`` per chunk cover C * G."""
+    if hq != hkv * groups or not all(applies(groups, chunk, n) for n in queries.values()):
+        counts = ", ".join(f"{n} {name}" for name, n in queries.items())
+        raise ValueError(f"rows in place need Hq = Hkv * G with G in {GROUPS}, C * G a multiple "
+                         f"of {ROWS} and query counts that are multiples of 8; got Hq {hq}, Hkv "
+                         f"{hkv}, G {groups}, C {chunk}, queries {counts}")
+    if rows < chunk * groups:
+        raise ValueError(f"the rows per chunk ({rows}) must cover C * G = {chunk * groups}")
+
+
+def pad_for_interpreter(x, chunks: int, chunk: int, rows: int, groups: int):
+    """x (B, T', Hq, D) zero-padded along T' as far as the tiles of ``chunks`` chunks of ``rows``
+    rows read: the GPU reads zeros past an array's end, the interpreter raises."""
+    reach = chunks * chunk + rows // groups
+    return jnp.pad(x, [(0, 0), (0, reach - x.shape[1]), (0, 0), (0, 0)])
+
+
 def tile_query(rows, groups: int):
     """Query (within the tile) of each head-major row index of a 64-row tile."""
     return lax.rem(rows, ROWS // groups)

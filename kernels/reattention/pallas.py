@@ -454,11 +454,10 @@ def _tokens(qo, geo: Geometry, p: int, r_att: int, interpret: bool):
     with its rows in place: output (B, T, Hq, D), its queries from p on written by the kernel.
     The interpreter raises on copies past an array's end, which the GPU fills or drops: there
     the queries are padded as far as a padding tile reads and the output reaches NC * C."""
-    nc_rest = geo.num_chunks - p // geo.chunk
     out_len = geo.num_queries
     if interpret:
-        reach = nc_rest * geo.chunk + r_att // geo.groups
-        qo = jnp.pad(qo, [(0, 0), (0, reach - qo.shape[1]), (0, 0), (0, 0)])
+        qo = mgpu_tokens.pad_for_interpreter(qo, geo.num_chunks - p // geo.chunk, geo.chunk,
+                                             r_att, geo.groups)
         out_len = geo.num_chunks * geo.chunk
     return pallas_mgpu_attend.Tokens(geo.chunk, r_att, 0, p, out_len), qo
 
@@ -579,9 +578,8 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     p = skip * geo.chunk
     if mgpu and _rows_in_place(geo, config):  # q read in place; no packed rows
         r_pad = round_up(geo.rows, tile)
-        if interpret:  # the GPU reads zeros past q's end; the interpreter raises
-            reach = geo.num_chunks * geo.chunk + r_pad // geo.groups
-            q = jnp.pad(q, [(0, 0), (0, reach - geo.num_queries), (0, 0), (0, 0)])
+        if interpret:
+            q = mgpu_tokens.pad_for_interpreter(q, geo.num_chunks, geo.chunk, r_pad, geo.groups)
         vals, idx = _score(q, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge,
                            tokens=(geo.chunk, p, r_pad))
         q_rows = None

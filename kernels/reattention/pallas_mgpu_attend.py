@@ -295,15 +295,8 @@ def attend(
     else:
         b, _, hq, d = qo_rows.shape
         hkv, nc_rows, r = kg.shape[1], nc, tokens.rows
-        if hq != hkv * groups or not (mgpu_tokens.applies(groups, tokens.chunk, qo_rows.shape[1])
-                                      and tokens.out_len % 8 == 0):
-            raise ValueError(f"rows in place need Hq = Hkv * G with G in {mgpu_tokens.GROUPS}, "
-                             f"C * G a multiple of {mgpu_tokens.ROWS} and query counts that are "
-                             f"multiples of 8; got Hq {hq}, Hkv {hkv}, G {groups}, C "
-                             f"{tokens.chunk}, {qo_rows.shape[1]} queries in, {tokens.out_len} "
-                             f"out")
-        if r < tokens.chunk * groups:
-            raise ValueError(f"tokens.rows ({r}) must cover C * G = {tokens.chunk * groups}")
+        mgpu_tokens.check(hq, hkv, groups, tokens.chunk, r, q=qo_rows.shape[1],
+                          out=tokens.out_len)
         rows_in = qo_rows.shape
         out_type = jax.ShapeDtypeStruct((b, tokens.out_len, hq, d), qo_rows.dtype)
     if nc > nc_rows:

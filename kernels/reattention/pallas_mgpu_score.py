@@ -381,12 +381,7 @@ def score(
         chunk, q_offset, r = tokens
         b, _, hq, d = q_rows.shape
         hkv, nc, groups = k.shape[2], l0.shape[1], q_rows.shape[2] // k.shape[2]
-        if hq != hkv * groups or not mgpu_tokens.applies(groups, chunk, q_rows.shape[1]):
-            raise ValueError(f"rows in place need Hq = Hkv * G with G in {mgpu_tokens.GROUPS}, "
-                             f"C * G a multiple of {mgpu_tokens.ROWS} and T a multiple of 8; got "
-                             f"Hq {hq}, Hkv {hkv}, G {groups}, C {chunk}, T {q_rows.shape[1]}")
-        if r < chunk * groups:
-            raise ValueError(f"R ({r}) must cover C * G = {chunk * groups}")
+        mgpu_tokens.check(hq, hkv, groups, chunk, r, T=q_rows.shape[1])
         q_in = q_rows
     if not (supports(q_rows.dtype, d, s_len, top_k, block_k) and q_rows.dtype == k.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention scoring needs 16-bit q and k with head dim "
