@@ -5,7 +5,9 @@ an isolated H200 sweep, ``tune_decode_h200.json``), "XLA lengths" (the shipped s
 the write predicate and the lengths' update back in XLA, as before a03e6ff: two one-thread
 kernels per layer more), "pool apart" (the pooling kernel as its own launch), "pool fused"
 (the pooling in the first attention program of each sequence and kv head, as shipped) and
-"XLA lengths, pool apart" (the step as it was before the ninth session),
+"XLA lengths, pool apart" (the step as it was before the ninth session), "rope in attention"
+and "one launch" (``pallas_decode_fused.STEP_LAUNCHES`` "rope" and "all": the RoPE and ring
+write, and the combine too, inside the attention's launch),
 LLaMA-2-7B shapes, bf16, batch 1, CCA at
 ``--context`` tokens (synthetic cache), random weights. ``--xla NAME=OPTION=VALUE,...`` adds a
 variant of the shipped step compiled with XLA options (``Lowered.compile(compiler_options=)``,
@@ -38,7 +40,7 @@ from bench.bench_decode import (PIPELINE, base_config, cache_bytes_read, decode_
                                 random_state, synthetic_cache, weight_bytes_read)
 from bench.common import environment, measure_peaks
 from jax_cca import decode
-from kernels.cca import pallas_decode, pallas_rope_append
+from kernels.cca import pallas_decode, pallas_decode_fused, pallas_rope_append
 
 
 def _xla_lengths(rope_append):
@@ -60,11 +62,13 @@ def _xla_lengths(rope_append):
 
 @contextlib.contextmanager
 def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False,
-            pool_apart: bool = False, pool_fused: bool = False):
+            pool_apart: bool = False, pool_fused: bool = False, step_launches: str | None = None):
     """Patches what the step reads at trace time; restores it after compiling."""
     saved = (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
              pallas_decode.default_decode_config, pallas_rope_append.rope_append,
-             pallas_decode.fuses_pooling, pallas_decode.POOL_IN_ATTENTION)
+             pallas_decode.fuses_pooling, pallas_decode.POOL_IN_ATTENTION,
+             pallas_decode_fused.STEP_LAUNCHES)
+    pallas_decode_fused.STEP_LAUNCHES = step_launches
     if pool_fused:  # the pooling in the first attention program of each (sequence, kv head)
         pallas_decode.POOL_IN_ATTENTION = True
     if xla_lengths:
@@ -83,7 +87,8 @@ def variant(norm_kernel: bool, sweep_launch: bool, xla_lengths: bool = False,
     finally:
         (decode.norms_in_kernel, pallas_decode.TARGET_PROGRAMS,
          pallas_decode.default_decode_config, pallas_rope_append.rope_append,
-         pallas_decode.fuses_pooling, pallas_decode.POOL_IN_ATTENTION) = saved
+         pallas_decode.fuses_pooling, pallas_decode.POOL_IN_ATTENTION,
+         pallas_decode_fused.STEP_LAUNCHES) = saved
 
 
 def kernel_counts(hlo: str) -> dict:
@@ -102,7 +107,9 @@ VARIANTS = {"norm kernel, 3 stages/256": (True, False), "XLA norms, 3 stages/256
             "norm kernel, 2 stages/384": (True, True), "XLA norms, 2 stages/384": (False, True),
             "XLA lengths": (True, False, True), "pool apart": (True, False, False, True),
             "XLA lengths, pool apart": (True, False, True, True),
-            "pool fused": (True, False, False, False, True)}
+            "pool fused": (True, False, False, False, True),
+            "rope in attention": (True, False, False, False, True, "rope"),
+            "one launch": (True, False, False, False, True, "all")}
 
 
 def _option(text: str) -> tuple[str, object]:

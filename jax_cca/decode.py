@@ -41,7 +41,9 @@ the XLA path.
 
 The model's one-token steps on the Pallas path start from the UN-rotated projections
 (:func:`decode_step_unrotated`): RoPE and the cache write are one more kernel,
-``kernels/cca/pallas_rope_append.py``, and then the same kernels run.
+``kernels/cca/pallas_rope_append.py``, and then the same kernels run; or, for CCA with
+``pallas_decode_fused.STEP_LAUNCHES`` set (:func:`step_launches`), all of it in the attention's
+launch (``kernels/cca/pallas_decode_fused.py``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from jaxtyping import Array, Float, Int
 from jax_cca import ops
 from jax_cca.cache import CCACache, FullCache, LayerCache, ReAttentionCache
 from jax_cca.config import CCAConfig
-from kernels.cca import pallas_decode, pallas_decode_pool, pallas_rope_append
+from kernels.cca import pallas_decode, pallas_decode_fused, pallas_decode_pool, pallas_rope_append
 from kernels.cca.reference import (
     _einsum,
     _masked_softmax_weights,
@@ -225,6 +227,36 @@ def norms_in_kernel(chunk: int, config: CCAConfig, implementation: str | None = 
             and rms_norm_pallas.supports(config.hidden_size))
 
 
+class SplitCounters:
+    """The split counters (B, Hkv) int32 of a step's one-launch CCA decode kernels
+    (``pallas_decode_fused``, ``STEP_LAUNCHES = "all"``), threaded through the step's layers:
+    each layer's kernel takes them zero and leaves them zero, so one zero array per step serves
+    every layer, updated in place. A mutable holder: a model creates one per traced step and
+    passes it to every layer, whose call replaces ``value``."""
+
+    def __init__(self):
+        self.value = None
+
+    def take(self, batch: int, kv_heads: int) -> Int[Array, "B Hkv"]:
+        if self.value is None:
+            self.value = jnp.zeros((batch, kv_heads), jnp.int32)
+        return self.value
+
+
+def step_launches(cache: LayerCache, config: CCAConfig) -> str | None:
+    """How :func:`decode_step_unrotated` runs a CCA layer: ``pallas_decode_fused.STEP_LAUNCHES``
+    ("rope": RoPE, ring write, pooling and attention in one launch, the combine apart; "all":
+    one launch) where the cache suits it (``pallas_decode_fused.applies``), else None (RoPE
+    and ring write, attention with pooling, combine: three launches)."""
+    mode = pallas_decode_fused.STEP_LAUNCHES
+    pallas_decode_fused.check_mode(mode)
+    if mode is None or not isinstance(cache, CCACache):
+        return None
+    itemsize = jnp.dtype(config.jnp_dtype).itemsize
+    fits = pallas_decode_fused.applies(cache.num_core, cache.ring, config.head_dim, itemsize)
+    return mode if fits else None
+
+
 def decode_step_unrotated(
     cache: FullCache | CCACache,
     qkv: Float[Array, "B H3 D"],
@@ -233,18 +265,37 @@ def decode_step_unrotated(
     n_valid: Int[Array, "B"],
     config: CCAConfig,
     positions: Int[Array, "B"] | None = None,
+    counters: SplitCounters | None = None,
 ) -> tuple[Float[Array, "B Hq D"], FullCache | CCACache]:
     """:func:`extend_attention` of one token per sequence on the Pallas path, from the
     UN-rotated projections ``qkv`` (B, Hq + 2 Hkv, D) and the step's ``rope_cos_sin`` (B, D):
     RoPE, the cache write and the lengths' update are one kernel
-    (``kernels/cca/pallas_rope_append.py``) instead of about ten XLA kernels. Same result and
-    cache as rotating first and calling :func:`extend_attention` (see :func:`rotates_in_kernel`
-    for when it applies).
+    (``kernels/cca/pallas_rope_append.py``) instead of about ten XLA kernels, or, for CCA with
+    :func:`step_launches`, part of the attention's launch. Same result and cache as rotating
+    first and calling :func:`extend_attention` (see :func:`rotates_in_kernel` for when it
+    applies).
 
     ``positions``: the step's positions, equal to ``cache.lengths`` (default: that array). A
     model passes one array for all its layers (layer 0's lengths), so that each layer's own
-    lengths are only written, in place, and XLA copies none of them."""
+    lengths are only written, in place, and XLA copies none of them. ``counters``: the step's
+    :class:`SplitCounters` (None: a new zero array for this call)."""
     first = cache.lengths if positions is None else positions
+    mode = step_launches(cache, config)
+    if mode is not None:
+        count = None
+        if mode == "all":
+            counters = SplitCounters() if counters is None else counters
+            count = counters.take(qkv.shape[0], config.num_kv_heads)
+        out, *arrays = pallas_decode_fused.cca_decode_step_rotating(
+            qkv, cos, sin, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, first,
+            n_valid, cache.lengths, count, num_heads=config.num_heads,
+            group_size=config.group_size, local_window=config.local_window,
+            max_len=cache.max_len, pooling=config.pooling)
+        if mode == "all":
+            counters.value = arrays.pop()
+        core_k, core_v, ring_k, ring_v, lengths = arrays
+        return out, cache.replace(core_k=core_k, core_v=core_v, ring_k=ring_k, ring_v=ring_v,
+                                  lengths=lengths)
     if isinstance(cache, FullCache):
         k_buf, v_buf, modulus, limit = cache.k, cache.v, cache.max_len, cache.max_len
     else:

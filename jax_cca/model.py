@@ -134,17 +134,19 @@ class Attention(nnx.Module):
 
     def with_cache(self, x: Float[Array, "B C E"], cos, sin, cache: LayerCache,
                    n_valid: Int[Array, "B"], *, prefill: bool,
-                   positions: Int[Array, "B"] | None = None) -> tuple[Array, LayerCache]:
+                   positions: Int[Array, "B"] | None = None,
+                   counters: decode.SplitCounters | None = None) -> tuple[Array, LayerCache]:
         """``prefill``: x is a whole prompt at positions 0..C-1; the ordinary attention op gives
         the output and the cache is filled from it. Otherwise x holds C new tokens per sequence
         that attend to the cache and to each other (``jax_cca.decode.extend_attention``).
         Only the first ``n_valid[b]`` rows of x are written to the cache. A one-token step on
         the Pallas decode path rotates q and k inside the kernel that writes the cache, at the
-        step's ``positions`` (None: this layer's lengths)."""
+        step's ``positions`` (None: this layer's lengths), threading the step's ``counters``
+        (``decode.SplitCounters``) through the layers."""
         if not prefill and decode.rotates_in_kernel(cache, x.shape[1], self.config):
             o, cache = decode.decode_step_unrotated(cache, self.qkv_heads(x)[:, 0], cos[:, 0],
                                                     sin[:, 0], n_valid, self.config,
-                                                    positions=positions)
+                                                    positions=positions, counters=counters)
             return self._output(o[:, None]), cache
         q, k, v = self._project(x, cos, sin)
         if prefill:
@@ -168,14 +170,14 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def with_cache(self, x, pending, cos, sin, cache: LayerCache, n_valid, *, prefill: bool,
-                   norm_kernel: bool = False, positions=None):
+                   norm_kernel: bool = False, positions=None, counters=None):
         """Returns (x, pending, cache) with this layer's MLP output as the new ``pending``: the
         residual add waits for the next norm (``RMSNorm.add_then_norm``), which can then be one
         kernel (``norm_kernel``) instead of three. ``pending`` None: nothing to add to x.
-        ``positions``: the step's, as ``Attention.with_cache`` takes them."""
+        ``positions``, ``counters``: the step's, as ``Attention.with_cache`` takes them."""
         x, normed = self.input_layernorm.add_then_norm(x, pending, kernel=norm_kernel)
         h, cache = self.self_attn.with_cache(normed, cos, sin, cache, n_valid, prefill=prefill,
-                                             positions=positions)
+                                             positions=positions, counters=counters)
         x, normed = self.post_attention_layernorm.add_then_norm(x, h, kernel=norm_kernel)
         return x, self.mlp(normed), cache
 
@@ -373,10 +375,11 @@ class CCALlama(nnx.Module):
         kernel = not prefill and decode.norms_in_kernel(chunk, self.config)
         new_cache = []
         step = None if prefill else cache[0].lengths  # one array for every layer's kernels
+        counters = decode.SplitCounters()  # zeros, made by the first layer that needs them
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, pending, layer_cache = layer.with_cache(x, pending, cos, sin, layer_cache, n_valid,
                                                        prefill=prefill, norm_kernel=kernel,
-                                                       positions=step)
+                                                       positions=step, counters=counters)
             new_cache.append(layer_cache)
         if chunk > 1:  # (B, 1, E): only the rows of each sequence's last valid token
             last = jnp.clip(n_valid - 1, 0, chunk - 1)[:, None, None]

@@ -213,8 +213,8 @@ class StreamingAttention(Attention):
         return self._output(self._streaming(q, q_sink, k, v))
 
     def with_cache(self, x, cos, sin, cache: FullCache, n_valid, *, prefill: bool,
-                   positions=None):
-        del cos, sin, positions  # positions from its own cache, cos and sin recomputed
+                   positions=None, counters=None):
+        del cos, sin, positions, counters  # positions from its own cache, cos, sin recomputed
         first = 0 if prefill else cache.lengths[:, None]
         positions = jnp.broadcast_to(first + jnp.arange(x.shape[1], dtype=jnp.int32),
                                      x.shape[:2])

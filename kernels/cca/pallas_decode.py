@@ -86,6 +86,16 @@ def default_decode_config(head_dim: int, itemsize: int) -> DecodeConfig:
     return DecodeConfig(block_k=64, num_warps=4, num_stages=3)
 
 
+def launch_plan(sizes: list[int], batch: int, kv_heads: int,
+                config: DecodeConfig) -> tuple[int, int]:
+    """(key block, splits) for segments of ``sizes`` rows: one key block for every segment, at
+    most the shortest one (a shorter segment is padded to 16 rows); the splits from the config
+    or :func:`default_num_splits`."""
+    bk = min([config.block_k] + [max(MIN_BLOCK, 1 << (n.bit_length() - 1)) for n in sizes])
+    capacity = sum(-(-n // bk) for n in sizes)
+    return bk, config.num_splits or default_num_splits(batch, kv_heads, max(capacity, 1))
+
+
 def default_num_splits(batch: int, kv_heads: int, capacity_blocks: int) -> int:
     """Enough splits for about TARGET_PROGRAMS programs, never more than the blocks a full cache
     could hold (an empty share costs a launch and a partial row of the combine)."""
@@ -108,31 +118,30 @@ def _kernel(pos_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
         valid_ref, refs = refs[0], refs[1:]
     q_ref, refs = refs[0], refs[1:]
     t = pos_ref[()]
-    if pool is None:
-        _attend(t, q_ref, refs, pl.program_id(0), segments=segments, bk=bk, scale2=scale2,
-                num_splits=num_splits, g=g, w=w, gp=gp, exp2=exp2)
-        return
-    from kernels.cca.pallas_decode_pool import pool_group
-
-    ring = [seg[0] for seg in segments].index("ring")
     split = pl.program_id(0)
+    if pool is not None:
+        from kernels.cca.pallas_decode_pool import pool_group
 
-    @pl.when(split == 0)
-    def _():  # never read by this step's attention: the slot is not visible to its own token
-        pool_group(t, valid_ref[()], q_ref, refs[2 * ring], refs[2 * ring + 1],
-                   refs[2 * n + 2], refs[2 * n + 3], **pool)
+        ring = [seg[0] for seg in segments].index("ring")
 
-    _attend(t, q_ref, refs, split, segments=segments, bk=bk, scale2=scale2,
-            num_splits=num_splits, g=g, w=w, gp=gp, exp2=exp2)
+        @pl.when(split == 0)
+        def _():  # never read by this step's attention: the slot is not visible to its own token
+            pool_group(t, valid_ref[()], lambda: q_ref[...], refs[2 * ring], refs[2 * ring + 1],
+                       refs[2 * n + 2], refs[2 * n + 3], **pool)
 
-
-def _attend(t, q_ref, refs, split, *, segments, bk: int, scale2: float, num_splits: int,
-            g: int, w: int, gp: int, exp2):
-    """Share ``split`` of the visible key blocks: the partial softmax (see :func:`_kernel`)."""
-    n = len(segments)
+    o, lse = attend_share(t, query_rows(q_ref[...], gp), refs[:2 * n], split, segments=segments,
+                          bk=bk, scale2=scale2, num_splits=num_splits, g=g, w=w, exp2=exp2)
     o_ref, lse_ref = refs[2 * n], refs[2 * n + 1]
+    o_ref[...], lse_ref[...] = partial_rows(o, lse, o_ref.shape[0])
+
+
+def attend_share(t, q, kv_refs, split, *, segments, bk: int, scale2: float, num_splits: int,
+                 g: int, w: int, exp2):
+    """Share ``split`` of the visible key blocks (see :func:`_kernel`) for the query tile q
+    (Gp, D): its normalised partial output (Gp, D) and base-2 log-sum-exp (Gp,), float32.
+    ``kv_refs``: (keys, values) per segment."""
+    n = len(segments)
     start = window_start(t, g, w) if g else None
-    q = _query_rows(q_ref, gp)
     counts = []
     for kind, _, real, ring in segments:
         if kind == "keys":
@@ -149,7 +158,7 @@ def _attend(t, q_ref, refs, split, *, segments, bk: int, scale2: float, num_spli
 
     offset = 0
     for (kind, rows, _, ring), count, nb, i in zip(segments, counts, blocks, range(n)):
-        k_ref, v_ref = refs[2 * i], refs[2 * i + 1]
+        k_ref, v_ref = kv_refs[2 * i], kv_refs[2 * i + 1]
 
         def body(kb, carry, kind=kind, rows=rows, ring=ring, count=count, k_ref=k_ref,
                  v_ref=v_ref):
@@ -173,12 +182,15 @@ def _attend(t, q_ref, refs, split, *, segments, bk: int, scale2: float, num_spli
     acc, m, l = carry
     has = l > 0.0
     l_safe = jnp.where(has, l, 1.0)
-    o = acc / l_safe[:, None]
-    lse = jnp.where(has, m + jnp.log2(l_safe), NEG)
-    if o_ref.shape[0] < gp:  # MHA: the rows are equal; the combine then reads 1/Gp of them
-        o, lse = jnp.max(o, axis=0, keepdims=True), jnp.max(lse, axis=0, keepdims=True)
-    o_ref[...] = o
-    lse_ref[...] = lse
+    return acc / l_safe[:, None], jnp.where(has, m + jnp.log2(l_safe), NEG)
+
+
+def partial_rows(o, lse, rows: int):
+    """The rows of a partial that are stored: all Gp, or for MHA (``rows`` 1) one, since its Gp
+    rows are equal; the combine then reads 1/Gp of them."""
+    if rows < o.shape[0]:
+        return jnp.max(o, axis=0, keepdims=True), jnp.max(lse, axis=0, keepdims=True)
+    return o, lse
 
 
 def supports(head_dim: int) -> bool:
@@ -230,8 +242,7 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
     if not segments:  # nothing cached can be visible: the new token attends to itself alone
         return jnp.repeat(v_new, grp, axis=1).astype(q.dtype)
     sizes = [s[1].shape[1] for s in segments]
-    # One key block for every segment: at most the shortest one (padded to 16 rows if shorter).
-    bk = min([config.block_k] + [max(MIN_BLOCK, 1 << (n.bit_length() - 1)) for n in sizes])
+    bk, splits = launch_plan(sizes, b, hkv, config)
     statics, arrays = [], []
     for kind, keys, values, ring in segments:
         real = keys.shape[1]
@@ -239,8 +250,6 @@ def _decode(q, k_new, v_new, positions, segments, *, g, w, softmax_scale, config
             keys, values = pad_to(keys, 1, bk), pad_to(values, 1, bk)
         statics.append((kind, keys.shape[1], real, ring))
         arrays += [keys, values]
-    capacity = sum(-(-n // bk) for n in sizes)
-    splits = config.num_splits or default_num_splits(b, hkv, max(capacity, 1))
     q_tile = query_tile(q, hkv)
     kernel = functools.partial(_kernel, segments=tuple(statics), bk=bk, scale2=scale * LOG2E,
                                num_splits=splits, g=g, w=w, gp=gp, exp2=exp2_for(interpret))
@@ -299,9 +308,11 @@ def query_tile(q, hkv: int):
     return q if hq == hkv else pad_to(q, 2, padded_heads(hq // hkv))
 
 
-def _query_rows(q_ref, gp: int):
-    """The (Gp, D) query tile of a program from its :func:`query_tile` block."""
-    q = q_ref[...]
+def query_rows(q, gp: int):
+    """The (Gp, D) query tile of a program from its :func:`query_tile` block (loaded), or from
+    one query head (D,)."""
+    if q.ndim == 1:
+        q = q[None, :]
     return q if q.shape[0] == gp else jnp.broadcast_to(q, (gp, q.shape[1]))
 
 
@@ -310,19 +321,25 @@ UNROLL_SPLITS = 32  # the combine's loop over the splits is unrolled up to this 
 
 def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int, scale2: float,
                     gp: int, exp2):
-    """Program (b, h): merges the P partial softmaxes of its G query heads (o (P, Gp, D)
-    normalised, lse (P, Gp) base 2; Gp = 1 for MHA) with the new token's own key and value, in
-    float32. The loop is unrolled (its loads independent of one another) up to
-    ``UNROLL_SPLITS`` splits."""
-    q = _query_rows(q_ref, gp).astype(jnp.float32)  # (Gp, D)
-    k_new = k_ref[...].astype(jnp.float32)  # (D,)
-    v_new = v_ref[...].astype(jnp.float32)
+    """Program (b, h): :func:`merge_with_new_token` of its G query heads."""
+    out_ref[...] = merge_with_new_token(query_rows(q_ref[...], gp), k_ref[...], v_ref[...], o_ref,
+                                        lse_ref, splits=splits, scale2=scale2,
+                                        exp2=exp2).astype(out_ref.dtype)
+
+
+def merge_with_new_token(q, k_new, v_new, o_ref, lse_ref, *, splits: int, scale2: float, exp2):
+    """The output (Gp, D) float32 of one (sequence, kv head): the P partial softmaxes (o (P, Gp,
+    D) normalised, lse (P, Gp) base 2; Gp = 1 for MHA) merged with the new token's own key and
+    value (D,), given the (rotated) query tile q (Gp, D). The loop is unrolled (its loads
+    independent of one another) up to ``UNROLL_SPLITS`` splits."""
+    q = q.astype(jnp.float32)
+    k_new, v_new = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
     s_new = jnp.sum(q * k_new[None, :], axis=1) * scale2  # (Gp,)
     # The new token is always visible: start from it (weight 1 at its own score), so the
     # running maximum is finite and a share without a visible key (lse -huge) adds exactly 0.
     carry = (s_new, jnp.ones_like(s_new), jnp.broadcast_to(v_new[None, :], q.shape))
     _, l, acc = merge_split_partials(carry, o_ref, lse_ref, 0, splits, UNROLL_SPLITS, exp2)
-    out_ref[...] = (acc / l[:, None]).astype(out_ref.dtype)
+    return acc / l[:, None]
 
 
 def _combine(q_tile, k_new, v_new, o, lse, scale, interpret, grp: int):

@@ -55,15 +55,17 @@ def check_pooling(group_size: int, head_dim: int, ring: int, pooling: str) -> No
 def _kernel(pos_ref, valid_ref, q_ref, ring_k_ref, ring_v_ref, core_k_in, core_v_in,
             core_k_ref, core_v_ref, **static):
     del core_k_in, core_v_in  # aliased to the outputs: only the completed group's row changes
-    pool_group(pos_ref[()], valid_ref[()], q_ref, ring_k_ref, ring_v_ref, core_k_ref,
+    pool_group(pos_ref[()], valid_ref[()], lambda: q_ref[...], ring_k_ref, ring_v_ref, core_k_ref,
                core_v_ref, **static)
 
 
-def pool_group(t, valid, q_ref, ring_k_ref, ring_v_ref, core_k_ref, core_v_ref, *, g: int,
+def pool_group(t, valid, query, ring_k_ref, ring_v_ref, core_k_ref, core_v_ref, *, g: int,
                n: int, ring: int, heads: int, scale: float, pooling: str):
     """The body of one (sequence, kv head) program: pools group ``t // g`` from the ring into
-    its core row if the token at t (valid) completes it and the slot exists. Also run by the
-    CCA decode attention's pooling programs (``pallas_decode.cca_decode_step``)."""
+    its core row if the token at t (valid) completes it and the slot exists. ``query``: () ->
+    the rows (rows, D) of the new token's query for this kv head (its G heads, any zero pad rows),
+    called only where "cca" pooling needs it. Also run by the CCA decode attention's pooling
+    programs (``pallas_decode.cca_decode_step``, ``pallas_decode_fused``)."""
     j = lax.div(t, g)
     done = (valid > 0) & (lax.rem(t + 1, g) == 0) & (j < n)
 
@@ -77,7 +79,7 @@ def pool_group(t, valid, q_ref, ring_k_ref, ring_v_ref, core_k_ref, core_v_ref, 
         elif pooling == "max":
             k_core, v_core = jnp.max(keys, axis=0), jnp.max(values, axis=0)
         else:
-            q_pool = jnp.sum(q_ref[...].astype(jnp.float32), axis=0) / heads  # (D,); pad rows 0
+            q_pool = jnp.sum(query().astype(jnp.float32), axis=0) / heads  # (D,); pad rows 0
             s = jnp.sum(keys * q_pool[None, :], axis=1) * scale  # (g,)
             p = jnp.exp(s - jnp.max(s))
             p = p / jnp.sum(p)

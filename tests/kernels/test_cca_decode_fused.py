@@ -1,0 +1,170 @@
+"""The CCA decode step in one or two launches (kernels/cca/pallas_decode_fused.py) against the
+three-launch step it replaces (``pallas_rope_append.rope_append``, then
+``pallas_decode.cca_decode_step`` and its combine): the output, both cores, both rings and the
+lengths to the bit in 16-bit dtypes. In float32 the rotation's products and sum are not rounded
+in between, so a compiler may fuse them into a multiply-add in one kernel and not in the other
+(jax 0.11's interpreter does): there the float arrays agree to within 1e-6.
+
+On CPU the kernels run through the Pallas interpreter with NaN-poisoned outputs (a partial or
+an output tile that no program wrote poisons the result), with random values in every cache
+slot, visible or not. Lengths cover a completed group (pooling), rows with n_valid 0, the last
+core slot, a position past the cache's capacity and the ring's wrap; MHA, GQA 3 (padded rows)
+and GQA 4 in bf16. On the GPU (``-m gpu``) the same comparison at LLaMA-2-7B shapes at 32K and
+128K, where the P programs of a (sequence, kv head) run concurrently and the last to finish
+merges the splits: a race in that hand-off would show as a difference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_cca import CCAConfig, CCALlama, decode
+from kernels.cca import pallas_decode, pallas_decode_fused, pallas_rope_append
+from kernels.cca.pallas_common import poison_outputs
+from tests.kernels.test_cca_decode_kernel import _cache_config, _random_cache
+from tests.kernels.test_rope_append_kernel import _cos_sin
+
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
+
+
+def _three_launches(config, cache, qkv, cos, sin, positions, n_valid):
+    """The step as the model runs it with ``STEP_LAUNCHES = None``."""
+    r, kw = cache.ring, dict(group_size=config.group_size, local_window=config.local_window)
+    q, k, v, ring_k, ring_v, lengths = pallas_rope_append.rope_append(
+        qkv, cos, sin, cache.ring_k, cache.ring_v, positions, n_valid, cache.lengths,
+        num_heads=config.num_heads, modulus=r, limit=cache.max_len)
+    out, core_k, core_v = pallas_decode.cca_decode_step(
+        q, k, v, cache.core_k, cache.core_v, ring_k, ring_v, positions, n_valid,
+        pooling=config.pooling, **kw)
+    return out, core_k, core_v, ring_k, ring_v, lengths
+
+
+def _fused(config, cache, qkv, cos, sin, positions, n_valid, combine):
+    counters = jnp.zeros((qkv.shape[0], config.num_kv_heads), jnp.int32) if combine else None
+    return pallas_decode_fused.cca_decode_step_rotating(
+        qkv, cos, sin, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, positions,
+        n_valid, cache.lengths, counters, num_heads=config.num_heads,
+        group_size=config.group_size, local_window=config.local_window, max_len=cache.max_len,
+        pooling=config.pooling)
+
+
+def _compare(config, cache, qkv, cos, sin, positions, n_valid):
+    want = jax.jit(_three_launches, static_argnums=0)(config, cache, qkv, cos, sin, positions,
+                                                      n_valid)
+    names = ("out", "core_k", "core_v", "ring_k", "ring_v", "lengths")
+    for combine in (False, True):
+        got = jax.jit(_fused, static_argnums=(0, 7))(config, cache, qkv, cos, sin, positions,
+                                                     n_valid, combine)
+        if combine:
+            np.testing.assert_array_equal(np.asarray(got[-1]), 0, err_msg="counters left")
+            got = got[:-1]
+        for name, a, b in zip(names, got, want, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            msg = f"{name}, combine={combine}"
+            if a.dtype == jnp.float32:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6,
+                                           err_msg=msg)
+            else:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=msg)
+
+
+@pytest.mark.parametrize("pooling,hq,dtype", [("cca", 2, "float32"), ("cca", 6, "float32"),
+                                              ("mean", 2, "float32"), ("cca", 8, "bfloat16")])
+def test_one_launch_equals_three_launches(pooling, hq, dtype):
+    hkv, d, g, max_len = 2, 64, 4, 256  # N = 64 core slots
+    w = 32 if dtype == "float32" else 64  # R = w + g: at least a key block (32 / 64 rows)
+    config = _cache_config("cca", hq, hkv, d, g, w, dtype).replace(pooling=pooling)
+    rng = np.random.default_rng(hq)
+    n = max_len // g
+    cases = (([g * 5 - 1, 2 * w + 2, g * 9 - 1, n * g + 3], [1, 1, 0, 1]),  # pool / not / n_valid
+             ([w + g - 1, g * 20 - 1, 1, n * g - 1], [1, 1, 0, 1]),  # 0 / past the capacity
+             ([0, 3 * (w + g) + 5, max_len - 2, g - 1], [1, 1, 1, 1]))  # ring wrapped; last slot
+    for seed, (lengths, valid) in enumerate(cases):
+        cache = _random_cache(config, 4, max_len, lengths, seed)
+        qkv = jnp.asarray(rng.standard_normal((4, hq + 2 * hkv, d), np.float32), dtype)
+        positions = jnp.asarray(lengths, jnp.int32)
+        cos, sin = _cos_sin(positions, d)
+        with poison_outputs():
+            _compare(config, cache, qkv, cos, sin, positions, jnp.asarray(valid, jnp.int32))
+
+
+def test_bad_inputs_raise_clear_errors():
+    config = _cache_config("cca", 4, 2, 64, 4, 32)
+    cache = _random_cache(config, 2, 256, [5, 9], 0)
+    qkv = jnp.ones((2, 8, 64))
+    cos = sin = jnp.ones((2, 64))
+    t = jnp.asarray([5, 9], jnp.int32)
+    step = pallas_decode_fused.cca_decode_step_rotating
+    args = (cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, t, t, t)
+    kw = dict(num_heads=4, group_size=4, local_window=32, max_len=256)
+    with pytest.raises(ValueError, match="qkv has 7 heads"):
+        step(qkv[:, :7], cos, sin, *args, **kw)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        step(qkv, cos[:, :32], sin, *args, **kw)
+    with pytest.raises(ValueError, match="counters must be"):
+        step(qkv, cos, sin, *args, jnp.zeros((2, 2), jnp.float32), **kw)
+    with pytest.raises(ValueError, match="at least a key block"):
+        step(qkv, cos, sin, cache.core_k[:, :8], cache.core_v[:, :8], *args[2:], **kw)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        step(qkv, cos, sin, *args, **{**kw, "local_window": 30})
+    with pytest.raises(ValueError, match="STEP_LAUNCHES must be"):
+        pallas_decode_fused.check_mode("one")
+
+
+@pytest.mark.parametrize("mode", ["rope", "all"])
+def test_model_decode_in_fewer_launches_equals_three(mode, monkeypatch):
+    """A 2-layer bf16 model's prefill + 12 decode steps (groups completing, batch 2 of
+    different lengths) with the fused step equal the three-launch steps' logits and caches to
+    the bit; the split counters are threaded through the layers (a counter left nonzero by
+    layer 0 would leave layer 1's output unwritten)."""
+    config = CCAConfig.tiny(attention="cca", num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=64, hidden_size=128, group_size=4, local_window=64,
+                            implementation="pallas", dtype="bfloat16")
+    model = CCALlama.from_config(config, seed=1)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)))
+    lengths = jnp.asarray([9, 6], jnp.int32)
+
+    def run():
+        cache = model.init_cache(2, 256)
+        logits, cache = model.prefill(prompt, lengths, cache)
+        out = [logits]
+        token = jnp.argmax(logits, axis=-1)
+        for _ in range(12):
+            logits, cache = model.extend(token[:, None], jnp.ones((2,), jnp.int32), cache)
+            token = jnp.argmax(logits, axis=-1)
+            out.append(logits)
+        return jnp.stack(out), cache
+
+    monkeypatch.setattr(pallas_decode_fused, "STEP_LAUNCHES", None)
+    want, want_cache = run()
+    monkeypatch.setattr(pallas_decode_fused, "STEP_LAUNCHES", mode)
+    layer_cache = model.init_cache(2, 256)[0]
+    assert decode.rotates_in_kernel(layer_cache, 1, config)
+    assert decode.step_launches(layer_cache, config) == mode
+    got, got_cache = run()
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for a, b in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("context,hkv", [(32768, 32), (131072, 32), (32768, 8)])
+def test_gpu_one_launch_equals_three_launches(context, hkv):
+    """LLaMA-2-7B attention shapes (32 query heads, d = 128, bf16, g = 16, w = 1024) and GQA
+    32/8, batch 2: positions that complete a group and not, compiled; run several times, since
+    a race in the last program's hand-off would not show every time."""
+    config = _cache_config("cca", 32, hkv, 128, 16, 1024, "bfloat16")
+    rng = np.random.default_rng(context + hkv)
+    lengths = [context - 1, context - 6]  # the first completes a group (pooling)
+    cache = _random_cache(config, 2, context + 64, lengths, 7)
+    positions = jnp.asarray(lengths, jnp.int32)
+    cos, sin = _cos_sin(positions, 128)
+    for _ in range(3):
+        qkv = jnp.asarray(rng.standard_normal((2, 32 + 2 * hkv, 128), np.float32), "bfloat16")
+        _compare(config, cache, qkv, cos, sin, positions, jnp.ones((2,), jnp.int32))
