@@ -11,9 +11,9 @@ write, lengths), ``pallas_decode.cca_decode_step`` (pooling in the first program
 between kernels (docs/perf-notes.md, 2026-12-03); issue 10's 80% of the bound needs about 4 us
 per layer less than the 5.346 ms step of 2026-12-05.
 
-Here every program of the attention's grid (P, B, Hkv) rotates its own query tile: ``x cos +
-rotate_half(x) sin`` with ``rotate_half(x) = x @ M``, M a signed permutation matrix (one nonzero
-per column, so the product is exact in float32), rounded as ``jax_cca.rope.apply_rope`` rounds.
+Here every program of the attention's grid (P, B, Hkv) rotates its own query rows: ``x cos +
+rotate_half(x) sin``, rotate_half from a second load of the rows with their halves swapped,
+rounded as ``jax_cca.rope.apply_rope`` rounds (MHA: one head, broadcast to the Gp rows after).
 Program (0, b, h) also rotates key head h, writes it and value head h to ring slot ``t mod R``,
 waits for the whole program (a CTA barrier: the pooling reads that row back) and pools. The
 other programs may load that slot and the pooled core slot meanwhile: neither is visible to the
@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float, Int
 
 from kernels.cca import pallas_decode, pallas_decode_pool, pallas_rope_append
-from kernels.cca.pallas_common import LOG2E, call, dot, exp2_for, resolve_interpret
+from kernels.cca.pallas_common import LOG2E, call, exp2_for, resolve_interpret
 
 # The model's setting (jax_cca/decode.py): None keeps the three launches; "rope" the RoPE and
 # ring write inside the attention's launch, the combine apart (two launches); "all" one launch.
@@ -72,27 +72,23 @@ def applies(core_slots: int, ring: int, head_dim: int, itemsize: int,
             and pallas_decode.fuses_pooling(core_slots, ring, head_dim, itemsize, config))
 
 
-def _rotation(d: int, dtype):
-    """M (D, D) with ``x @ M = rotate_half(x) = [-x2, x1]``."""
-    i = lax.broadcasted_iota(jnp.int32, (d, d), 0)
-    j = lax.broadcasted_iota(jnp.int32, (d, d), 1)
-    half = d // 2
-    return jnp.where(i == j + half, -1.0, jnp.where(i + half == j, 1.0, 0.0)).astype(dtype)
-
-
-def _rope_rows(x, cos, sin, m):
-    """``apply_rope`` of the rows x (R, D) at one position, float32 holding x's dtype's values:
-    cos, sin (D,) float32 cast to x's dtype, each product and the sum rounded to it."""
+def _rope(x_ref, cos, sin):
+    """``apply_rope`` at one position of the rows held by ``x_ref`` (D,) or (R, D): cos, sin (D,)
+    float32 cast to x's dtype, each product and the sum rounded to it; x's dtype. rotate_half
+    takes the halves swapped by a second load through a column permutation (exact)."""
+    d = cos.shape[0]
+    x = x_ref[...]
+    if x.ndim == 1:
+        col = jnp.arange(d)
+        xs = x_ref[(col + d // 2) % d]
+    else:
+        col = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+        xs = x_ref[lax.broadcasted_iota(jnp.int32, x.shape, 0), (col + d // 2) % d]
     dt, f32 = x.dtype, jnp.float32
     rnd = lambda y: y.astype(dt).astype(f32)
     c, s = cos.astype(dt).astype(f32), sin.astype(dt).astype(f32)
-    return rnd(rnd(x.astype(f32) * c[None, :]) + rnd(dot(x, m) * s[None, :]))
-
-
-def _rope_head(x, cos, sin, m):
-    """:func:`_rope_rows` of one head x (D,), in x's dtype (a tile of equal rows, one kept)."""
-    rows = jnp.broadcast_to(x[None, :], (pallas_decode.MIN_BLOCK, x.shape[0]))
-    return jnp.max(_rope_rows(rows, cos, sin, m), axis=0).astype(x.dtype)
+    rot = jnp.where(col < d // 2, -xs.astype(f32), xs.astype(f32))  # [-x2, x1]
+    return (rnd(x.astype(f32) * c) + rnd(rot * s)).astype(dt)
 
 
 def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int, g: int,
@@ -108,15 +104,14 @@ def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int,
     split = pl.program_id(0)
     t, valid = pos_ref[()], valid_ref[()]
     cos, sin = cos_ref[...], sin_ref[...]
-    m = _rotation(cos.shape[0], q_ref.dtype)
-    q = _rope_rows(pallas_decode.query_rows(q_ref[...], gp), cos, sin, m).astype(q_ref.dtype)
+    q = pallas_decode.query_rows(_rope(q_ref, cos, sin), gp)
     # The query's rows as the three-launch step stores them: MHA one (its Gp rows are equal).
     q_rows = lambda: q if pool["heads"] > 1 else jnp.max(q, axis=0, keepdims=True)
 
     @pl.when(split == 0)
     def _():
         len_ref[()] = t + valid  # every (0, b, h) writes the same value
-        k_new, v_new = _rope_head(k_ref[...], cos, sin, m), v_ref[...]
+        k_new, v_new = _rope(k_ref, cos, sin), v_ref[...]
 
         @pl.when((valid > 0) & (t < limit))
         def _():
@@ -148,7 +143,7 @@ def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int,
 
     @pl.when(done == num_splits - 1)
     def _():  # the last of the P programs: every partial is written and visible (acquired)
-        k_new = _rope_head(k_ref[...], cos, sin, m)
+        k_new = _rope(k_ref, cos, sin)
         out_ref[...] = pallas_decode.merge_with_new_token(
             q_rows(), k_new, v_ref[...], o_ref, lse_ref, splits=num_splits, scale2=scale2,
             exp2=exp2).astype(out_ref.dtype)

@@ -154,17 +154,21 @@ def test_model_decode_in_fewer_launches_equals_three(mode, monkeypatch):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("context,hkv", [(32768, 32), (131072, 32), (32768, 8)])
-def test_gpu_one_launch_equals_three_launches(context, hkv):
-    """LLaMA-2-7B attention shapes (32 query heads, d = 128, bf16, g = 16, w = 1024) and GQA
-    32/8, batch 2: positions that complete a group and not, compiled; run several times, since
-    a race in the last program's hand-off would not show every time."""
+@pytest.mark.parametrize("context,hkv,batch,repeats", [
+    (32768, 32, 2, 3), (131072, 32, 2, 3), (32768, 8, 2, 3),
+    (4096, 4, 1, 30)])  # 64 splits (past the merge's unrolling), short: programs end together
+def test_gpu_one_launch_equals_three_launches(context, hkv, batch, repeats):
+    """LLaMA-2-7B attention shapes (32 query heads, d = 128, bf16, g = 16, w = 1024), GQA 32/8
+    and 32/4: positions that complete a group and not, n_valid 0, compiled; run several times,
+    since a race in the last program's hand-off would not show every time."""
     config = _cache_config("cca", 32, hkv, 128, 16, 1024, "bfloat16")
     rng = np.random.default_rng(context + hkv)
-    lengths = [context - 1, context - 6]  # the first completes a group (pooling)
-    cache = _random_cache(config, 2, context + 64, lengths, 7)
+    lengths = [context - 1, context - 6][:batch]  # the first completes a group (pooling)
+    cache = _random_cache(config, batch, context + 64, lengths, 7)
     positions = jnp.asarray(lengths, jnp.int32)
     cos, sin = _cos_sin(positions, 128)
-    for _ in range(3):
-        qkv = jnp.asarray(rng.standard_normal((2, 32 + 2 * hkv, 128), np.float32), "bfloat16")
-        _compare(config, cache, qkv, cos, sin, positions, jnp.ones((2,), jnp.int32))
+    valid = jnp.asarray([1, 0][:batch], jnp.int32)
+    for _ in range(repeats):
+        qkv = jnp.asarray(rng.standard_normal((batch, 32 + 2 * hkv, 128), np.float32),
+                          "bfloat16")
+        _compare(config, cache, qkv, cos, sin, positions, valid)
