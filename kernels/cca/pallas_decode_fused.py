@@ -199,6 +199,9 @@ def cca_decode_step_rotating(
     if not applies(n, r, d, itemsize, config):
         raise ValueError(f"the one-launch decode step needs core slots ({n}) and a ring ({r}) of "
                          f"at least a key block and a power-of-two head dim ({d})")
+    if r < min(local_window + g - 1, max_len):  # as jax_cca.cache.ring_size sizes it
+        raise ValueError(f"a ring of {r} slots cannot hold the local region of up to "
+                         f"w + g - 1 = {local_window + g - 1} positions (max_len {max_len})")
     for name, x in (("n_valid", n_valid), ("lengths", lengths)):
         if x.shape != (b,):
             raise ValueError(f"{name} must be ({b},); got {x.shape}")

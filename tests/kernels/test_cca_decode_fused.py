@@ -31,9 +31,10 @@ ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
 
 
-def _three_launches(config, cache, qkv, cos, sin, positions, n_valid):
+def _three_launches(config, cache, qkv, cos, sin, positions, n_valid, launch=None):
     """The step as the model runs it with ``STEP_LAUNCHES = None``."""
-    r, kw = cache.ring, dict(group_size=config.group_size, local_window=config.local_window)
+    r, kw = cache.ring, dict(group_size=config.group_size, local_window=config.local_window,
+                             config=launch)
     q, k, v, ring_k, ring_v, lengths = pallas_rope_append.rope_append(
         qkv, cos, sin, cache.ring_k, cache.ring_v, positions, n_valid, cache.lengths,
         num_heads=config.num_heads, modulus=r, limit=cache.max_len)
@@ -43,22 +44,22 @@ def _three_launches(config, cache, qkv, cos, sin, positions, n_valid):
     return out, core_k, core_v, ring_k, ring_v, lengths
 
 
-def _fused(config, cache, qkv, cos, sin, positions, n_valid, combine):
+def _fused(config, cache, qkv, cos, sin, positions, n_valid, combine, launch=None):
     counters = jnp.zeros((qkv.shape[0], config.num_kv_heads), jnp.int32) if combine else None
     return pallas_decode_fused.cca_decode_step_rotating(
         qkv, cos, sin, cache.core_k, cache.core_v, cache.ring_k, cache.ring_v, positions,
         n_valid, cache.lengths, counters, num_heads=config.num_heads,
         group_size=config.group_size, local_window=config.local_window, max_len=cache.max_len,
-        pooling=config.pooling)
+        pooling=config.pooling, config=launch)
 
 
-def _compare(config, cache, qkv, cos, sin, positions, n_valid):
-    want = jax.jit(_three_launches, static_argnums=0)(config, cache, qkv, cos, sin, positions,
-                                                      n_valid)
+def _compare(config, cache, qkv, cos, sin, positions, n_valid, launch=None):
+    want = jax.jit(_three_launches, static_argnums=(0, 7))(config, cache, qkv, cos, sin,
+                                                           positions, n_valid, launch)
     names = ("out", "core_k", "core_v", "ring_k", "ring_v", "lengths")
     for combine in (False, True):
-        got = jax.jit(_fused, static_argnums=(0, 7))(config, cache, qkv, cos, sin, positions,
-                                                     n_valid, combine)
+        got = jax.jit(_fused, static_argnums=(0, 7, 8))(config, cache, qkv, cos, sin, positions,
+                                                        n_valid, combine, launch)
         if combine:
             np.testing.assert_array_equal(np.asarray(got[-1]), 0, err_msg="counters left")
             got = got[:-1]
@@ -92,6 +93,42 @@ def test_one_launch_equals_three_launches(pooling, hq, dtype):
             _compare(config, cache, qkv, cos, sin, positions, jnp.asarray(valid, jnp.int32))
 
 
+def test_many_splits_merge_in_a_loop():
+    """36 splits: past ``pallas_decode.UNROLL_SPLITS`` (32), the merge of the last program
+    loops over the partials instead of unrolling; most shares are empty (lse -huge)."""
+    config = _cache_config("cca", 2, 2, 64, 4, 32)
+    launch = pallas_decode.DecodeConfig(block_k=32, num_warps=4, num_stages=2, num_splits=36)
+    assert launch.num_splits > pallas_decode.UNROLL_SPLITS
+    lengths = [4 * 9 - 1, 200]
+    cache = _random_cache(config, 2, 256, lengths, 11)
+    qkv = jnp.asarray(np.random.default_rng(11).standard_normal((2, 6, 64), np.float32))
+    positions = jnp.asarray(lengths, jnp.int32)
+    cos, sin = _cos_sin(positions, 64)
+    with poison_outputs():
+        _compare(config, cache, qkv, cos, sin, positions, jnp.ones((2,), jnp.int32), launch)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 2)])
+def test_lowers_for_cuda(hq, hkv, monkeypatch):
+    """Both modes lower to Triton for CUDA (jax.export on the CPU) for MHA and GQA, padded or
+    not: the interpreter accepts loads that the Triton lowering refuses (a first version's
+    swapped-halves load of a query tile passed every CPU test and failed to lower for GQA)."""
+    config = _cache_config("cca", hq, hkv, 64, 4, 64, "bfloat16")
+    cache = jax.eval_shape(lambda: _random_cache(config, 2, 256, [5, 9], 0))
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
+    qkv = spec((2, hq + 2 * hkv, 64), jnp.bfloat16)
+    vec, cs = spec((2,), jnp.int32), spec((2, 64), jnp.float32)
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for combine in (False, True):
+        step = jax.jit(lambda *a, combine=combine: _fused(config, *a, combine))
+        with monkeypatch.context() as m:
+            m.setattr(jax, "default_backend", lambda: "gpu")  # lower the GPU kernels
+            text = jax.export.export(step, platforms=["cuda"], disabled_checks=checks)(
+                cache, qkv, cs, cs, vec, vec).mlir_module()
+        assert "cca_decode_step" in text
+        assert ("decode_combine" in text) != combine
+
+
 def test_bad_inputs_raise_clear_errors():
     config = _cache_config("cca", 4, 2, 64, 4, 32)
     cache = _random_cache(config, 2, 256, [5, 9], 0)
@@ -111,6 +148,8 @@ def test_bad_inputs_raise_clear_errors():
         step(qkv, cos, sin, cache.core_k[:, :8], cache.core_v[:, :8], *args[2:], **kw)
     with pytest.raises(ValueError, match="multiple of group_size"):
         step(qkv, cos, sin, *args, **{**kw, "local_window": 30})
+    with pytest.raises(ValueError, match="ring of 36 slots cannot hold"):
+        step(qkv, cos, sin, *args, **{**kw, "local_window": 64})
     with pytest.raises(ValueError, match="STEP_LAUNCHES must be"):
         pallas_decode_fused.check_mode("one")
 
