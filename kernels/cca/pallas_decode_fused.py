@@ -181,16 +181,11 @@ def cca_decode_step_rotating(
     ``jax_cca.rope.rope_cos_sin`` at ``positions`` (float32). Needs :func:`applies`. The cache
     arrays, ``lengths`` (the layer's old lengths, never read: written ``positions + n_valid``)
     and ``counters`` are updated in place when the caller donates them."""
-    b, h3, d = qkv.shape
+    b, _, d = qkv.shape
     _, n, hkv, _ = core_k.shape
     r = ring_k.shape[1]
     hq, g, combine = num_heads, group_size, counters is not None
-    if h3 != hq + 2 * hkv:
-        raise ValueError(f"qkv has {h3} heads; expected num_heads + 2 x kv heads = "
-                         f"{hq} + 2 x {hkv}")
-    if cos.shape != (b, d) or sin.shape != (b, d):
-        raise ValueError(f"cos and sin must be (batch, head_dim) = {(b, d)}; got {cos.shape} "
-                         f"and {sin.shape}")
+    pallas_rope_append.check_projections(qkv, cos, sin, hq, hkv)
     heads = lambda h: jax.ShapeDtypeStruct((b, h, d), qkv.dtype)
     pallas_decode._check_cca(heads(hq), heads(hkv), heads(hkv), core_k, core_v, ring_k, ring_v,
                              positions, g, local_window)

@@ -81,6 +81,17 @@ def _kernel(pos_ref, valid_ref, cos_ref, sin_ref, x_ref, v_ref, k_buf_in, v_buf_
             v_buf[row, :] = value[None, :].astype(v_buf.dtype)
 
 
+def check_projections(qkv, cos, sin, num_heads: int, kv_heads: int) -> None:
+    """Raises ValueError unless qkv is (B, Hq + 2 Hkv, D) and cos, sin are (B, D)."""
+    b, h3, d = qkv.shape
+    if h3 != num_heads + 2 * kv_heads:
+        raise ValueError(f"qkv has {h3} heads; expected num_heads + 2 x kv heads = "
+                         f"{num_heads} + 2 x {kv_heads}")
+    if cos.shape != (b, d) or sin.shape != (b, d):
+        raise ValueError(f"cos and sin must be (batch, head_dim) = {(b, d)}; got {cos.shape} "
+                         f"and {sin.shape}")
+
+
 def rope_append(
     qkv: Float[Array, "B H3 D"],
     cos: Float[Array, "B D"],
@@ -111,19 +122,14 @@ def rope_append(
     step); ``positions`` must then be another array than ``lengths`` (e.g. the step's positions,
     not the layer's own lengths), or XLA copies ``lengths`` first. With ``lengths`` None the new
     lengths are a new output (nothing to alias)."""
-    b, h3, d = qkv.shape
+    b, _, d = qkv.shape
     _, s, hkv, _ = k_buf.shape
     hq = num_heads
     modulus = s if modulus is None else modulus
     limit = s if limit is None else limit
     if not supports(d):
         raise ValueError(f"the RoPE + append kernel needs an even power-of-two head dim; got {d}")
-    if h3 != hq + 2 * hkv:
-        raise ValueError(f"qkv has {h3} heads; expected num_heads + 2 x kv heads = "
-                         f"{hq} + 2 x {hkv}")
-    if cos.shape != (b, d) or sin.shape != (b, d):
-        raise ValueError(f"cos and sin must be (batch, head_dim) = {(b, d)}; got {cos.shape} "
-                         f"and {sin.shape}")
+    check_projections(qkv, cos, sin, hq, hkv)
     if v_buf.shape != k_buf.shape or k_buf.shape[0] != b or k_buf.shape[3] != d:
         raise ValueError(f"buffers must both be (batch, rows, kv heads, head_dim) with batch {b} "
                          f"and head_dim {d}; got {k_buf.shape} and {v_buf.shape}")
