@@ -78,17 +78,20 @@ def online_softmax_update(carry, s, values, scale2: float, mask, exp2=jnp.exp2):
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
 
-def merge_split_partials(carry, o_ref, lse_ref, start: int, stop: int, unroll: int, exp2):
+def merge_split_partials(carry, o_ref, lse_ref, start: int, stop: int, unroll: int, exp2,
+                         rows: int | None = None):
     """Folds partial softmaxes ``start`` .. ``stop`` - 1 of a split-K decode (each a normalised
     output ``o_ref[p]`` (R, D) and its base-2 log-sum-exp ``lse_ref[p]`` (R,), float32) into the
-    running (max, sum, acc). Unrolled up to ``unroll`` partials, so that their loads are in
-    flight together; a loop past that."""
+    running (max, sum, acc); only their first ``rows`` rows when given. Unrolled up to
+    ``unroll`` partials, so that their loads are in flight together; a loop past that."""
+    sl = slice(None) if rows is None else pl.ds(0, rows)
+
     def merge(p, carry):
         m, l, acc = carry
-        lse = lse_ref[p, :]
+        lse = lse_ref[p, sl]
         m_new = jnp.maximum(m, lse)
         a, w = exp2(m - m_new), exp2(lse - m_new)
-        return m_new, l * a + w, acc * a[:, None] + o_ref[p, :, :] * w[:, None]
+        return m_new, l * a + w, acc * a[:, None] + o_ref[p, sl, :] * w[:, None]
 
     if stop - start <= unroll:
         for p in range(start, stop):

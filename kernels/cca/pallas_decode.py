@@ -327,18 +327,21 @@ def _combine_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, out_ref, *, splits: int
                                         exp2=exp2).astype(out_ref.dtype)
 
 
-def merge_with_new_token(q, k_new, v_new, o_ref, lse_ref, *, splits: int, scale2: float, exp2):
+def merge_with_new_token(q, k_new, v_new, o_ref, lse_ref, *, splits: int, scale2: float, exp2,
+                         rows: int | None = None):
     """The output (Gp, D) float32 of one (sequence, kv head): the P partial softmaxes (o (P, Gp,
     D) normalised, lse (P, Gp) base 2; Gp = 1 for MHA) merged with the new token's own key and
-    value (D,), given the (rotated) query tile q (Gp, D). The loop is unrolled (its loads
-    independent of one another) up to ``UNROLL_SPLITS`` splits."""
+    value (D,), given the (rotated) query tile q (Gp, D); with ``rows``, of the first ``rows``
+    rows only (q then holds those). The loop is unrolled (its loads independent of one another)
+    up to ``UNROLL_SPLITS`` splits."""
     q = q.astype(jnp.float32)
     k_new, v_new = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
     s_new = jnp.sum(q * k_new[None, :], axis=1) * scale2  # (Gp,)
     # The new token is always visible: start from it (weight 1 at its own score), so the
     # running maximum is finite and a share without a visible key (lse -huge) adds exactly 0.
     carry = (s_new, jnp.ones_like(s_new), jnp.broadcast_to(v_new[None, :], q.shape))
-    _, l, acc = merge_split_partials(carry, o_ref, lse_ref, 0, splits, UNROLL_SPLITS, exp2)
+    _, l, acc = merge_split_partials(carry, o_ref, lse_ref, 0, splits, UNROLL_SPLITS, exp2,
+                                     rows)
     return acc / l[:, None]
 
 

@@ -72,18 +72,12 @@ def applies(core_slots: int, ring: int, head_dim: int, itemsize: int,
             and pallas_decode.fuses_pooling(core_slots, ring, head_dim, itemsize, config))
 
 
-def _rope(x_ref, cos, sin):
-    """``apply_rope`` at one position of the rows held by ``x_ref`` (D,) or (R, D): cos, sin (D,)
-    float32 cast to x's dtype, each product and the sum rounded to it; x's dtype. rotate_half
-    takes the halves swapped by a second load through a column permutation (exact)."""
+def _rope(x, xs, cos, sin):
+    """``apply_rope`` at one position of rows x (D,) or (R, D), given xs, the same rows with
+    their halves swapped: cos, sin (D,) float32 cast to x's dtype, each product and the sum
+    rounded to it; x's dtype."""
     d = cos.shape[0]
-    x = x_ref[...]
-    if x.ndim == 1:
-        col = jnp.arange(d)
-        xs = x_ref[(col + d // 2) % d]
-    else:
-        col = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-        xs = x_ref[lax.broadcasted_iota(jnp.int32, x.shape, 0), (col + d // 2) % d]
+    col = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     dt, f32 = x.dtype, jnp.float32
     rnd = lambda y: y.astype(dt).astype(f32)
     c, s = cos.astype(dt).astype(f32), sin.astype(dt).astype(f32)
@@ -91,27 +85,59 @@ def _rope(x_ref, cos, sin):
     return (rnd(x.astype(f32) * c) + rnd(rot * s)).astype(dt)
 
 
+def _rope_head(x_ref, cos, sin):
+    """:func:`_rope` of one head (D,) held by ``x_ref``; the swapped halves are a second load."""
+    d = cos.shape[0]
+    return _rope(x_ref[...], x_ref[(jnp.arange(d) + d // 2) % d], cos, sin)
+
+
+def _head_rows(first, grp: int, gp: int, d: int):
+    """(rows, columns, real) of the (Gp, D) tile of G query heads from ``first`` within a
+    (H, D) block: rows first + r, clamped to the last real one (so every address is in bounds;
+    for loads only: a masked store to repeated addresses is not a no-op in the interpreter),
+    and the mask r < G of the real rows."""
+    r = lax.broadcasted_iota(jnp.int32, (gp, d), 0)
+    return first + jnp.minimum(r, grp - 1), lax.broadcasted_iota(jnp.int32, (gp, d), 1), r < grp
+
+
+def _rope_heads(qkv_ref, first, cos, sin, grp: int, gp: int):
+    """:func:`_rope` of the G query heads from ``first``, read from the (H3, D) block of the
+    fused projections as a (Gp, D) tile whose rows past G are zero (masked loads: no padded
+    copy)."""
+    d = cos.shape[0]
+    rows, cols, real = _head_rows(first, grp, gp, d)
+    x = pltriton.load(qkv_ref.at[rows, cols], mask=real, other=0)
+    xs = pltriton.load(qkv_ref.at[rows, (cols + d // 2) % d], mask=real, other=0)
+    return _rope(x, xs, cos, sin)
+
+
 def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int, g: int,
             w: int, gp: int, limit: int, pool: dict, combine: bool, interpret: bool, exp2):
-    """refs: inputs pos, valid, cos, sin, q (one head (D,) for MHA, else the (Gp, D) tile), k, v
-    (D,), core_k, core_v, ring_k, ring_v, lengths, [counter]; then outputs partial o, lse,
-    core_k, core_v, ring_k, ring_v, lengths (the five aliased), then with ``combine`` the output
-    rows and the counter (aliased), else the rotated query rows, key and value. Rows: Gp, or
-    one for MHA (its Gp rows are equal)."""
+    """refs: inputs pos, valid, cos, sin, q (MHA: query head h (D,); GQA: the (H3, D) block of
+    the fused projections), k, v (D,), core_k, core_v, ring_k, ring_v, lengths, [counter]; then
+    outputs partial o, lse, core_k, core_v, ring_k, ring_v, lengths (the five aliased), then
+    with ``combine`` the output (MHA: (1, D); GQA: the (Hq, D) block, G rows written) and the
+    counter (aliased), else the rotated query rows, key and value. Partial rows: Gp, or one for
+    MHA (its Gp rows are equal)."""
     (pos_ref, valid_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, core_k_in, core_v_in, ring_k_in,
      ring_v_in) = refs[:11]
     o_ref, lse_ref, core_k, core_v, ring_k, ring_v, len_ref, *extra = refs[n_in:]
     split = pl.program_id(0)
     t, valid = pos_ref[()], valid_ref[()]
     cos, sin = cos_ref[...], sin_ref[...]
-    q = pallas_decode.query_rows(_rope(q_ref, cos, sin), gp)
+    grp = pool["heads"]
+    first = pl.program_id(2) * grp  # the kv head's first query head
+    if grp == 1:
+        q = pallas_decode.query_rows(_rope_head(q_ref, cos, sin), gp)
+    else:
+        q = _rope_heads(q_ref, first, cos, sin, grp, gp)
     # The query's rows as the three-launch step stores them: MHA one (its Gp rows are equal).
-    q_rows = lambda: q if pool["heads"] > 1 else jnp.max(q, axis=0, keepdims=True)
+    q_rows = lambda: q if grp > 1 else jnp.max(q, axis=0, keepdims=True)
 
     @pl.when(split == 0)
     def _():
         len_ref[()] = t + valid  # every (0, b, h) writes the same value
-        k_new, v_new = _rope(k_ref, cos, sin), v_ref[...]
+        k_new, v_new = _rope_head(k_ref, cos, sin), v_ref[...]
 
         @pl.when((valid > 0) & (t < limit))
         def _():
@@ -143,10 +169,16 @@ def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int,
 
     @pl.when(done == num_splits - 1)
     def _():  # the last of the P programs: every partial is written and visible (acquired)
-        k_new = _rope(k_ref, cos, sin)
+        rows, q_merge = out_ref.shape[0], q_rows()
+        if grp > 1 and rows == grp:  # G a power of two: merge the G real rows only
+            d = cos.shape[0]
+            r = lax.broadcasted_iota(jnp.int32, (grp, d), 0)
+            c = lax.broadcasted_iota(jnp.int32, (grp, d), 1)
+            q_merge = _rope(q_ref[pl.ds(first, grp), :], q_ref[first + r, (c + d // 2) % d],
+                            cos, sin)
         out_ref[...] = pallas_decode.merge_with_new_token(
-            q_rows(), k_new, v_ref[...], o_ref, lse_ref, splits=num_splits, scale2=scale2,
-            exp2=exp2).astype(out_ref.dtype)
+            q_merge, _rope_head(k_ref, cos, sin), v_ref[...], o_ref, lse_ref, splits=num_splits,
+            scale2=scale2, exp2=exp2, rows=rows if grp > 1 else None).astype(out_ref.dtype)
         count_ref[0] = 0
 
 
@@ -181,7 +213,7 @@ def cca_decode_step_rotating(
     ``jax_cca.rope.rope_cos_sin`` at ``positions`` (float32). Needs :func:`applies`. The cache
     arrays, ``lengths`` (the layer's old lengths, never read: written ``positions + n_valid``)
     and ``counters`` are updated in place when the caller donates them."""
-    b, _, d = qkv.shape
+    b, h3, d = qkv.shape
     _, n, hkv, _ = core_k.shape
     r = ring_k.shape[1]
     hq, g, combine = num_heads, group_size, counters is not None
@@ -220,15 +252,14 @@ def cca_decode_step_rotating(
     head = lambda first: pl.BlockSpec((None, None, d), lambda s, bi, h: (bi, first + h, 0))
     kv = lambda rows: pl.BlockSpec((None, rows, None, d), lambda s, bi, h: (bi, 0, h, 0))
     tile = lambda rows: pl.BlockSpec((None, None, rows, d), lambda s, bi, h: (bi, h, 0, 0))
-    if grp == 1:  # MHA: query head h straight from qkv
-        q_in, q_spec = qkv, head(0)
-    else:  # the G heads of kv head h, zero-padded to Gp rows (one XLA pad, as before)
-        q_in, q_spec = pallas_decode.query_tile(qkv[:, :hq], hkv), tile(gp)
+    # MHA: query head h; GQA: the whole (H3, D) block, whose G rows of kv head h the kernel
+    # loads masked into a (Gp, D) tile (no padded copy in XLA).
+    q_spec = head(0) if grp == 1 else pl.BlockSpec((None, h3, d), lambda s, bi, h: (bi, 0, 0))
     rows_out = gp if grp > 1 else 1
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     same = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     inputs = [positions.astype(jnp.int32), n_valid.astype(jnp.int32), cos.astype(jnp.float32),
-              sin.astype(jnp.float32), q_in, qkv, qkv, core_k, core_v, ring_k, ring_v,
+              sin.astype(jnp.float32), qkv, qkv, qkv, core_k, core_v, ring_k, ring_v,
               lengths.astype(jnp.int32)]
     in_specs = [scalar, scalar, vector, vector, q_spec, head(hq), head(hq + hkv), kv(n), kv(n),
                 kv(r), kv(r), scalar]
@@ -238,13 +269,17 @@ def cca_decode_step_rotating(
     aliases = {7: 2, 8: 3, 9: 4, 10: 5, 11: 6}
     if combine:  # each program sees all P partials of its (sequence, kv head)
         count = pl.BlockSpec((None, 1), lambda s, bi, h: (bi, h))  # a (1,) ref
+        if grp & (grp - 1) == 0:  # G rows per kv head, as (B, Hkv, G, D) = (B, Hq, D)
+            out_spec, out_dims = tile(grp), (b, hkv, grp, d)
+        else:  # Gp rows; the G real ones sliced out after
+            out_spec, out_dims = tile(gp), (b, hkv, gp, d)
         inputs.append(counters)
         in_specs.append(count)
         out_specs = [pl.BlockSpec((splits, None, None, rows_out, d),
                                   lambda s, bi, h: (0, bi, h, 0, 0)),
                      pl.BlockSpec((splits, None, None, rows_out), lambda s, bi, h: (0, bi, h, 0)),
-                     *out_specs, tile(rows_out), count]
-        out_shape += [jax.ShapeDtypeStruct((b, hkv, rows_out, d), qkv.dtype), same(counters)]
+                     *out_specs, out_spec, count]
+        out_shape += [jax.ShapeDtypeStruct(out_dims, qkv.dtype), same(counters)]
         aliases[12] = 8
     else:
         out_specs = [pl.BlockSpec((None, None, None, rows_out, d),
