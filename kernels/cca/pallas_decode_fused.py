@@ -116,9 +116,9 @@ def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int,
     """refs: inputs pos, valid, cos, sin, q (MHA: query head h (D,); GQA: the (H3, D) block of
     the fused projections), k, v (D,), core_k, core_v, ring_k, ring_v, lengths, [counter]; then
     outputs partial o, lse, core_k, core_v, ring_k, ring_v, lengths (the five aliased), then
-    with ``combine`` the output (MHA: (1, D); GQA: the (Hq, D) block, G rows written) and the
-    counter (aliased), else the rotated query rows, key and value. Partial rows: Gp, or one for
-    MHA (its Gp rows are equal)."""
+    with ``combine`` the output rows of the kv head (MHA one; GQA G when a power of two, else
+    Gp) and the counter (aliased), else the rotated query rows, key and value. Partial rows: Gp,
+    or one for MHA (its Gp rows are equal)."""
     (pos_ref, valid_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, core_k_in, core_v_in, ring_k_in,
      ring_v_in) = refs[:11]
     o_ref, lse_ref, core_k, core_v, ring_k, ring_v, len_ref, *extra = refs[n_in:]
