@@ -119,6 +119,7 @@ def _kernel(pos_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
     q_ref, refs = refs[0], refs[1:]
     t = pos_ref[()]
     split = pl.program_id(0)
+    q = q_ref[...]  # the query_tile block: read once, for the pooling and the attention
     if pool is not None:
         from kernels.cca.pallas_decode_pool import pool_group
 
@@ -126,10 +127,10 @@ def _kernel(pos_ref, *refs, segments, bk: int, scale2: float, num_splits: int,
 
         @pl.when(split == 0)
         def _():  # never read by this step's attention: the slot is not visible to its own token
-            pool_group(t, valid_ref[()], lambda: q_ref[...], refs[2 * ring], refs[2 * ring + 1],
+            pool_group(t, valid_ref[()], lambda: q, refs[2 * ring], refs[2 * ring + 1],
                        refs[2 * n + 2], refs[2 * n + 3], **pool)
 
-    o, lse = attend_share(t, query_rows(q_ref[...], gp), refs[:2 * n], split, segments=segments,
+    o, lse = attend_share(t, query_rows(q, gp), refs[:2 * n], split, segments=segments,
                           bk=bk, scale2=scale2, num_splits=num_splits, g=g, w=w, exp2=exp2)
     o_ref, lse_ref = refs[2 * n], refs[2 * n + 1]
     o_ref[...], lse_ref[...] = partial_rows(o, lse, o_ref.shape[0])

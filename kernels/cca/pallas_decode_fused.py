@@ -128,11 +128,12 @@ def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int,
     grp = pool["heads"]
     first = pl.program_id(2) * grp  # the kv head's first query head
     if grp == 1:
-        q = pallas_decode.query_rows(_rope_head(q_ref, cos, sin), gp)
+        q_head = _rope_head(q_ref, cos, sin)
+        q = pallas_decode.query_rows(q_head, gp)
     else:
         q = _rope_heads(q_ref, first, cos, sin, grp, gp)
     # The query's rows as the three-launch step stores them: MHA one (its Gp rows are equal).
-    q_rows = lambda: q if grp > 1 else jnp.max(q, axis=0, keepdims=True)
+    q_rows = lambda: q if grp > 1 else q_head[None, :]
 
     @pl.when(split == 0)
     def _():
