@@ -5,7 +5,8 @@ the full-attention lengths that do not fit on the H100).
     python bench/plot_decode.py bench/results/decode_h100.json [more.json ...] docs/img/decode.png
     python bench/plot_decode.py --bandwidth-gbps 4300 decode_h200*.json docs/img/decode_h200.png
 
-The bound is each row's bytes read over the copy bandwidth measured in that run, or over
+The bound is each row's ``decode_bound_ms``: bytes read over the bandwidth measured in that run
+(bench_decode.py's ``bandwidth_gbps``: the larger of the read-only and copy rates), or over
 ``--bandwidth-gbps`` when given (for runs whose measured rate is known to be understated).
 """
 
@@ -42,7 +43,7 @@ def main(sources: list[str], dst: str, bandwidth_gbps: float | None = None) -> N
     import matplotlib.pyplot as plt
 
     points = decode_points(sources, bandwidth_gbps)
-    rate = f"{bandwidth_gbps / 1000:.1f} TB/s" if bandwidth_gbps else "measured copy bandwidth"
+    rate = f"{bandwidth_gbps / 1000:.1f} TB/s" if bandwidth_gbps else "measured bandwidth"
     if not points:
         raise SystemExit(f"no decode rows that ran in {', '.join(sources)}")
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -72,6 +73,6 @@ if __name__ == "__main__":
     ap.add_argument("sources", nargs="+", help="bench_decode.py JSON files")
     ap.add_argument("dst", help="the PNG to write")
     ap.add_argument("--bandwidth-gbps", type=float, default=None,
-                    help="bound = bytes read / this rate (default: each run's measured copy rate)")
+                    help="bound = bytes read / this rate (default: each run's measured bandwidth)")
     args = ap.parse_args()
     main(args.sources, args.dst, args.bandwidth_gbps)

@@ -51,9 +51,10 @@ from kernels.cca import pallas_decode, pallas_decode_pool, pallas_rope_append
 from kernels.cca.pallas_common import LOG2E, call, exp2_for, resolve_interpret
 
 # The model's setting (jax_cca/decode.py): None keeps the three launches; "rope" the RoPE and
-# ring write inside the attention's launch, the combine apart (two launches); "all" one launch.
-# None until measured on a GPU (gpu-runbook.md, twelfth session).
-STEP_LAUNCHES = None
+# ring write inside the attention's launch, the combine apart (two launches); "all" one launch,
+# the default since its H200 A/B (perf-notes.md, thirteenth session: 5.151 ms per 128K step
+# against 5.172 for "rope" and 5.215 for None).
+STEP_LAUNCHES = "all"
 MODES = (None, "rope", "all")
 
 
