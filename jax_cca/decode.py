@@ -41,9 +41,9 @@ the XLA path.
 
 The model's one-token steps on the Pallas path start from the UN-rotated projections
 (:func:`decode_step_unrotated`): RoPE and the cache write are one more kernel,
-``kernels/cca/pallas_rope_append.py``, and then the same kernels run; or, for CCA with
-``pallas_decode_fused.STEP_LAUNCHES`` set (:func:`step_launches`), all of it in the attention's
-launch (``kernels/cca/pallas_decode_fused.py``).
+``kernels/cca/pallas_rope_append.py``, and then the same kernels run. For CCA, by default
+(``pallas_decode_fused.STEP_LAUNCHES = "all"``, :func:`step_launches`), all of it runs in the
+attention's launch instead (``kernels/cca/pallas_decode_fused.py``).
 """
 
 from __future__ import annotations
