@@ -110,11 +110,14 @@ def rel_err(a, b) -> float:
 
 
 def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
-                  check: bool, profile: bool = False) -> dict:
+                  check: bool, profile: bool = False, timing: tuple[int, int] | None = None
+                  ) -> dict:
+    """``timing``: (reps, back-to-back calls) instead of the length's defaults (--quick)."""
     sel = case.sel
     q, k, v = make_inputs(case, dtype)
     reps = 20 if case.length <= 16384 else 5 if case.length <= 32768 else 3  # short runs: noisy
     calls = 20 if case.length <= 16384 else 8 if case.length <= 32768 else 3
+    reps, calls = timing or (reps, calls)
     attended = reference.attended_keys(case.length, sel)
     row = {"case": case.id, "T": case.length, "Hq": case.q_heads, "Hkv": case.kv_heads,
            "attended": attended}
@@ -181,8 +184,11 @@ def bench_prefill(case: Case, dtype, baseline: str, interpret, breakdown: bool,
     return row
 
 
-def bench_decode(case: Case, dtype, baseline: str, interpret, num_keys: int) -> dict:
-    """One decode step at context num_keys: the query of position num_keys - 1."""
+def bench_decode(case: Case, dtype, baseline: str, interpret, num_keys: int,
+                 timing: tuple[int, int] | None = None) -> dict:
+    """One decode step at context num_keys: the query of position num_keys - 1. ``timing``:
+    (reps, back-to-back calls) instead of (10, 20) (--quick)."""
+    reps, calls = timing or (10, 20)
     q, k, v = make_inputs(dataclasses.replace(case, length=1), dtype, seed=1, num_keys=num_keys)
     lengths = jnp.full((case.batch,), num_keys, jnp.int32)
     sel = case.sel
@@ -192,11 +198,11 @@ def bench_decode(case: Case, dtype, baseline: str, interpret, num_keys: int) -> 
            "kv_cache_bytes_one_layer": 2 * k.size * k.dtype.itemsize}
     step = jax.jit(lambda q, k, v, n: pallas.reattention_decode(q, k, v, n, interpret=interpret,
                                                                 **kw))
-    row["reattention"] = timed(step, q[:, 0], k, v, lengths, reps=10, pipelined=20)
+    row["reattention"] = timed(step, q[:, 0], k, v, lengths, reps=reps, pipelined=calls)
     for name in dict.fromkeys([baseline, "xla"]):
         try:
-            row[f"{name}_full"] = timed(full_attention(name, False), q, k, v, reps=10,
-                                        pipelined=20)
+            row[f"{name}_full"] = timed(full_attention(name, False), q, k, v, reps=reps,
+                                        pipelined=calls)
         except Exception as e:  # cuDNN may refuse a one-query shape: that is a result too
             row[f"{name}_full"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     row["peak_bytes"] = peak_bytes()
@@ -221,14 +227,14 @@ def main(argv=None) -> int:
         lengths, breakdown_at, profile_at, one_m = [256, 520], {520}, {520}, 2048
         cases = lambda t: [Case(1, t, 4, 4, 64, QUICK_SEL), Case(1, t, 4, 2, 64, QUICK_SEL)]
         dtype, baseline, interpret = jnp.float32, "xla", None
-        peaks = None
+        peaks, timing = None, (2, 2)  # interpreted kernels: a smoke run, not a timing
     else:
         lengths = [int(x) for x in args.lengths.split(",")]
         breakdown_at = {int(x) for x in args.breakdown.split(",") if x}
         profile_at = {int(x) for x in args.profile.split(",") if x}
         one_m = args.decode_1m
         cases, dtype, baseline, interpret = gpu_cases, jnp.bfloat16, "cudnn", None
-        peaks = measure_peaks() if on_gpu else None
+        peaks, timing = (measure_peaks() if on_gpu else None), None
     print(env, peaks, flush=True)
     results = {"env": env, "peaks": peaks, "selection": dataclasses.asdict(Selection()),
                "prefill": [], "decode": [], "memory": {}}
@@ -247,7 +253,8 @@ def main(argv=None) -> int:
         for case in cases(t):
             try:
                 row = bench_prefill(case, dtype, baseline, interpret, t in breakdown_at,
-                                    check=(t == lengths[0]), profile=t in profile_at)
+                                    check=(t == lengths[0]), profile=t in profile_at,
+                                    timing=timing)
             except Exception:
                 row = {"case": case.id, "error": traceback.format_exc()[-2000:]}
             print(json.dumps(row), flush=True)
@@ -255,7 +262,7 @@ def main(argv=None) -> int:
             save()
         for case in cases(t)[1:]:  # decode at the same context, GQA layout
             try:
-                row = bench_decode(case, dtype, baseline, interpret, t)
+                row = bench_decode(case, dtype, baseline, interpret, t, timing=timing)
             except Exception:
                 row = {"case": case.id, "error": traceback.format_exc()[-2000:]}
             print(json.dumps(row), flush=True)
@@ -264,7 +271,7 @@ def main(argv=None) -> int:
     one_b = Case(1, 1, 32, ONE_B["kv_heads"], ONE_B["head_dim"], QUICK_SEL if args.quick
                  else Selection())
     try:
-        row = bench_decode(one_b, dtype, baseline, interpret, one_m)
+        row = bench_decode(one_b, dtype, baseline, interpret, one_m, timing=timing)
         row["model"] = "1B-class layer (LLaMA-3.2-1B layout: 32 q / 8 kv heads, d = 64)"
     except Exception:
         row = {"case": one_b.id, "context": one_m, "error": traceback.format_exc()[-2000:]}
