@@ -43,6 +43,17 @@ def forward_and_vjp(fn, q, k, v, cot):
     return run(q, k, v, cot)
 
 
+def export_for_cuda(fn, *args):
+    """``fn`` (jitted here if it is not) lowered for CUDA on any host with ``jax.export``: the
+    GPU lowering of its Pallas kernels runs (Triton and Mosaic GPU) and nothing compiles. Pallas
+    Triton kernels lower to a custom call that export does not list as stable, so that check is
+    off. Returns the ``jax.export.Exported``. Kernels that pick their GPU path from
+    ``jax.default_backend()`` need that patched to "gpu" around the call as well."""
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    return jax.export.export(jitted, platforms=["cuda"], disabled_checks=checks)(*args)
+
+
 @pytest.fixture
 def qkv_factory():
     return make_qkv

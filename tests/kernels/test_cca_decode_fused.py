@@ -24,6 +24,7 @@ import pytest
 from jax_cca import CCAConfig, CCALlama, decode
 from kernels.cca import pallas_decode, pallas_decode_fused, pallas_rope_append
 from kernels.cca.pallas_common import poison_outputs
+from tests.kernels.conftest import export_for_cuda
 from tests.kernels.test_cca_decode_kernel import _cache_config, _random_cache
 from tests.kernels.test_rope_append_kernel import _cos_sin
 
@@ -118,13 +119,11 @@ def test_lowers_for_cuda(hq, hkv, monkeypatch):
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
     qkv = spec((2, hq + 2 * hkv, 64), jnp.bfloat16)
     vec, cs = spec((2,), jnp.int32), spec((2, 64), jnp.float32)
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     for combine in (False, True):
         step = jax.jit(lambda *a, combine=combine: _fused(config, *a, combine))
         with monkeypatch.context() as m:
             m.setattr(jax, "default_backend", lambda: "gpu")  # lower the GPU kernels
-            text = jax.export.export(step, platforms=["cuda"], disabled_checks=checks)(
-                cache, qkv, cs, cs, vec, vec).mlir_module()
+            text = export_for_cuda(step, cache, qkv, cs, cs, vec, vec).mlir_module()
         assert "cca_decode_step" in text
         assert ("decode_combine" in text) != combine
 

@@ -22,7 +22,7 @@ from kernels.cca import pallas, pallas_mgpu
 from kernels.cca import reference as R
 from kernels.cca.pallas_common import Config
 from kernels.cca.shapes import CCAShape
-from tests.kernels.conftest import TOL, forward_and_vjp, make_qkv, rel_err
+from tests.kernels.conftest import TOL, export_for_cuda, forward_and_vjp, make_qkv, rel_err
 
 ON_HOPPER = pallas_mgpu.available()
 needs_hopper = pytest.mark.skipif(not ON_HOPPER,
@@ -108,8 +108,7 @@ def test_layers_share_one_lowered_kernel():
             for _ in range(layers):
                 q = q + forward(q, k, v, kc, vc, g=16, w=64, scale=0.125)[0]
             return q
-        return len(jax.export.export(jax.jit(model), platforms=["cuda"])(q, k, k, kc, kc)
-                   .mlir_module())
+        return len(export_for_cuda(model, q, k, k, kc, kc).mlir_module())
 
     one = module_chars(pallas._mgpu_forward, 1)
     assert module_chars(pallas._mgpu_forward, 3) < 1.1 * one

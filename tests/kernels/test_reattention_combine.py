@@ -17,6 +17,7 @@ import pytest
 
 from kernels.reattention import pallas_combine as PC
 from kernels.cca.pallas_common import NEG
+from tests.kernels.conftest import export_for_cuda
 
 
 def _partials(rng, shape, empty: float = 0.3):
@@ -87,9 +88,8 @@ def test_bad_arguments_are_refused(bad):
 def test_lowers_for_cuda():
     sds = jax.ShapeDtypeStruct
     f = jax.jit(lambda o, lse: PC.merge_partials(o, lse, rows=4, dtype=jnp.bfloat16))
-    exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        sds((1, 8, 1, 33, 16, 128), jnp.float32), sds((1, 8, 1, 33, 16), jnp.float32))
+    exported = export_for_cuda(f, sds((1, 8, 1, 33, 16, 128), jnp.float32),
+                               sds((1, 8, 1, 33, 16), jnp.float32))
     assert [o.shape for o in exported.out_avals] == [(1, 8, 1, 4, 128)]
 
 

@@ -25,7 +25,7 @@ from kernels.reattention import pallas_mgpu_attend as M
 from kernels.reattention.params import Config, Selection
 from kernels.reattention.shapes import Case, gpu_cases, small
 from tests.kernels import reattention_runs as runs
-from tests.kernels.conftest import TOL, rel_err
+from tests.kernels.conftest import TOL, export_for_cuda, rel_err
 from tests.kernels.test_reattention_reference import make_qkv
 
 needs_hopper = pytest.mark.skipif(not available(),
@@ -118,8 +118,8 @@ def test_layers_share_one_lowered_kernel():
                 qo = qo + attend(qo, kg, vg, kw, vw, mt, groups=2, num_keys=2000, scale=0.09,
                                  block_k=128, slots=2, interpret=False)
             return qo
-        return len(jax.export.export(jax.jit(model), platforms=["cuda"])(
-            rows, lists, lists, window, window, meta).mlir_module())
+        return len(export_for_cuda(model, rows, lists, lists, window, window, meta)
+                   .mlir_module())
 
     one = module_chars(P._mgpu_attend, 1)
     assert module_chars(P._mgpu_attend, 3) < 1.1 * one
@@ -146,8 +146,6 @@ def test_groups_of_chunks_share_their_lowered_kernels():
     attention kernel, two lowered kernels (one per group size). The groups read their rows in
     place through meta's row shift, so no group gets a kernel of its own. Lowered for CUDA on
     the CPU with jax.export."""
-    from jax.export import DisabledSafetyCheck
-
     b, hkv, nc, r, d, s = 1, 2, 5, 256, 128, 4096
     geo = P.geometry((b, s, 2 * hkv, d), (b, s, hkv, d), Selection())
     per_chunk = b * hkv * P.round_up(geo.num_gathered, 128) * d * 2 * 2
@@ -159,10 +157,8 @@ def test_groups_of_chunks_share_their_lowered_kernels():
         return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
                               config, interpret=False)
 
-    text = jax.export.export(
-        jax.jit(attend), platforms=["cuda"],
-        disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        bf16(b, hkv, nc, r, d), bf16(b, s, hkv, d), bf16(b, s, hkv, d),
+    text = export_for_cuda(
+        attend, bf16(b, hkv, nc, r, d), bf16(b, s, hkv, d), bf16(b, s, hkv, d),
         i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, 2048, hkv, d)
     ).mlir_module()
     assert text.count("call @_mgpu_attend") == 3
@@ -270,8 +266,6 @@ def test_rows_in_place_lower_for_cuda():
     of 8 but not of the chunk (the last chunk's queries reach past T). A length that is not a
     multiple of 8 keeps the packed rows: the TMA descriptors of q and of the output tile T by
     8, and Mosaic GPU refuses other lengths."""
-    from jax.export import DisabledSafetyCheck
-
     b, hkv, g, d, t, chunk = 1, 2, 4, 128, 1000, 128
     sel = Selection(chunk_size=chunk)
     geo = P.geometry((b, t, hkv * g, d), (b, t, hkv, d), sel)
@@ -289,10 +283,8 @@ def test_rows_in_place_lower_for_cuda():
         return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
                               config, interpret=False, tokens=tokens)
 
-    exported = jax.export.export(
-        jax.jit(attend), platforms=["cuda"],
-        disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        bf16(b, t - p, hkv * g, d), bf16(b, t, hkv, d), bf16(b, t, hkv, d),
+    exported = export_for_cuda(
+        attend, bf16(b, t - p, hkv * g, d), bf16(b, t, hkv, d), bf16(b, t, hkv, d),
         i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, t, hkv, d))
     assert [o.shape for o in exported.out_avals] == [(b, t, hkv * g, d)]
     text = exported.mlir_module()

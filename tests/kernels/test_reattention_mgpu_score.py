@@ -28,6 +28,7 @@ from kernels.reattention import pallas_mgpu_score as M
 from kernels.reattention import reference as R
 from kernels.reattention.params import Config, Selection
 from kernels.reattention.shapes import Case, gpu_cases, small
+from tests.kernels.conftest import export_for_cuda
 from tests.kernels.test_reattention_reference import make_qkv
 
 needs_hopper = pytest.mark.skipif(not M.available(),
@@ -90,7 +91,7 @@ def test_lowers_for_cuda(consumers, top_k, block_k, merge):
                        block_k=block_k, slots=3 if block_k == 128 else 4, consumers=consumers,
                        merge=merge)
 
-    exported = jax.export.export(jax.jit(score), platforms=["cuda"])(rows, k, l0)
+    exported = export_for_cuda(score, rows, k, l0)
     assert [o.shape for o in exported.out_avals] == [(1, 2, 3, 2, top_k, 64 * consumers)] * 2
 
 
@@ -235,7 +236,7 @@ def test_lowers_for_cuda_with_rows_in_place(groups, chunk):
         return M.score(q, k, l0, sink=20, top_k=4, splits=2, split_len=2048,
                        tokens=(chunk, chunk, r))
 
-    exported = jax.export.export(jax.jit(score), platforms=["cuda"])(q, k, l0)
+    exported = export_for_cuda(score, q, k, l0)
     assert [o.shape for o in exported.out_avals] == [(1, 2, 2, 2, 4, r)] * 2
     with pytest.raises(ValueError, match="multiple of 64"):
         M.score(jnp.zeros((1, 96, 4, 128), jnp.bfloat16), jnp.zeros((1, 256, 2, 128),

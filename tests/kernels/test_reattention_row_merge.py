@@ -21,6 +21,7 @@ import pytest
 from kernels.cca.pallas_common import NEG
 from kernels.cca.pallas_mgpu import available
 from kernels.reattention import mgpu_row_merge as M
+from tests.kernels.conftest import export_for_cuda
 
 
 def _sorted_topk(scores: np.ndarray, positions: np.ndarray, top_k: int):
@@ -133,8 +134,7 @@ def _merge_kernel(tiles: int, top_k: int, bk: int):
 def test_merge_kernel_lowers_for_cuda(top_k, bk):
     """The GPU test's kernel (the MLIR backend alone) lowers for CUDA on the CPU."""
     f = jax.jit(_merge_kernel(3, top_k, bk))
-    exported = jax.export.export(f, platforms=["cuda"])(
-        jax.ShapeDtypeStruct((3, M.ROWS, bk), jnp.float32))
+    exported = export_for_cuda(f, jax.ShapeDtypeStruct((3, M.ROWS, bk), jnp.float32))
     assert [o.shape for o in exported.out_avals] == [(top_k, M.ROWS)] * 2
 
 

@@ -21,6 +21,7 @@ from kernels.reattention import pallas_select as PS
 from kernels.reattention import reference as R
 from kernels.reattention.params import Selection
 from kernels.reattention.shapes import small
+from tests.kernels.conftest import export_for_cuda
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
@@ -88,10 +89,8 @@ def test_too_many_picks_are_refused():
 def test_lowers_for_cuda(p):
     sds = jax.ShapeDtypeStruct
     f = jax.jit(lambda i, v, c, l: PS.select_from_picks(i, v, c, l, Selection()))
-    exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        sds((8, p), jnp.int32), sds((8, p), jnp.float32), sds((8,), jnp.int32),
-        sds((8,), jnp.int32))
+    exported = export_for_cuda(f, sds((8, p), jnp.int32), sds((8, p), jnp.float32),
+                               sds((8,), jnp.int32), sds((8,), jnp.int32))
     assert [o.shape for o in exported.out_avals] == [(8, Selection().num_gathered()), (8,)]
 
 
@@ -163,10 +162,9 @@ def test_candidate_merge_refuses_what_it_cannot_rank():
 def test_candidate_merge_lowers_for_cuda():
     sds = jax.ShapeDtypeStruct
     f = jax.jit(lambda i, v, c, l: PS.select_from_candidates(i, v, c, l, Selection(), rows=4))
-    exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        sds((8, 128, 128), jnp.int32), sds((8, 128, 128), jnp.float32), sds((8,), jnp.int32),
-        sds((8,), jnp.int32))
+    exported = export_for_cuda(f, sds((8, 128, 128), jnp.int32),
+                               sds((8, 128, 128), jnp.float32), sds((8,), jnp.int32),
+                               sds((8,), jnp.int32))
     assert [o.shape for o in exported.out_avals] == [(8, Selection().num_gathered()), (8,)]
 
 

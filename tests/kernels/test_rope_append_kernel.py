@@ -20,6 +20,7 @@ from jax_cca import CCAConfig, CCALlama, decode
 from jax_cca.rope import apply_rope, inverse_frequencies, rope_cos_sin
 from kernels.cca import pallas_rope_append
 from kernels.cca.pallas_common import poison_outputs
+from tests.kernels.conftest import export_for_cuda
 from tests.kernels.test_cca_decode_kernel import _random_cache
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -182,9 +183,7 @@ def test_model_decode_step_leaves_no_lengths_arithmetic_to_xla(monkeypatch):
             tokens[:, None], jnp.ones((2,), jnp.int32), cache, prefill=False)
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lower the Pallas GPU path
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    text = jax.export.export(jax.jit(step), platforms=["cuda"], disabled_checks=checks)(
-        state, jnp.zeros((2,), jnp.int32), cache).mlir_module()
+    text = export_for_cuda(step, state, jnp.zeros((2,), jnp.int32), cache).mlir_module()
     monkeypatch.undo()
     scalar_ops = re.findall(r"stablehlo\.(compare|convert|add|and)\b[^\n]*tensor<2xi(?:32|1)>"
                             r"(?: loc\([^)]*\))?\s*$", text, re.M)
