@@ -1,17 +1,19 @@
 """A/B of decode-step variants in one process: the residual add + RMSNorm kernel
 (``decode.norms_in_kernel``) on or off, the decode kernel's launch rule (the default
 ``DecodeConfig``, 3 stages / about 256 programs, or 2 stages / about 384 programs, the best of
-an isolated H200 sweep, ``tune_decode_h200.json``), "XLA lengths" (the shipped step with
+an isolated H200 sweep, ``tune_decode_h200.json``), "XLA lengths" (the three-launch step with
 the write predicate and the lengths' update back in XLA, as before a03e6ff: two one-thread
 kernels per layer more), "pool apart" (the pooling kernel as its own launch), "pool fused"
-(the pooling in the first attention program of each sequence and kv head, as shipped) and
-"XLA lengths, pool apart" (the step as it was before the ninth session), "rope in attention"
-and "one launch" (``pallas_decode_fused.STEP_LAUNCHES`` "rope" and "all": the RoPE and ring
-write, and the combine too, inside the attention's launch),
+(the pooling in the first attention program of each sequence and kv head: the three-launch
+step, the default until the thirteenth session) and "XLA lengths, pool apart" (the step as it
+was before the ninth session), "rope in attention" and "one launch"
+(``pallas_decode_fused.STEP_LAUNCHES`` "rope" and "all": the RoPE and ring write, and the
+combine too, inside the attention's launch; "one launch" is the shipped step),
 LLaMA-2-7B shapes, bf16, batch 1, CCA at
 ``--context`` tokens (synthetic cache), random weights. ``--xla NAME=OPTION=VALUE,...`` adds a
 variant of the shipped step compiled with XLA options (``Lowered.compile(compiler_options=)``,
-e.g. ``pdl-on=xla_gpu_enable_pdl=true``); ``--variants`` picks which built-in ones run.
+e.g. ``pdl-on=xla_gpu_enable_pdl=true``); ``--variants`` picks which built-in ones run. Every
+variant sets ``STEP_LAUNCHES`` itself (None but for the last two).
 
     PYTHONPATH=. python bench/ab_decode_step.py --out $OUT/ab_decode_step.json    # ~2 min, GPU
     PYTHONPATH=. python bench/ab_decode_step.py --quick                           # CPU check
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     chosen = {n: (VARIANTS[n], None) for n in names}
     for spec in args.xla:
         name, _, opts = spec.partition("=")
-        chosen[name] = (VARIANTS["norm kernel, 3 stages/256"],  # the shipped step
+        chosen[name] = (VARIANTS["one launch"],  # the shipped step
                         dict(_option(o) for o in opts.split(",") if o))
     t = args.context or (100 if args.quick else 131072)
     rounds = args.rounds or (1 if args.quick else 15)

@@ -156,8 +156,9 @@ def test_ab_decode_step_checks_its_variants_and_options():
 def test_ab_decode_step_variants_of_the_ninth_session_are_the_same_step():
     """The "XLA lengths" variant (the write predicate and the lengths' update as XLA ops, as
     before they moved into ``rope_append``), "pool apart" (the pooling kernel as a launch of
-    its own), both, and "pool fused" (the pooling inside the attention's launch, as shipped)
-    compute the same logits and cache, so the A/B times only where that work runs.
+    its own), both, and "pool fused" (the pooling inside the attention's launch: the
+    three-launch step, the default until the thirteenth session) compute the same logits and
+    cache, so the A/B times only where that work runs.
     The cache is large enough (64 core slots, a 36-slot ring) for the fused pooling."""
     import jax
     import jax.numpy as jnp
@@ -195,11 +196,11 @@ def test_ab_decode_step_variants_of_the_ninth_session_are_the_same_step():
     assert pool_kernels == {"norm kernel, 3 stages/256": False, "XLA lengths": False,
                             "pool apart": True, "XLA lengths, pool apart": True,
                             "pool fused": False}, pool_kernels
-    assert len(set(texts.values())) == 4  # shipped = pool fused; the three others differ
+    assert len(set(texts.values())) == 4  # the first = pool fused; the three others differ
     assert ab_decode_step.pallas_rope_append.rope_append.__name__ == "rope_append"  # restored
-    shipped, *others = (jax.tree_util.tree_leaves(o) for o in outs.values())
+    first, *others = (jax.tree_util.tree_leaves(o) for o in outs.values())
     for other in others:
-        for x, y in zip(shipped, other, strict=True):
+        for x, y in zip(first, other, strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert np.asarray(outs["XLA lengths"][1][0].lengths).tolist() == [8, 4]
     pooled = np.any(np.asarray(outs["pool apart"][1][0].core_k != cache[0].core_k), axis=(2, 3))
