@@ -173,11 +173,7 @@ def _kernel(*refs, n_in: int, segments, bk: int, scale2: float, num_splits: int,
     def _():  # the last of the P programs: every partial is written and visible (acquired)
         rows, q_merge = out_ref.shape[0], q_rows()
         if grp > 1 and rows == grp:  # G a power of two: merge the G real rows only
-            d = cos.shape[0]
-            r = lax.broadcasted_iota(jnp.int32, (grp, d), 0)
-            c = lax.broadcasted_iota(jnp.int32, (grp, d), 1)
-            q_merge = _rope(q_ref[pl.ds(first, grp), :], q_ref[first + r, (c + d // 2) % d],
-                            cos, sin)
+            q_merge = _rope_heads(q_ref, first, cos, sin, grp, grp)  # a tile of G rows
         out_ref[...] = pallas_decode.merge_with_new_token(
             q_merge, _rope_head(k_ref, cos, sin), v_ref[...], o_ref, lse_ref, splits=num_splits,
             scale2=scale2, exp2=exp2, rows=rows if grp > 1 else None).astype(out_ref.dtype)
