@@ -218,14 +218,19 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="", help="lengths whose ReAttention prefill is "
                     "also traced op by op (bench/device_trace.py)")
     ap.add_argument("--decode-1m", type=int, default=1 << 20, help="context of the 1B decode")
+    ap.add_argument("--key-block", type=int, default=1, help="Selection.key_block: 1 picks "
+                    "tokens (the authors'); b > 1 picks blocks of b keys (needs span == b: 32 "
+                    "with the defaults, 4 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on CPU (interpreted "
                     "kernels, XLA baseline): checks that the script runs")
     args = ap.parse_args(argv)
+    blocks = lambda sel: dataclasses.replace(sel, key_block=args.key_block)
     on_gpu = jax.default_backend() == "gpu"
     env = environment()
     if args.quick:
         lengths, breakdown_at, profile_at, one_m = [256, 520], {520}, {520}, 2048
-        cases = lambda t: [Case(1, t, 4, 4, 64, QUICK_SEL), Case(1, t, 4, 2, 64, QUICK_SEL)]
+        cases = lambda t: [Case(1, t, 4, 4, 64, blocks(QUICK_SEL)),
+                           Case(1, t, 4, 2, 64, blocks(QUICK_SEL))]
         dtype, baseline, interpret = jnp.float32, "xla", None
         peaks, timing = None, (2, 2)  # interpreted kernels: a smoke run, not a timing
     else:
@@ -233,13 +238,13 @@ def main(argv=None) -> int:
         breakdown_at = {int(x) for x in args.breakdown.split(",") if x}
         profile_at = {int(x) for x in args.profile.split(",") if x}
         one_m = args.decode_1m
-        cases, dtype, baseline, interpret = gpu_cases, jnp.bfloat16, "cudnn", None
+        cases = lambda t: [dataclasses.replace(c, sel=blocks(c.sel)) for c in gpu_cases(t)]
+        dtype, baseline, interpret = jnp.bfloat16, "cudnn", None
         peaks, timing = (measure_peaks() if on_gpu else None), None
     print(env, peaks, flush=True)
-    results = {"env": env, "peaks": peaks, "selection": dataclasses.asdict(Selection()),
+    results = {"env": env, "peaks": peaks,
+               "selection": dataclasses.asdict(blocks(QUICK_SEL if args.quick else Selection())),
                "prefill": [], "decode": [], "memory": {}}
-    if args.quick:
-        results["selection"] = dataclasses.asdict(QUICK_SEL)
     started = time.perf_counter()
     out = Path(args.out) if args.out else (
         Path(__file__).parent / "results" / f"reattention_{env['device'].replace(' ', '_')}.json")
@@ -268,8 +273,8 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             results["decode"].append(row)
             save()
-    one_b = Case(1, 1, 32, ONE_B["kv_heads"], ONE_B["head_dim"], QUICK_SEL if args.quick
-                 else Selection())
+    one_b = Case(1, 1, 32, ONE_B["kv_heads"], ONE_B["head_dim"],
+                 blocks(QUICK_SEL if args.quick else Selection()))
     try:
         row = bench_decode(one_b, dtype, baseline, interpret, one_m, timing=timing)
         row["model"] = "1B-class layer (LLaMA-3.2-1B layout: 32 q / 8 kv heads, d = 64)"

@@ -182,6 +182,8 @@ REATTENTION_ARGS = {
     "span": ("reattention_span", "neighbours each kept key brings"),
     "chunk": ("reattention_chunk", "queries sharing one selection in a prefill"),
     "align": ("reattention_align", "alignment of the middle region"),
+    "key-block": ("reattention_key_block", "pick whole blocks of N keys by an upper bound of "
+                  "q.k (1: token picks; N > 1 needs --reattention-span N)"),
 }
 
 
@@ -244,7 +246,8 @@ def _describe(config) -> str:
     elif att == "reattention":
         sel = config.selection()
         att += (f" (sink={sel.sink_tokens}, window={sel.local_window}, top_k={sel.top_k}, "
-                f"max_selected={sel.max_selected}, span={sel.span}, chunk={sel.chunk_size})")
+                f"max_selected={sel.max_selected}, span={sel.span}, chunk={sel.chunk_size}"
+                + (f", key_block={sel.key_block})" if sel.key_block > 1 else ")"))
     return (f"{config.num_layers} layers, {config.num_heads} heads / {config.num_kv_heads} kv, "
             f"vocab {config.vocab_size}, {config.dtype}, attention {att}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -33,7 +34,8 @@ class CCAConfig:
     (``attention="reattention"``) uses the ``reattention_*`` fields, which map onto
     ``kernels.reattention.params.Selection`` (:meth:`selection`): ``sink`` tokens always kept,
     the local ``window`` (aligned to ``align``), each query's ``top_k`` keys, at most
-    ``max_selected`` of them per chunk of ``chunk`` queries, each bringing ``span`` neighbours.
+    ``max_selected`` of them per chunk of ``chunk`` queries, each bringing ``span`` neighbours;
+    ``key_block`` b > 1 picks whole aligned blocks of b keys instead (``span`` must equal b).
     """
 
     vocab_size: int = 32000
@@ -64,6 +66,7 @@ class CCAConfig:
     reattention_span: int = 32
     reattention_chunk: int = 512
     reattention_align: int = 128
+    reattention_key_block: int = 1
     implementation: str | None = None
     dtype: str = "float32"
     # Serving layout (jax_cca/fused.py): q, k, v stored as one ``qkv_proj`` and gate, up as one
@@ -110,24 +113,25 @@ class CCAConfig:
         fields = dict(sink_tokens=self.reattention_sink, local_window=self.reattention_window,
                       top_k=self.reattention_top_k, max_selected=self.reattention_max_selected,
                       span=self.reattention_span, chunk_size=self.reattention_chunk,
-                      middle_align=self.reattention_align)
+                      middle_align=self.reattention_align,
+                      key_block=self.reattention_key_block)
         try:
             return Selection(**fields)
-        except ValueError as e:  # name the config field, not the Selection argument
+        except ValueError as e:  # name the config fields, not the Selection arguments
             names = dict(zip(fields, ("reattention_sink", "reattention_window",
                                       "reattention_top_k", "reattention_max_selected",
                                       "reattention_span", "reattention_chunk",
-                                      "reattention_align")))
-            message = str(e)
-            for arg, field in names.items():
-                if message.startswith(arg + " "):
-                    message = field + message[len(arg):]
+                                      "reattention_align", "reattention_key_block")))
+            pattern = r"\b(" + "|".join(names) + r")\b(?=[ =])"
+            message = re.sub(pattern, lambda m: names[m.group(1)], str(e))
             raise ValueError(message) from None
 
     def max_reattention_position(self) -> int:
         """An upper bound (exclusive) on the positions ReAttention gives any query or key: the
         longest attended list, sink + max_selected * span + window + align - 1 + chunk. Every
-        position stays below it, and below the context length, whatever the context length."""
+        position stays below it, and below the context length, whatever the context length.
+        Block picks (``reattention_key_block`` > 1) keep the bound: a kept block brings its
+        ``key_block == span`` keys, as a kept token brings its span."""
         sel = self.selection()
         return sel.num_gathered() + sel.local_window + sel.middle_align - 1 + sel.chunk_size
 

@@ -333,8 +333,8 @@ def reattention_kwargs(config: CCAConfig) -> dict:
     sel = config.selection()
     return dict(sink_tokens=sel.sink_tokens, local_window=sel.local_window, top_k=sel.top_k,
                 max_selected=sel.max_selected, span=sel.span, chunk_size=sel.chunk_size,
-                middle_align=sel.middle_align, rope_theta=config.rope_theta,
-                inv_freq=inverse_frequencies(config),
+                middle_align=sel.middle_align, key_block=sel.key_block,
+                rope_theta=config.rope_theta, inv_freq=inverse_frequencies(config),
                 implementation=reattention_implementation(config))
 
 

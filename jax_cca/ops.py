@@ -155,13 +155,14 @@ def _position_arg(x) -> reattention_params.PositionArg:
 
 
 def _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
-                        middle_align) -> dict:
+                        middle_align, key_block) -> dict:
     from kernels.reattention.params import Selection
 
-    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
+    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align,
+                    key_block)
     return dict(sink_tokens=sel.sink_tokens, local_window=sel.local_window, top_k=sel.top_k,
                 max_selected=sel.max_selected, span=sel.span, chunk_size=sel.chunk_size,
-                middle_align=sel.middle_align)
+                middle_align=sel.middle_align, key_block=sel.key_block)
 
 
 def reattention(
@@ -176,6 +177,7 @@ def reattention(
     span: int = 32,
     chunk_size: int = 512,
     middle_align: int = 128,
+    key_block: int = 1,
     q_start=None,
     rope_theta: float = 10000.0,
     inv_freq=None,
@@ -195,6 +197,10 @@ def reattention(
     positions (``rope_theta`` or explicit ``inv_freq`` (D/2,)). GQA: query head h uses kv head
     h // (Hq // Hkv). Forward only. "pallas" needs a power-of-two head dim >= 32.
 
+    ``key_block`` b > 1 picks whole aligned blocks of b middle keys instead of tokens, ranked by
+    a Quest-style upper bound of q . k over the block (from its per-dim key maxima and minima);
+    ``span`` must equal b and b must divide ``middle_align``. 1 (the default): token picks.
+
     ``q_lengths`` (B,) ints in [0, T] (optional): element b has q_lengths[b] real queries, the
     rest of its T rows is right padding, which gets outputs but does not vote in the selection
     (so each element selects what its unpadded sequence would). Default: every query is real.
@@ -211,7 +217,7 @@ def reattention(
         q_start=None if q_start is None else _position_arg(q_start),
         q_lengths=None if q_lengths is None else _position_arg(q_lengths))
     kw = _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
-                             middle_align)
+                             middle_align, key_block)
     if q_lengths is not None:
         kw["q_lengths"] = q_lengths
     return _reattention_fn(implementation)(
@@ -231,6 +237,7 @@ def reattention_decode(
     max_selected: int = 256,
     span: int = 32,
     middle_align: int = 128,
+    key_block: int = 1,
     rope_theta: float = 10000.0,
     inv_freq=None,
     softmax_scale: float | None = None,
@@ -239,13 +246,14 @@ def reattention_decode(
     """One ReAttention decode step: q (B, Hq, D) is the un-rotated query of position
     lengths - 1, whose key and value are already in the caches; slots from ``lengths`` (B,) on
     are ignored. Equals the last row of ``reattention`` run with ``chunk_size=1``. ``lengths``:
-    a scalar or (B,) ints in [1, L] (checked as ``q_start`` in ``reattention``)."""
+    a scalar or (B,) ints in [1, L] (checked as ``q_start`` in ``reattention``). ``key_block``
+    as in ``reattention``."""
     from kernels.reattention import reference as reattention_reference
 
     reattention_reference.check_args(q[:, None], k_cache, v_cache)
     reattention_params.check_lengths(q.shape[0], k_cache.shape[1], _position_arg(lengths))
     kw = _reattention_kwargs(sink_tokens, local_window, top_k, max_selected, span, 1,
-                             middle_align)
+                             middle_align, key_block)
     kw.pop("chunk_size")
     return _reattention_fn(implementation, "reattention_decode")(
         q, k_cache, v_cache, lengths, rope_theta=rope_theta, inv_freq=inv_freq,

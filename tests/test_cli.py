@@ -225,6 +225,39 @@ def test_generate_with_reattention_and_its_knobs(checkpoint, capsys):
     assert "--reattention-top-k" in capsys.readouterr().err
 
 
+def test_reattention_key_block_flag_reaches_generate_and_convert(hf_model, checkpoint, tmp_path,
+                                                                capsys):
+    """--reattention-key-block: block picks in generate (the tokens of the same model built in
+    Python, the description names it), stored by convert, refused with a span it does not fit."""
+    knobs = ["--attention", "reattention", "--reattention-sink", "2", "--reattention-window", "4",
+             "--reattention-top-k", "1", "--reattention-max-selected", "1",
+             "--reattention-chunk", "4", "--reattention-align", "2",
+             "--reattention-span", "2", "--reattention-key-block", "2"]
+    argv = ["generate", "--model", str(checkpoint), "--prompt-ids",
+            ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "3", "--ignore-eos",
+            "--no-progress", *knobs]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "span=2, chunk=4, key_block=2)" in captured.err
+    model = CCALlama.from_pretrained(
+        checkpoint, attention="reattention", reattention_sink=2, reattention_window=4,
+        reattention_top_k=1, reattention_max_selected=1, reattention_chunk=4,
+        reattention_align=2, reattention_span=2, reattention_key_block=2)
+    expected = generate(model, jnp.asarray([PROMPT_IDS]), 3)
+    printed = _ids(_line(captured.out, "generated ids:"))
+    assert printed == np.asarray(expected)[0, len(PROMPT_IDS):].tolist()
+    assert main(argv + ["--reattention-span", "3"]) == 2  # the block is not the span
+    assert "reattention_key_block=2" in capsys.readouterr().err
+    assert main(argv + ["--reattention-key-block", "0"]) == 2
+    assert "--reattention-key-block" in capsys.readouterr().err
+    _, hf_dir = hf_model
+    out = tmp_path / "blocks"
+    assert main(["convert", str(hf_dir), str(out), *knobs]) == 0
+    config = read_manifest(out)["config"]
+    assert (config["reattention_key_block"], config["reattention_span"]) == (2, 2)
+    assert CCALlama.from_pretrained(out).config.selection().key_block == 2
+
+
 def test_generate_from_text_prompt_with_sampling(checkpoint, capsys):
     text = "the cat sat on a mat and the dog ran far away home the cat"
     argv = ["generate", "--model", str(checkpoint), "--prompt", text, "--max-new-tokens", "4",

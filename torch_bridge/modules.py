@@ -206,7 +206,8 @@ def _rotary_embedding(model: nn.Module) -> nn.Module:
 
 REATTENTION_DEFAULTS = dict(reattention_sink=32, reattention_window=8192, reattention_top_k=4,
                             reattention_max_selected=256, reattention_span=32,
-                            reattention_chunk=512, reattention_align=128)
+                            reattention_chunk=512, reattention_align=128,
+                            reattention_key_block=1)
 # patch_llama's implementation names -> kernels/reattention/torch_ops.py's
 _REATTENTION_IMPLEMENTATIONS = {None: None, "triton": "triton", "reference": "torch",
                                 "torch": "torch"}
@@ -223,7 +224,7 @@ def _selection(settings: dict):
     s = {**REATTENTION_DEFAULTS, **settings}
     return Selection(s["reattention_sink"], s["reattention_window"], s["reattention_top_k"],
                      s["reattention_max_selected"], s["reattention_span"], s["reattention_chunk"],
-                     s["reattention_align"])
+                     s["reattention_align"], s["reattention_key_block"])
 
 
 class ReAttentionLlamaAttention(nn.Module):
@@ -275,7 +276,7 @@ class ReAttentionLlamaAttention(nn.Module):
         o = torch_ops.reattention(
             q, k, v, sink_tokens=sel.sink_tokens, local_window=sel.local_window,
             top_k=sel.top_k, max_selected=sel.max_selected, span=sel.span,
-            chunk_size=sel.chunk_size, middle_align=sel.middle_align,
+            chunk_size=sel.chunk_size, middle_align=sel.middle_align, key_block=sel.key_block,
             inv_freq=self._rotary[0].inv_freq.float(), softmax_scale=self.scaling,
             implementation=_REATTENTION_IMPLEMENTATIONS[self.implementation],
             q_lengths=q_lengths)
@@ -297,7 +298,8 @@ def patch_llama(model: nn.Module, group_size: int = 16, local_window: int = 1024
     the attention). CCA: ``group_size``, ``local_window``, ``pooling``. ReAttention: the keyword
     arguments named like ``CCAConfig``'s fields, ``reattention_sink`` (32),
     ``reattention_window`` (8192), ``reattention_top_k`` (4), ``reattention_max_selected``
-    (256), ``reattention_span`` (32), ``reattention_chunk`` (512), ``reattention_align`` (128).
+    (256), ``reattention_span`` (32), ``reattention_chunk`` (512), ``reattention_align`` (128),
+    ``reattention_key_block`` (1; b > 1 picks whole blocks of b keys and needs span b).
     ``implementation``: None (Triton on CUDA, the torch reference on CPU), "triton" or
     "reference" (see ``torch_bridge.cca_attention``). Raises TypeError for other models.
     """

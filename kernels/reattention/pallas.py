@@ -61,8 +61,9 @@ from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import (mgpu_tokens, pallas_combine, pallas_gather, pallas_mgpu_attend,
-                                 pallas_mgpu_score, pallas_select, params, reference)
+from kernels.reattention import (key_blocks, mgpu_tokens, pallas_combine, pallas_gather,
+                                 pallas_mgpu_attend, pallas_mgpu_score, pallas_select, params,
+                                 reference)
 from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
                                         default_config, geometry, next_power_of_2, round_up,
                                         score_splits)
@@ -571,21 +572,30 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     interpret = resolve_interpret(interpret)
     q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
     c0, c1, l0 = (x[:, skip:] for x in reference.chunk_bounds(q0, geo))
+    blocks = sel.key_block > 1
+    if blocks:  # the same kernels score [q+, q-] against the blocks' [max, min] rows
+        q, k = key_blocks.signed_queries(q), key_blocks.summaries(k, sel)
+        geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=q.shape[3])
+        meta = _meta(c0, c1, key_blocks.summary_end(l0, geo.num_keys, sel))
+    else:
+        geo_s, meta = geo, _meta(c0, c1, l0)
     tile = max(config.score_block_q, config.attn_block_q)
     mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
     if mgpu:  # its programs take 64 x consumers rows
         tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
     p = skip * geo.chunk
-    if mgpu and _rows_in_place(geo, config):  # q read in place; no packed rows
+    if mgpu and _rows_in_place(geo_s, config):  # q read in place; no packed rows
         r_pad = round_up(geo.rows, tile)
         if interpret:
             q = mgpu_tokens.pad_for_interpreter(q, geo.num_chunks, geo.chunk, r_pad, geo.groups)
-        vals, idx = _score(q, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge,
+        vals, idx = _score(q, k, meta, geo_s, config, interpret, mgpu, merge,
                            tokens=(geo.chunk, p, r_pad))
         q_rows = None
     else:
-        q_rows = _packed_rows(q, geo, p, tile)
-        vals, idx = _score(q_rows, k, _meta(c0, c1, l0), geo, config, interpret, mgpu, merge)
+        q_rows = _packed_rows(q, geo_s, p, tile)
+        vals, idx = _score(q_rows, k, meta, geo_s, config, interpret, mgpu, merge)
+    if blocks:  # summary rows -> the token positions whose spans are the blocks; the signed
+        idx, q_rows = key_blocks.centres(idx, sel), None  # rows are not the attention's
     if q_lengths is None and geo.num_queries % geo.chunk == 0:  # every row votes (decode)
         return vals, idx, (q_rows, c0, c1, l0, geo)
     vote_end = reference.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
@@ -767,6 +777,7 @@ def reattention(
     span: int = 32,
     chunk_size: int = 512,
     middle_align: int = 128,
+    key_block: int = 1,
     q_start=None,
     rope_theta: float = 10000.0,
     inv_freq=None,
@@ -779,7 +790,8 @@ def reattention(
 
     Forward only. The head dim must be a power of two >= 32. ``interpret=None`` runs the
     Triton-lowered kernels on GPU and the Pallas interpreter elsewhere."""
-    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
+    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align,
+                    key_block)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
                                       config=config, interpret=interpret, q_lengths=q_lengths)[0]

@@ -26,6 +26,13 @@ class Selection:
     * ``span``: each kept key brings [i - span // 2, i + span - span // 2 - 1] (clipped to the
       middle region); overlapping spans merge.
     * ``chunk_size``: queries are processed in chunks of C that share one selection.
+    * ``key_block``: granularity of the picks. 1 (the authors'): each row picks middle tokens.
+      b > 1: the middle is cut into aligned blocks of b keys ([sink + j b, sink + (j + 1) b)),
+      each row picks whole blocks by an upper bound of its best q . k in the block (the sum over
+      dims of max(q_d max_d, q_d min_d), from the block's per-dim key maxima and minima), and a
+      kept block brings exactly its b keys (``key_blocks.py``). Needs ``span == key_block`` (the
+      span is the block) and b dividing ``middle_align`` (the middle is whole blocks). Scoring
+      then costs about 2 / b of the token-level one.
     """
 
     sink_tokens: int = 32
@@ -35,16 +42,22 @@ class Selection:
     span: int = 32
     chunk_size: int = 512
     middle_align: int = 128
+    key_block: int = 1
 
     def __post_init__(self):
         for name in ("sink_tokens", "local_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int; got {value!r}")
-        for name in ("top_k", "max_selected", "span", "chunk_size", "middle_align"):
+        for name in ("top_k", "max_selected", "span", "chunk_size", "middle_align", "key_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if self.key_block > 1 and (self.span != self.key_block
+                                   or self.middle_align % self.key_block):
+            raise ValueError(f"key_block={self.key_block} picks whole blocks: span must equal it "
+                             f"(got span={self.span}) and it must divide middle_align (got "
+                             f"middle_align={self.middle_align})")
 
     @property
     def span_left(self) -> int:

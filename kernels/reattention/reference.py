@@ -7,7 +7,8 @@ NG gathered slots (sink + selected spans), TAIL the longest local window + chunk
 README.md in this folder; per (batch element, kv head, chunk of queries [c0, c1)):
 
 1. Scoring: every row (query t, head h of the kv head) scores the middle keys [sink, L0) with the
-   raw q . k of un-rotated vectors and picks its top_k (``score_topk``).
+   raw q . k of un-rotated vectors and picks its top_k (``score_topk``); or, with
+   ``Selection.key_block`` > 1, whole blocks by an upper bound (``key_blocks.py``).
 2. Selection (``select_from_picks``): votes = how many rows picked a key; the max_selected most
    voted keys (ties: higher best score, then lower position) each bring a span of neighbours;
    the gathered list is [sink tokens ; union of the spans] in original order.
@@ -33,6 +34,7 @@ from jaxtyping import Array, Float, Int
 
 from jax_cca.rope import apply_rope, rope_cos_sin
 from kernels.cca.reference import _masked_softmax_weights
+from kernels.reattention import key_blocks
 from kernels.reattention.params import Geometry, Selection, geometry
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -178,6 +180,21 @@ def score_topk(
     return vals, jnp.where(jnp.isfinite(vals), idx, -1)
 
 
+def scoring_inputs(q: Float[Array, "B T Hq D"], k: Float[Array, "B S Hkv D"], geo: Geometry):
+    """What ``score_topk`` scores, in float32: (rows (NC, B, Hkv, R, D'), keys (B, Hkv, S',
+    D'), L0 -> the middle's end in those keys, picks -> token positions). Token picks: q, k,
+    identities. Block picks (``key_block`` > 1): ``key_blocks``' signed rows and summaries."""
+    sel = geo.sel
+    if sel.key_block == 1:
+        q_s, k_s, end, to_tokens = q, k, lambda l0: l0, lambda idx: idx
+    else:
+        q_s, k_s = key_blocks.signed_queries(q), key_blocks.summaries(k, sel)
+        end = lambda l0: key_blocks.summary_end(l0, geo.num_keys, sel)
+        to_tokens = lambda idx: key_blocks.centres(idx, sel)
+    rows = jnp.moveaxis(pack_rows(q_s.astype(jnp.float32), geo), 2, 0)
+    return rows, k_s.astype(jnp.float32).transpose(0, 2, 1, 3), end, to_tokens
+
+
 # ----------------------------------------------------------------------------- 2. selection
 def select_from_picks(
     idx: Int[Array, "N P"],
@@ -319,12 +336,13 @@ def reattention_with_selection(
     k_heads = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
     v_heads = v.astype(jnp.float32).transpose(0, 2, 1, 3)
     b, hkv, r = geo.batch, geo.kv_heads, geo.rows
+    s_rows, s_keys, s_end, s_picks = scoring_inputs(q, k, geo)
 
     def one_chunk(args):
-        q_c, c0_c, c1_c, l0_c = args
+        q_c, s_c, c0_c, c1_c, l0_c = args
         t_rows = row_positions(c0_c, r, geo.groups)  # (B, R)
-        vals, idx = score_topk(q_c, k_heads, l0_c, sel)
-        idx = jnp.where((t_rows < c1_c[:, None])[:, None, :, None], idx, -1)
+        vals, idx = score_topk(s_c, s_keys, s_end(l0_c), sel)
+        idx = jnp.where((t_rows < c1_c[:, None])[:, None, :, None], s_picks(idx), -1)
         rep = lambda x: jnp.repeat(x, hkv)
         glist, n_g = select_from_picks(idx.reshape(b * hkv, -1), vals.reshape(b * hkv, -1),
                                        rep(c0_c), rep(l0_c), sel)
@@ -333,7 +351,7 @@ def reattention_with_selection(
                               inv_freq, scale)
         return out, glist, n_g
 
-    out, glist, n_g = jax.lax.map(one_chunk, (q_rows, c0.T, c1.T, l0.T))
+    out, glist, n_g = jax.lax.map(one_chunk, (q_rows, s_rows, c0.T, c1.T, l0.T))
     out = unpack_rows(jnp.moveaxis(out, 0, 2), geo).astype(q.dtype)
     return out, jnp.moveaxis(glist, 0, 2), jnp.moveaxis(n_g, 0, 2)
 
@@ -350,6 +368,7 @@ def reattention(
     span: int = 32,
     chunk_size: int = 512,
     middle_align: int = 128,
+    key_block: int = 1,
     q_start=None,
     rope_theta: float = 10000.0,
     inv_freq=None,
@@ -362,7 +381,8 @@ def reattention(
     and README.md. ``inv_freq`` (D/2,) overrides the RoPE frequencies of ``rope_theta``.
     ``q_lengths`` (B,) in [0, T]: only the first q_lengths[b] queries of element b vote (the
     rest is right padding: it gets outputs, which are meaningless)."""
-    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
+    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align,
+                    key_block)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
                                       q_lengths=q_lengths)[0]
@@ -402,11 +422,25 @@ def select_sorted(
     s_len, ng = geo.num_keys, sel.num_gathered()
     pos = jnp.arange(s_len, dtype=jnp.int32)
 
+    kb = sel.key_block
+    starts = sel.sink_tokens + kb * jnp.arange(key_blocks.num_blocks(s_len, sel), dtype=jnp.int32)
+    # Candidates: every middle key, or (key_block > 1) every block, at its centre position.
+    centre = pos if kb == 1 else starts + kb // 2
+
+    def scores(q_c, keys):
+        if kb == 1:
+            return jnp.einsum("rd,sd->rs", q_c, keys, precision=HIGHEST)
+        blocks = keys[sel.sink_tokens: sel.sink_tokens + kb * starts.shape[0]].reshape(
+            -1, kb, keys.shape[-1])  # the bound, element by element: sum_d max(q M, q m)
+        hi, lo = blocks.max(axis=1), blocks.min(axis=1)
+        return jnp.maximum(q_c[:, None] * hi[None], q_c[:, None] * lo[None]).sum(-1)
+
     def one(q_c, keys, c0_c, c1_c, l0_c):  # (R, D), (S, D), scalars
-        s = jnp.einsum("rd,sd->rs", q_c, keys, precision=HIGHEST)
-        s = jnp.where((pos >= sel.sink_tokens) & (pos < l0_c), s, -jnp.inf)
+        first, last = (pos, pos) if kb == 1 else (starts, starts + kb - 1)
+        s = jnp.where((first >= sel.sink_tokens) & (last < l0_c), scores(q_c, keys), -jnp.inf)
         order = jnp.argsort(-s, axis=1, stable=True)[:, : sel.top_k]
         best = jnp.take_along_axis(s, order, axis=1)
+        order = centre[order]
         row_ok = row_positions(c0_c, geo.rows, geo.groups) < c1_c
         ok = jnp.isfinite(best) & row_ok[:, None]
         target = jnp.where(ok, order, s_len).ravel()  # s_len: dropped

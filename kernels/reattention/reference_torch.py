@@ -169,6 +169,29 @@ def score_topk(q_rows: torch.Tensor, k_heads: torch.Tensor, l0: torch.Tensor, se
     return vals, torch.where(torch.isfinite(vals), idx, -1)
 
 
+def block_scoring_inputs(q: torch.Tensor, k: torch.Tensor, l0: torch.Tensor, sel: Selection):
+    """``key_blocks.py`` for tensors (``Selection.key_block`` = b > 1): the signed queries
+    [max(q, 0), min(q, 0)] (B, T, Hq, 2D), the summary rows (B, round_up(sink + NB, 8), Hkv,
+    2D), row sink + j = [max, min] of block j's keys (sink rows and padding zero), and the
+    middle ends L0 in summary rows."""
+    b, s, hkv, d = k.shape
+    sink, kb = sel.sink_tokens, sel.key_block
+    nb = max(s - sink, 0) // kb
+    q_s = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)
+    blocks = k[:, sink: sink + nb * kb].reshape(b, nb, kb, hkv, d)
+    rows = torch.cat([blocks.amax(dim=2), blocks.amin(dim=2)], dim=-1)
+    total = -(-(sink + nb) // 8) * 8
+    k_s = torch.nn.functional.pad(rows, (0, 0, 0, 0, sink, total - sink - nb))
+    end = torch.where(l0 > sink, sink + torch.clamp((l0 - sink) // kb, max=nb), l0)
+    return q_s, k_s, end
+
+
+def block_centres(idx: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """Summary-row picks -> the token positions whose spans are their blocks (-1 stays)."""
+    kb = sel.key_block
+    return torch.where(idx >= 0, sel.sink_tokens + (idx - sel.sink_tokens) * kb + kb // 2, -1)
+
+
 # ----------------------------------------------------------------------------- 2. selection
 def _sort_by(keys: list[torch.Tensor], *payload: torch.Tensor):
     """Lexicographic ascending sort along the last dim (keys[0] most significant) of keys and
@@ -272,10 +295,16 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     k_heads = k.float().transpose(1, 2)
     v_heads = v.float().transpose(1, 2)
     b, hkv = geo.batch, geo.kv_heads
+    s_rows, s_keys, s_end = q_rows, k_heads, l0
+    if sel.key_block > 1:  # whole blocks by an upper bound (``block_scoring_inputs``)
+        q_s, k_s, s_end = block_scoring_inputs(q.float(), k.float(), l0, sel)
+        s_rows, s_keys = pack_rows(q_s, geo), k_s.transpose(1, 2)
     outs, glists, n_gs = [], [], []
     for ci in range(geo.num_chunks):
         t_rows = row_positions(c0[:, ci], geo.rows, geo.groups)
-        vals, idx = score_topk(q_rows[:, :, ci], k_heads, l0[:, ci], sel)
+        vals, idx = score_topk(s_rows[:, :, ci], s_keys, s_end[:, ci], sel)
+        if sel.key_block > 1:
+            idx = block_centres(idx, sel)
         idx = torch.where((t_rows < c1[:, ci, None])[:, None, :, None], idx, -1)
         rep = lambda x: x.repeat_interleave(hkv)
         glist, n_g = select_from_picks(idx.reshape(b * hkv, -1), vals.reshape(b * hkv, -1),
@@ -291,13 +320,14 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
 
 def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top_k: int = 4,
                 max_selected: int = 256, span: int = 32, chunk_size: int = 512,
-                middle_align: int = 128, q_start=None, rope_theta: float = 10000.0,
-                inv_freq=None, softmax_scale: float | None = None,
+                middle_align: int = 128, key_block: int = 1, q_start=None,
+                rope_theta: float = 10000.0, inv_freq=None, softmax_scale: float | None = None,
                 q_lengths=None) -> torch.Tensor:
     """ReAttention over un-rotated torch tensors q (B, T, Hq, D) (the last T positions, or from
     ``q_start``) and k, v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype. ``q_lengths`` (B,): only
     the first q_lengths[b] queries of element b vote (the rest is right padding)."""
-    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
+    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align,
+                    key_block)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
                                       q_lengths=q_lengths)[0]

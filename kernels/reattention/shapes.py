@@ -22,7 +22,8 @@ class Case:
         s = self.sel
         return (f"B{self.batch}-T{self.length}-H{self.q_heads}x{self.kv_heads}-D{self.head_dim}"
                 f"-s{s.sink_tokens}-w{s.local_window}-k{s.top_k}-m{s.max_selected}-sp{s.span}"
-                f"-c{s.chunk_size}-a{s.middle_align}")
+                f"-c{s.chunk_size}-a{s.middle_align}" + (f"-kb{s.key_block}" if s.key_block > 1
+                                                          else ""))
 
 
 def small(sink, window, top_k, max_selected, span, chunk, align) -> Selection:
@@ -38,6 +39,13 @@ CPU_CASES = [
     Case(2, 111, 4, 2, 64, small(3, 8, 3, 4, 5, 7, 1)),
     Case(1, 97, 8, 2, 128, small(2, 10, 1, 3, 3, 9, 4)),
     Case(1, 130, 5, 1, 64, small(5, 12, 4, 6, 6, 32, 16)),
+]
+
+# Block picks (``Selection.key_block``): blocks of 4 and 8 from an unaligned sink, chunks of 7 and
+# 16, GQA 2 and 4, caps that cut the blocks (3 of up to 25) and caps that do not.
+BLOCK_CASES = [
+    Case(2, 111, 4, 2, 64, Selection(3, 8, 2, 3, 4, 7, 8, key_block=4)),
+    Case(1, 130, 8, 2, 128, Selection(5, 12, 3, 9, 8, 16, 16, key_block=8)),
 ]
 
 

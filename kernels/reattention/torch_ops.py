@@ -55,8 +55,8 @@ def _position_arg(x):
 
 def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top_k: int = 4,
                 max_selected: int = 256, span: int = 32, chunk_size: int = 512,
-                middle_align: int = 128, q_start=None, rope_theta: float = 10000.0,
-                inv_freq=None, softmax_scale: float | None = None,
+                middle_align: int = 128, key_block: int = 1, q_start=None,
+                rope_theta: float = 10000.0, inv_freq=None, softmax_scale: float | None = None,
                 implementation: str | None = None, q_lengths=None):
     """ReAttention over un-rotated q (B, T, Hq, D) (the last T positions of the cache, or from
     ``q_start``) and k, v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype. Parameters as in
@@ -66,14 +66,14 @@ def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top
 
     reference_torch.check_args(q, k, v)
     params.Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size,
-                     middle_align)
+                     middle_align, key_block)
     params.check_positions(q.shape[0], q.shape[1], k.shape[1],
                            q_start=None if q_start is None else _position_arg(q_start),
                            q_lengths=None if q_lengths is None else _position_arg(q_lengths))
     return _module(q, implementation).reattention(
         q, k, v, sink_tokens=sink_tokens, local_window=local_window, top_k=top_k,
         max_selected=max_selected, span=span, chunk_size=chunk_size, middle_align=middle_align,
-        q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq, softmax_scale=softmax_scale,
+        key_block=key_block, q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq, softmax_scale=softmax_scale,
         q_lengths=q_lengths)
 
 

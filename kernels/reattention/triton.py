@@ -20,6 +20,7 @@ of ``kernels/cca/triton_interpret.py`` are applied then).
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import triton
@@ -326,7 +327,14 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, q_lengths=No
     c0, c1, l0 = reference_torch.chunk_bounds(q0, geo)
     tile = max(config.score_block_q, config.attn_block_q)
     q_rows = _pad_dim(reference_torch.pack_rows(q, geo), 3, tile)
-    vals, idx = score(q_rows, k.contiguous(), _meta(c0, c1, l0), geo, config)
+    if sel.key_block > 1:  # the same kernel scores [q+, q-] against the blocks' [max, min]
+        q_s, k_s, end = reference_torch.block_scoring_inputs(q, k, l0, sel)
+        geo_s = dataclasses.replace(geo, num_keys=k_s.shape[1], head_dim=q_s.shape[3])
+        s_rows = _pad_dim(reference_torch.pack_rows(q_s, geo_s), 3, tile)
+        vals, idx = score(s_rows, k_s.contiguous(), _meta(c0, c1, end), geo_s, config)
+        idx = reference_torch.block_centres(idx, sel)
+    else:
+        vals, idx = score(q_rows, k.contiguous(), _meta(c0, c1, l0), geo, config)
     vals, idx = vals[:, :, :, : geo.rows], idx[:, :, :, : geo.rows]
     vote_end = reference_torch.voting_ends(c1, q0, q_lengths)  # the kernels still get c1
     live = reference_torch.row_positions(c0, geo.rows, geo.groups) < vote_end[..., None]
@@ -361,12 +369,13 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
 
 def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top_k: int = 4,
                 max_selected: int = 256, span: int = 32, chunk_size: int = 512,
-                middle_align: int = 128, q_start=None, rope_theta: float = 10000.0,
-                inv_freq=None, softmax_scale: float | None = None,
+                middle_align: int = 128, key_block: int = 1, q_start=None,
+                rope_theta: float = 10000.0, inv_freq=None, softmax_scale: float | None = None,
                 config: Config | None = None, q_lengths=None) -> torch.Tensor:
     """ReAttention with Triton kernels: the same function as ``reference_torch.reattention``.
     Forward only; the head dim must be a power of two >= 32; float32, bfloat16, float16."""
-    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align)
+    sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align,
+                    key_block)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
                                       config=config, q_lengths=q_lengths)[0]

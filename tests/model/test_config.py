@@ -90,7 +90,7 @@ def test_reattention_fields_default_validate_and_build():
     config = CCAConfig(**SMALL, attention="reattention")
     sel = config.selection()  # the authors' defaults (SPEC.md section 2)
     assert (sel.sink_tokens, sel.local_window, sel.top_k, sel.max_selected, sel.span,
-            sel.chunk_size, sel.middle_align) == (32, 8192, 4, 256, 32, 512, 128)
+            sel.chunk_size, sel.middle_align, sel.key_block) == (32, 8192, 4, 256, 32, 512, 128, 1)
     assert config.max_reattention_position() == 32 + 256 * 32 + 8192 + 127 + 512
     model = CCALlama(config.replace(reattention_top_k=7), rngs=nnx.Rngs(0))
     assert model.config.selection().top_k == 7
@@ -99,9 +99,33 @@ def test_reattention_fields_default_validate_and_build():
     for field, bad in [("reattention_top_k", 0), ("reattention_sink", -1),
                        ("reattention_chunk", 2.5), ("reattention_span", True),
                        ("reattention_align", 0), ("reattention_window", -8),
-                       ("reattention_max_selected", 0)]:
+                       ("reattention_max_selected", 0), ("reattention_key_block", 0),
+                       ("reattention_key_block", 1.0)]:
         with pytest.raises(ValueError, match=field):
             CCAConfig(**SMALL, **{field: bad})
+
+
+def test_reattention_key_block_field():
+    """Block picks: key_block = span = b, b dividing align; the position bound keeps its formula
+    (a kept block brings its b == span keys). A key_block the span or align does not fit is
+    refused naming the config fields; configs stored before the field existed load with 1."""
+    config = CCAConfig(**SMALL, attention="reattention", reattention_key_block=16,
+                       reattention_span=16)
+    sel = config.selection()
+    assert (sel.key_block, sel.span, sel.middle_align) == (16, 16, 128)
+    assert config.max_reattention_position() == 32 + 256 * 16 + 8192 + 127 + 512
+    with pytest.raises(ValueError, match=r"reattention_key_block=16 .*reattention_span=32"):
+        CCAConfig(**SMALL, reattention_key_block=16)  # span stays 32
+    with pytest.raises(ValueError, match=r"reattention_key_block=16 .*reattention_align=24"):
+        CCAConfig(**SMALL, reattention_key_block=16, reattention_span=16, reattention_align=24)
+    with pytest.raises(ValueError, match="reattention_key_block"):
+        config.replace(reattention_span=8)
+    switched = CCALlama.abstract(CCAConfig(**SMALL)).with_attention(
+        attention="reattention", reattention_key_block=8, reattention_span=8)
+    assert switched.config.selection().key_block == 8
+    old = json.loads(config.to_json())
+    del old["reattention_key_block"]
+    assert CCAConfig.from_json(json.dumps(old)).reattention_key_block == 1
 
 
 # ------------------------------------------------------------------------------- HF configs
@@ -209,6 +233,8 @@ def test_to_hf_config_round_trip():
     CCAConfig.tiny(attention="reattention", reattention_sink=4, reattention_window=64,
                    reattention_top_k=8, reattention_max_selected=16, reattention_span=5,
                    reattention_chunk=7, reattention_align=2),
+    CCAConfig.tiny(attention="reattention", reattention_key_block=4, reattention_span=4,
+                   reattention_align=8),
 ])
 def test_json_round_trip(config):
     text = config.to_json()

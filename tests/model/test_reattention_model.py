@@ -20,6 +20,7 @@ from flax import nnx
 import kernels.reattention.reference as reattention_reference
 from jax_cca import CCAConfig, CCALlama
 from jax_cca.cache import ReAttentionCache, cache_bytes, init_cache
+from jax_cca.decode import reattention_kwargs
 from jax_cca.generation import generate, generate_batch
 from jax_cca.rope import inverse_frequencies
 
@@ -118,6 +119,42 @@ def test_forward_arguments_are_checked(model, sequence):
         model(ids, positions=jnp.broadcast_to(jnp.arange(SEQ), ids.shape))
     with pytest.raises(ValueError, match="does not run ReAttention"):
         model.with_attention(implementation="cudnn")(ids)
+
+
+# ---------------------------------------------------------------------------- block picks
+def test_block_picks_in_the_model(sequence, rel_err):
+    """reattention_key_block = span = 2 (dividing the align 4): each row picks whole aligned
+    blocks of 2 middle keys. Every block selectable is full attention; the restrictive block
+    selection drops keys and equals the dense oracle (which reads the block picks from
+    config.selection())."""
+    m = CCALlama.from_config(config(reattention_key_block=2, reattention_span=2), seed=3)
+    assert m.config.selection().key_block == 2
+    assert reattention_kwargs(m.config)["key_block"] == 2  # prefill and decode steps alike
+    full = forward(m.with_attention(attention="full"), sequence)
+    assert rel_err(forward(m.with_attention(**EVERYTHING), sequence), full) < TOL
+    got = forward(m, sequence)
+    assert rel_err(got, full) > 1e-2
+    assert rel_err(got, oracle_logits(m, sequence)) < TOL
+
+
+def test_block_picks_reach_the_decode_op(rel_err):
+    """ops.reattention_decode(key_block=...) (the model's decode step) is the last row of
+    ops.reattention with chunks of one query, and differs from token picks."""
+    from jax_cca import ops
+
+    rng = np.random.default_rng(11)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in ((2, 4, 16), (2, 40, 2, 16), (2, 40, 2, 16)))
+    lengths = jnp.asarray([40, 33])
+    kw = dict(sink_tokens=3, local_window=8, top_k=2, max_selected=3, span=2, middle_align=4,
+              implementation="xla")
+    step = ops.reattention_decode(q, k, v, lengths, key_block=2, **kw)
+    last = ops.reattention(q[:, None], k, v, q_start=lengths - 1, chunk_size=1, key_block=2,
+                           **kw)[:, 0]
+    assert rel_err(step, last) < 1e-6
+    assert rel_err(step, ops.reattention_decode(q, k, v, lengths, **kw)) > 1e-3
+    with pytest.raises(ValueError, match="key_block=4"):
+        ops.reattention_decode(q, k, v, lengths, key_block=4, **kw)
 
 
 # ---------------------------------------------------------------------------- decode cache

@@ -79,6 +79,26 @@ def test_patched_logits_match_cca_llama(name, impl, make_hf_llama, random_ids, r
     assert err < FP32_TOL, f"{name}/{impl}: rel err {err:.3g}"
 
 
+def test_patched_block_picks_match_cca_llama(make_hf_llama, random_ids, rel_err):
+    """reattention_key_block=2 (span 2): patch_llama passes the block picks to the op, giving
+    the logits of CCALlama with the same fields; token picks (key_block 1) give others."""
+    from torch_bridge import patch_llama
+
+    blocks = dict(SELECTION, reattention_key_block=2, reattention_span=2)
+    hf, directory = make_hf_llama(seed=30, **CONFIGS["gqa_4x2_d16"])
+    ids = random_ids(B, T, hf.config.vocab_size, seed=30)
+    want = _jax_logits(_jax_model(directory, **blocks), ids)
+    logits = {}
+    for key_block in (2, 1):
+        patch_llama(hf, attention="reattention", implementation="reference",
+                    **{**blocks, "reattention_key_block": key_block}).to(harness.torch_device())
+        assert {layer.self_attn.selection.key_block for layer in hf.model.layers} == {key_block}
+        with torch.no_grad():
+            logits[key_block] = hf(input_ids=_device_ids(ids)).logits.float().cpu().numpy()
+    assert rel_err(logits[2], want) < FP32_TOL
+    assert rel_err(logits[1], want) > 1e-3
+
+
 def test_generate_through_the_transformers_cache_matches_cca_llama(make_hf_llama, random_ids):
     """transformers' generate (its DynamicCache then holds un-rotated keys) gives the greedy
     tokens of CCALlama.generate, whose prefill selects by chunks of 8 and whose decode steps
@@ -142,6 +162,8 @@ def test_what_patch_llama_refuses_for_reattention(make_hf_llama, random_ids):
         dropout(input_ids=ids)
     with pytest.raises(ValueError, match="top_k"):
         patch_llama(hf, attention="reattention", reattention_top_k=0)
+    with pytest.raises(ValueError, match="key_block=4 .*span"):
+        patch_llama(hf, attention="reattention", reattention_key_block=4)  # span 32
     with pytest.raises(TypeError, match="reattention_topk"):
         patch_llama(hf, attention="reattention", reattention_topk=4)
     with pytest.raises(TypeError, match="attention='cca'"):
@@ -168,6 +190,7 @@ def test_switching_attention_keeps_parameters(make_hf_llama):
     assert all(isinstance(a, ReAttentionLlamaAttention) for a in attns)
     assert {a.selection.top_k for a in attns} == {5}
     assert attns[0].selection.local_window == 8192  # unspecified settings: the defaults
+    assert attns[0].selection.key_block == 1
     patch_llama(hf, group_size=4, local_window=8)
     assert all(isinstance(layer.self_attn, CCALlamaAttention) for layer in hf.model.layers)
     patch_llama(hf, attention="reattention")

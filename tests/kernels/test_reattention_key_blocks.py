@@ -1,0 +1,166 @@
+"""Block picks (``Selection.key_block``, ``kernels/reattention/key_blocks.py``): the score is an
+upper bound of the block's best q . k, the reference equals the dense oracle that evaluates that
+bound element by element, selecting every block is full attention, a planted needle's block is
+picked, decode equals prefill rows, the Pallas kernels equal the reference (interpreted here,
+compiled with ``-m gpu``), and bad parameters name the problem."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from kernels.reattention import key_blocks
+from kernels.reattention import reference as R
+from kernels.reattention import reference_torch
+from kernels.reattention.params import Selection
+from kernels.reattention.shapes import BLOCK_CASES, Case
+from tests.kernels.conftest import TOL, rel_err
+from tests.kernels.test_reattention_ops import (_config, assert_same_selection, needs_gpu,
+                                                pallas_run, reference_run)
+from tests.kernels.test_reattention_reference import (_reference, _valid, make_qkv,
+                                                      rotated_full_attention)
+
+SEL = Selection(sink_tokens=3, local_window=8, top_k=2, max_selected=3, span=4, chunk_size=7,
+                middle_align=8, key_block=4)
+
+
+def test_block_score_bounds_every_key_of_the_block():
+    """[q+, q-] . [max, min] is sum_d max(q_d max_d, q_d min_d) >= q . k for every key of the
+    block, reached when the block is one key repeated; the torch twin gives the same rows."""
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 16))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 3 + 6 * 4 + 2, 2, 16))  # 6 whole blocks
+    rows, summ = key_blocks.signed_queries(q), key_blocks.summaries(k, SEL)
+    assert summ.shape == (1, 16, 2, 32)  # sink 3 + 6 blocks, padded to 8 rows
+    assert not np.asarray(summ[:, :3]).any() and not np.asarray(summ[:, 9:]).any()
+    bound = jnp.einsum("bthd,bjhd->bthj", rows, summ[:, 3:9], precision=R.HIGHEST)
+    blocks = k[:, 3:27].reshape(1, 6, 4, 2, 16)
+    direct = jnp.maximum(q[:, :, :, None, :] * blocks.max(2).transpose(0, 2, 1, 3)[:, None],
+                         q[:, :, :, None, :] * blocks.min(2).transpose(0, 2, 1, 3)[:, None])
+    np.testing.assert_allclose(bound, direct.sum(-1), rtol=1e-5, atol=1e-5)
+    tokens = jnp.einsum("bthd,bjihd->bthji", q, blocks, precision=R.HIGHEST).max(-1)
+    assert (np.asarray(bound) >= np.asarray(tokens) - 1e-5).all()
+    same = jnp.repeat(k[:, 3:9], 4, axis=1)  # each block one key four times: bound = q . k
+    tight = jnp.einsum("bthd,bjhd->bthj", rows,
+                       key_blocks.summaries(jnp.pad(same, [(0, 0), (3, 0), (0, 0), (0, 0)]),
+                                            SEL)[:, 3:9], precision=R.HIGHEST)
+    np.testing.assert_allclose(tight, jnp.einsum("bthd,bjhd->bthj", q, k[:, 3:9]), rtol=1e-5,
+                               atol=1e-5)
+    l0 = jnp.array([2, 3, 11, 27, 35])
+    np.testing.assert_array_equal(key_blocks.summary_end(l0, k.shape[1], SEL), [2, 3, 5, 9, 9])
+    np.testing.assert_array_equal(key_blocks.centres(jnp.array([-1, 3, 4, 8]), SEL),
+                                  [-1, 5, 9, 25])
+    q_t, k_t, end_t = reference_torch.block_scoring_inputs(
+        torch.as_tensor(np.array(q)), torch.as_tensor(np.array(k)),
+        torch.as_tensor(np.array(l0)), SEL)
+    np.testing.assert_array_equal(q_t.numpy(), np.asarray(rows))
+    np.testing.assert_array_equal(k_t.numpy(), np.asarray(summ))
+    np.testing.assert_array_equal(end_t.numpy(), [2, 3, 5, 9, 9])
+    np.testing.assert_array_equal(
+        reference_torch.block_centres(torch.tensor([-1, 3, 4, 8]), SEL).numpy(), [-1, 5, 9, 25])
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: c.id)
+def test_matches_the_dense_block_oracle(case):
+    """Same lists as ``select_sorted`` (which evaluates the bound element by element, sorts
+    every block, counts votes over the sequence); output == the keep-mask formulation. Every
+    list is whole blocks, and some chunk dropped blocks."""
+    q, k, v = make_qkv(case, seed=case.length + 1)
+    out, glist, n_g = _reference(q, k, v, case.sel)
+    glist_sorted, n_sorted = jax.jit(functools.partial(R.select_sorted, sel=case.sel))(q, k)
+    np.testing.assert_array_equal(np.asarray(n_g), np.asarray(n_sorted))
+    np.testing.assert_array_equal(_valid(glist, n_g), _valid(glist_sorted, n_sorted))
+    naive = jax.jit(functools.partial(R.reattention_naive, sel=case.sel))(q, k, v)
+    assert rel_err(out, naive) < 1e-5
+    sel, lists = case.sel, _valid(glist, n_g).reshape(-1, glist.shape[-1])
+    for row, n in zip(lists, np.asarray(n_g).ravel()):
+        middle = row[:n][row[:n] >= sel.sink_tokens] - sel.sink_tokens
+        counts = np.bincount(middle // sel.key_block)
+        assert set(counts.tolist()) <= {0, sel.key_block}, counts
+    c0, _, l0 = R.chunk_bounds(jnp.zeros(case.batch, jnp.int32),
+                               R.geometry(q.shape, k.shape, sel))
+    assert (np.asarray(n_g)[:, :, -1] < np.asarray(l0)[:, None, -1]).all()  # blocks dropped
+
+
+def test_selecting_every_block_is_full_attention():
+    case = Case(2, 61, 4, 2, 64, Selection(2, 8, 61, 61, 4, 16, 4, key_block=4))
+    q, k, v = make_qkv(case, seed=4)
+    out, _, n_g = _reference(q, k, v, case.sel)
+    assert rel_err(out, rotated_full_attention(q, k, v)) < 1e-5
+
+
+def test_a_planted_needle_block_is_picked():
+    """One middle key equal to 6 x the last query's direction wins its block's bound for that
+    query, so with one pick kept the last chunk attends exactly that block."""
+    case = Case(1, 200, 2, 1, 64, Selection(4, 16, 1, 1, 8, 1, 8, key_block=8))
+    q, k, v = make_qkv(case, seed=11)
+    k = k * 0.3
+    needle = 4 + 8 * 9 + 5  # block 9
+    k = k.at[0, needle, 0].set(6.0 * q[0, -1, 0] / jnp.linalg.norm(q[0, -1, 0]))
+    q = q.at[0, -1, 1].set(q[0, -1, 0])  # both heads look for it
+    _, glist, n_g = _reference(q, k, v, case.sel)
+    last = np.asarray(glist)[0, 0, -1, : int(n_g[0, 0, -1])]
+    np.testing.assert_array_equal(last, list(range(4)) + list(range(4 + 72, 4 + 80)))
+
+
+def test_decode_equals_prefill_rows():
+    sel = dict(sink_tokens=3, local_window=8, top_k=2, max_selected=3, span=4, middle_align=8,
+               key_block=4)
+    case = Case(1, 57, 4, 2, 64)
+    q, k, v = make_qkv(case, seed=5)
+    rows = jax.jit(functools.partial(R.reattention, chunk_size=1, **sel))(q, k, v)
+    for t in (20, 40, 57):
+        step = R.reattention_decode(q[:, t - 1], k, v, jnp.array([t]), **sel)
+        assert rel_err(step, rows[:, t - 1]) < 1e-6
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: c.id)
+def test_pallas_matches_reference(case):
+    q, k, v = make_qkv(case, seed=300 + case.length)
+    out, *selection = pallas_run(q, k, v, case.sel)
+    ref, *ref_selection = reference_run(q, k, v, case.sel)
+    assert rel_err(out, ref) < TOL[jnp.float32]
+    assert_same_selection(selection, ref_selection)
+
+
+def test_pallas_bf16_and_split_scoring_match_reference():
+    """bf16 (signed rows and summaries are exact in bf16, so the picks are the reference's) and
+    the scoring's key splits over the summary rows."""
+    case = Case(2, 111, 8, 2, 64, Selection(3, 16, 2, 6, 4, 32, 8, key_block=4))
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=41))
+    ref, *ref_selection = reference_run(q, k, v, case.sel)
+    for config in (None, _config(score_splits=3)):
+        out, *selection = pallas_run(q, k, v, case.sel, config)
+        assert_same_selection(selection, ref_selection)
+        assert rel_err(out, ref) < TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(span=32, key_block=16), "span must equal it"),
+    (dict(span=48, key_block=48), "divide middle_align"),
+    (dict(key_block=0), "key_block must be a positive int"),
+    (dict(key_block=True), "key_block must be a positive int"),
+])
+def test_bad_key_blocks_name_the_problem(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Selection(**bad)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_32k_bf16_block_picks(head_dim):
+    """32K, 32 q / 8 kv heads, blocks of 32 with the authors' other defaults: head dim 64 scores
+    128-wide rows on the Mosaic GPU kernel, 128 scores 256-wide rows on the Triton lowering."""
+    case = Case(1, 32768, 32, 8, head_dim, Selection(key_block=32))
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=33))
+    out, gl, n = pallas_run(q, k, v, case.sel)
+    ref, gl_ref, n_ref = reference_run(q, k, v, case.sel)
+    assert rel_err(out, ref) < TOL[jnp.bfloat16]
+    same = (_valid(gl, n) == _valid(gl_ref, n_ref)).all(-1) & (np.asarray(n) == np.asarray(n_ref))
+    assert same.mean() > 0.95, same.mean()  # near-ties may flip a rare pick, never many
+
