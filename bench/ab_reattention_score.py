@@ -4,7 +4,8 @@
 
 Each variant is ``pallas.picks`` (the scoring kernel over every chunk's middle, then the merge
 of its key splits) with the authors' defaults, bf16, 32 query heads with 32 and 8 kv heads,
-d = 128; only ``Config.score_lowering`` and the Mosaic GPU kernel's tile, ring, consumer
+d = 128 (``--key-block 32``: block picks, whose signed rows are 256 wide); only
+``Config.score_lowering`` and the Mosaic GPU kernel's tile, ring, consumer
 count and merge (``*_rows``: ``Config.mgpu_merge="rows"``) differ. ``--old NAME=FILE`` adds a
 variant that runs another version of ``pallas_mgpu_score.py`` (e.g. one taken from git) in
 its place. ``same_picks`` is the fraction of (row, pick) entries equal to the Triton
@@ -37,6 +38,8 @@ VARIANTS = {
     "mgpu_c2_bk128": dict(score_lowering="mosaic_gpu", mgpu_consumers=2, mgpu_block_k=128,
                           mgpu_slots=3),
     "mgpu_c4_bk64_s6": dict(score_lowering="mosaic_gpu", mgpu_slots=6),
+    "mgpu_c4_bk64_s2": dict(score_lowering="mosaic_gpu", mgpu_slots=2),
+    "mgpu_c2_bk64_s3": dict(score_lowering="mosaic_gpu", mgpu_consumers=2, mgpu_slots=3),
     "mgpu_c4_bk128_s4": dict(score_lowering="mosaic_gpu", mgpu_block_k=128, mgpu_slots=4),
     "mgpu_c4_bk64_rows": dict(score_lowering="mosaic_gpu", mgpu_merge="rows"),
     "mgpu_c2_bk64_rows": dict(score_lowering="mosaic_gpu", mgpu_consumers=2, mgpu_merge="rows"),
@@ -52,12 +55,14 @@ def inputs(t: int, hkv: int, dtype=jnp.bfloat16):
 
 
 def scoring_flop(t: int, sel: Selection, heads: int = 32, d: int = 128) -> float:
-    """2 d per (query, head, middle key): the middle of chunk [c0, c1) is [sink, L0)."""
+    """2 d per (query, head, middle key): the middle of chunk [c0, c1) is [sink, L0). Block
+    picks (``key_block`` b): 2 (2 d) per (query, head, middle block)."""
     geo = geometry((1, t, heads, d), (1, t, heads, d), sel)
     c0, c1, l0 = (np.asarray(x)[0] for x in reference.chunk_bounds(jnp.zeros((1,), jnp.int32),
                                                                      geo))
     pairs = np.sum((c1 - c0) * np.maximum(l0 - sel.sink_tokens, 0))
-    return float(2 * d * heads * pairs)
+    b = sel.key_block
+    return float(2 * d * heads * pairs) if b == 1 else float(4 * d * heads * pairs / b)
 
 
 def load_module(path: str):
@@ -67,13 +72,14 @@ def load_module(path: str):
     return module
 
 
-def measure(t: int, hkv: int, variants: dict, rounds: int) -> dict:
+def measure(t: int, hkv: int, variants: dict, rounds: int, key_block: int = 1) -> dict:
     """One (length, kv heads) row: every variant compiled, then timed alternating."""
-    sel, current = Selection(), pallas.pallas_mgpu_score
+    sel, current = Selection(key_block=key_block), pallas.pallas_mgpu_score
     a = inputs(t, hkv)
     base = default_config(128, 2, 512 * 32 // hkv)
     fs, outs = {}, {}
-    row = {"T": t, "Hq": 32, "Hkv": hkv, "scoring_flop": scoring_flop(t, sel), "errors": {}}
+    row = {"T": t, "Hq": 32, "Hkv": hkv, "key_block": key_block,
+           "scoring_flop": scoring_flop(t, sel), "errors": {}}
     for n, (change, module) in variants.items():
         config = dataclasses.replace(base, **change)
         f = jax.jit(lambda q, k, c=config: pallas.picks(q, k, sel=sel, config=c))
@@ -106,13 +112,16 @@ def main(argv=None) -> int:
     ap.add_argument("--old", action="append", default=[],
                     help="NAME=FILE: a variant running FILE as pallas_mgpu_score (4 consumers)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--key-block", type=int, default=1, help="Selection.key_block (block picks:"
+                    " 256-wide signed rows at d = 128; the span stays 32, so 1 or 32)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     variants = {n: (VARIANTS[n], None) for n in args.variants.split("|")}
     for spec in args.old:
         name, path = spec.split("=", 1)
         variants[name] = (dict(score_lowering="mosaic_gpu"), load_module(path))
-    rows = [measure(t, hkv, variants, args.rounds) for t in map(int, args.lengths.split(","))
+    rows = [measure(t, hkv, variants, args.rounds, args.key_block)
+            for t in map(int, args.lengths.split(","))
             for hkv in map(int, args.kv_heads.split(","))]
     write_rows(rows, __doc__.splitlines()[0], args.out)
     return 0

@@ -129,10 +129,12 @@ def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> b
     """Whether the scoring runs the Mosaic GPU kernel (``Config.score_lowering``)."""
     fits = pallas_mgpu_score.supports(q.dtype, q.shape[-1], k.shape[1], sel.top_k,
                                       config.mgpu_block_k)
+    if config.score_lowering == "auto":  # 256-wide rows (block picks at d = 128): on demand
+        fits = fits and q.shape[-1] <= 128  # until measured against the Triton lowering
     return pallas_mgpu.uses_mosaic_gpu(
         config.score_lowering, "score_lowering", fits,
-        f"bfloat16/float16 q and k with head dim 64 or 128, at least {config.mgpu_block_k} keys "
-        f"(a multiple of 8) and top_k <= {pallas_mgpu_score.MAX_TOP_K}; got {q.dtype}, head dim "
+        f"bfloat16/float16 q and k with head dim 64, 128 or 256, at least "
+        f"{config.mgpu_block_k} keys (a multiple of 8) and top_k <= {pallas_mgpu_score.MAX_TOP_K}; got {q.dtype}, head dim "
         f"{q.shape[-1]}, {k.shape[1]} keys, top_k {sel.top_k}", interpret)
 
 

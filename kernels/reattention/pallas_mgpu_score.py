@@ -37,7 +37,9 @@ Output: ``(vals, idx)`` of shape (B, Hkv, NC, splits, top_k, R), each row's entr
 score (idx -1 and the score ``NEG`` where a row has fewer than top_k keys), for
 ``pallas._score`` to merge like the Triton kernel's.
 
-Supported (:func:`supports`): 16-bit inputs, head dim 64 or 128, at least one key tile of keys
+Supported (:func:`supports`): 16-bit inputs, head dim 64, 128 or 256 (the 256-wide signed rows
+of block picks at d = 128, ``key_blocks.py``; with 4 consumers only 2 slots of 64 keys fit in
+shared memory), at least one key tile of keys
 and a multiple of 8, top_k <= 8; the caller pads the rows to a multiple of 64 x consumers.
 ``interpret=True`` runs the Mosaic GPU interpreter on CPU, with the rows' lists merged tile by
 tile in ``top_k`` rounds instead (the interpreter cannot run ``inline_mgpu``).
@@ -65,11 +67,12 @@ MAX_TOP_K = 8
 
 
 def supports(dtype, head_dim: int, num_keys: int, top_k: int, block_k: int = 64) -> bool:
-    """True where this kernel applies: 16-bit q and k, head dim 64 or 128, at least one key tile
-    of keys and a multiple of 8 (the TMA descriptor of the cache, read in place, tiles its
-    sequence dimension by 8; Mosaic GPU rejects other lengths), top_k <= 8 (the caller pads the
-    rows to a multiple of 64 x consumers)."""
-    return (wgmma_inputs(dtype, head_dim) and num_keys >= block_k and num_keys % 8 == 0
+    """True where this kernel applies: 16-bit q and k, head dim 64, 128 or 256, at least one
+    key tile of keys and a multiple of 8 (the TMA descriptor of the cache, read in place, tiles
+    its sequence dimension by 8; Mosaic GPU rejects other lengths), top_k <= 8 (the caller pads
+    the rows to a multiple of 64 x consumers). The ring must fit too (``smem_bytes``)."""
+    return ((wgmma_inputs(dtype, head_dim) or wgmma_inputs(dtype, head_dim // 2)
+             and head_dim == 256) and num_keys >= block_k and num_keys % 8 == 0
             and 1 <= top_k <= MAX_TOP_K)
 
 
@@ -385,7 +388,7 @@ def score(
         q_in = q_rows
     if not (supports(q_rows.dtype, d, s_len, top_k, block_k) and q_rows.dtype == k.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention scoring needs 16-bit q and k with head dim "
-                         f"64 or 128, at least {block_k} keys (a multiple of 8) and top_k "
+                         f"64, 128 or 256, at least {block_k} keys (a multiple of 8) and top_k "
                          f"<= {MAX_TOP_K}; got {q_rows.dtype}/{k.dtype}, rows {tuple(q_rows.shape)}"
                          f", keys {tuple(k.shape)}, top_k {top_k}")
     if k.shape[0] != b or k.shape[2] != hkv or k.shape[3] != d or l0.shape != (b, nc):

@@ -6,6 +6,7 @@ compiled with ``-m gpu``), and bad parameters name the problem."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,11 +16,13 @@ import pytest
 import torch
 
 from kernels.reattention import key_blocks
+from kernels.reattention import pallas as P
+from kernels.reattention import pallas_mgpu_score as M
 from kernels.reattention import reference as R
 from kernels.reattention import reference_torch
 from kernels.reattention.params import Selection
 from kernels.reattention.shapes import BLOCK_CASES, Case
-from tests.kernels.conftest import TOL, rel_err
+from tests.kernels.conftest import TOL, export_for_cuda, rel_err
 from tests.kernels.test_reattention_ops import (_config, assert_same_selection, needs_gpu,
                                                 pallas_run, reference_run)
 from tests.kernels.test_reattention_reference import (_reference, _valid, make_qkv,
@@ -164,3 +167,46 @@ def test_gpu_32k_bf16_block_picks(head_dim):
     same = (_valid(gl, n) == _valid(gl_ref, n_ref)).all(-1) & (np.asarray(n) == np.asarray(n_ref))
     assert same.mean() > 0.95, same.mean()  # near-ties may flip a rare pick, never many
 
+
+
+@pytest.mark.parametrize("consumers,slots,tokens", [(4, 2, False), (2, 3, True)])
+def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens):
+    """At d = 128 the signed rows are 256 wide: the Mosaic GPU scoring takes them (on demand,
+    ``score_lowering="mosaic_gpu"``; "auto" keeps the Triton lowering) with a ring that fits
+    in shared memory, packed or read in place; lowered for CUDA here, compiled with -m gpu."""
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    assert M.supports(jnp.bfloat16, 256, 4096, 4) and not M.supports(jnp.float32, 256, 4096, 4)
+    assert M.smem_bytes(256, 2, 4, 64, 4, 4, "lanes") > M.SMEM_BYTES
+    k, l0 = bf16(1, 4096, 2, 256), jax.ShapeDtypeStruct((1, 3), jnp.int32)
+    rows = bf16(1, 1536, 8, 256) if tokens else bf16(1, 2, 3, 64 * consumers, 256)
+    score = functools.partial(M.score, sink=32, top_k=4, splits=2, split_len=2048, block_k=64,
+                              slots=slots, consumers=consumers,
+                              tokens=(512, 0, 2048) if tokens else None)
+    exported = export_for_cuda(score, rows, k, l0)
+    r = 2048 if tokens else 64 * consumers
+    assert [o.shape for o in exported.out_avals] == [(1, 2, 3, 2, 4, r)] * 2
+    with pytest.raises(ValueError, match="use fewer slots"):
+        M.score(jnp.zeros((1, 2, 3, 256, 256), jnp.bfloat16), jnp.zeros((1, 4096, 2, 256),
+                jnp.bfloat16), jnp.zeros((1, 3), jnp.int32), sink=32, top_k=4, splits=1,
+                split_len=4096, slots=4, consumers=4, interpret=True)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("hkv", [32, 8])
+def test_gpu_signed_rows_on_the_mosaic_gpu_scoring(hkv):
+    """32K, d = 128, blocks of 32: the Mosaic GPU scoring of the 256-wide signed rows (4
+    consumers, 2 slots) picks what the Triton lowering picks."""
+    case = Case(1, 32768, 32, hkv, 128, Selection(key_block=32))
+    q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=19))
+    rows = 512 * 32 // hkv
+
+    def picks(lowering):
+        config = dataclasses.replace(P.default_config(128, 2, rows), score_lowering=lowering,
+                                     mgpu_slots=2)
+        return jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
+
+    (vals_m, idx_m), (vals_t, idx_t) = picks("mosaic_gpu"), picks("triton")
+    same = np.sort(np.asarray(idx_m), -1) == np.sort(np.asarray(idx_t), -1)
+    assert same.mean() > 0.9999, same.mean()
+    assert (np.asarray(idx_t) >= 0).mean() > 0.5
