@@ -129,8 +129,8 @@ def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> b
     """Whether the scoring runs the Mosaic GPU kernel (``Config.score_lowering``)."""
     fits = pallas_mgpu_score.supports(q.dtype, q.shape[-1], k.shape[1], sel.top_k,
                                       config.mgpu_block_k)
-    if config.score_lowering == "auto":  # 256-wide rows (block picks at d = 128): on demand
-        fits = fits and q.shape[-1] <= 128  # until measured against the Triton lowering
+    if config.score_lowering == "auto" and q.shape[-1] > 128:  # block picks' 256-wide rows:
+        fits = fits and config.mgpu_consumers == 4  # measured with 4 consumers (a prefill's)
     return pallas_mgpu.uses_mosaic_gpu(
         config.score_lowering, "score_lowering", fits,
         f"bfloat16/float16 q and k with head dim 64, 128 or 256, at least "
@@ -175,10 +175,14 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
         bk, rows = config.mgpu_block_k, pallas_mgpu_score.ROWS * config.mgpu_consumers
         splits = score_splits(config, geo, nc * r_pad // rows)
         split_len = round_up(max(s_len - sel.sink_tokens, 1), splits * bk) // splits
+        slots = config.mgpu_slots
+        if d > 128:  # the ring is sized for d <= 128; block picks' 256-wide rows take fewer
+            slots = pallas_mgpu_score.fitting_slots(slots, d, q_rows.dtype.itemsize, sel.top_k,
+                                                    bk, config.mgpu_consumers, config.mgpu_merge)
         vals, idx = _mgpu_score(q_rows, k, meta[..., 2], sink=sel.sink_tokens, top_k=sel.top_k,
-                                splits=splits, split_len=split_len, block_k=bk,
-                                slots=config.mgpu_slots, consumers=config.mgpu_consumers,
-                                merge=config.mgpu_merge, tokens=tokens, interpret=interpret)
+                                splits=splits, split_len=split_len, block_k=bk, slots=slots,
+                                consumers=config.mgpu_consumers, merge=config.mgpu_merge,
+                                tokens=tokens, interpret=interpret)
         if tokens is not None:  # head-major tiles -> packed rows
             vals, idx = (mgpu_tokens.to_packed(x, geo.groups) for x in (vals, idx))
         if not merge:  # (B, Hkv, NC, splits, K, R'): splits and K adjacent

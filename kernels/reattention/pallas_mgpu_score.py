@@ -237,6 +237,16 @@ def smem_bytes(head_dim: int, itemsize: int, top_k: int, block_k: int, slots: in
     return total
 
 
+def fitting_slots(slots: int, head_dim: int, itemsize: int, top_k: int, block_k: int,
+                  consumers: int, merge: str) -> int:
+    """The most ring slots, at most ``slots`` and at least 2, whose CTA fits in shared memory
+    (2 where none does: ``score`` then says so). 256-wide rows (block picks at d = 128) with 4
+    consumers fit 2 slots of 64 keys, with 2 consumers 4."""
+    fit = [n for n in range(2, slots + 1)
+           if smem_bytes(head_dim, itemsize, top_k, block_k, n, consumers, merge) <= SMEM_BYTES]
+    return max(fit, default=2)
+
+
 def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk, slots, s_len,
             splits, split_len, tiles, nc, hkv, consumers, merge, tokens, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu

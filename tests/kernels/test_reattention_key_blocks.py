@@ -171,12 +171,15 @@ def test_gpu_32k_bf16_block_picks(head_dim):
 
 @pytest.mark.parametrize("consumers,slots,tokens", [(4, 2, False), (2, 3, True)])
 def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens):
-    """At d = 128 the signed rows are 256 wide: the Mosaic GPU scoring takes them (on demand,
-    ``score_lowering="mosaic_gpu"``; "auto" keeps the Triton lowering) with a ring that fits
-    in shared memory, packed or read in place; lowered for CUDA here, compiled with -m gpu."""
+    """At d = 128 the signed rows are 256 wide: the Mosaic GPU scoring takes them with a ring
+    that fits in shared memory (``fitting_slots``: 2 slots with 4 consumers, 4 with 2), packed
+    or read in place; lowered for CUDA here, compiled with -m gpu."""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     assert M.supports(jnp.bfloat16, 256, 4096, 4) and not M.supports(jnp.float32, 256, 4096, 4)
     assert M.smem_bytes(256, 2, 4, 64, 4, 4, "lanes") > M.SMEM_BYTES
+    assert M.fitting_slots(4, 256, 2, 4, 64, 4, "lanes") == 2
+    assert M.fitting_slots(4, 256, 2, 4, 64, 2, "lanes") == 4
+    assert M.fitting_slots(6, 128, 2, 4, 64, 4, "lanes") == 6
     k, l0 = bf16(1, 4096, 2, 256), jax.ShapeDtypeStruct((1, 3), jnp.int32)
     rows = bf16(1, 1536, 8, 256) if tokens else bf16(1, 2, 3, 64 * consumers, 256)
     score = functools.partial(M.score, sink=32, top_k=4, splits=2, split_len=2048, block_k=64,
@@ -210,3 +213,21 @@ def test_gpu_signed_rows_on_the_mosaic_gpu_scoring(hkv):
     same = np.sort(np.asarray(idx_m), -1) == np.sort(np.asarray(idx_t), -1)
     assert same.mean() > 0.9999, same.mean()
     assert (np.asarray(idx_t) >= 0).mean() > 0.5
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_decode_step_with_block_picks_at_128k():
+    """A decode step over a 128K cache, 32 q / 8 kv heads, d = 128, blocks of 32 (the Triton
+    lowering scores its 256-wide signed rows: "auto" takes the Mosaic GPU scoring for them
+    only with a prefill's 4 consumers, the measured case), against the float32 reference."""
+    case = Case(1, 131072, 32, 8, 128)
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=21))
+    lengths = jnp.array([131000])
+    with P.poison_outputs():
+        got = jax.jit(functools.partial(P.reattention_decode, key_block=32))(q[:, -1], k, v,
+                                                                            lengths)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = jax.jit(functools.partial(R.reattention_decode, key_block=32))(
+        f32(q[:, -1]), f32(k), f32(v), lengths)
+    assert rel_err(got, want) < TOL[jnp.bfloat16]
