@@ -161,8 +161,10 @@ class Config:
     ``score_lowering``: "triton" runs the scoring kernel through Pallas's Triton lowering (the
     ``score_*`` tiles above), "mosaic_gpu" through the warp-specialised Mosaic GPU kernel
     (``pallas_mgpu_score.py``: ``mgpu_consumers`` x 64 rows per program, ``mgpu_block_k`` keys
-    per tile, ``mgpu_slots`` shared-memory slots; Hopper, 16-bit, head dim 64 or 128, a key
-    count that is a multiple of 8, top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU, else "triton".
+    per tile, ``mgpu_slots`` shared-memory slots; Hopper, 16-bit, head dim 64 or 128, or 256
+    for block picks' signed rows with a ring cut to fit, a key count that is a multiple of 8,
+    top_k <= 8); "auto": "mosaic_gpu" where it applies on a Hopper GPU (256-wide rows only with
+    4 consumers, the measured case), else "triton".
     H200, 128K, 32 heads, d = 128: 105-114 ms with the defaults, 200 ms through Triton.
     ``mgpu_merge``: how that kernel keeps each row's top_k, "lanes" (per-thread lists, a warp
     vote per 8 rows) or "rows" (a warp per row through shared memory, ``mgpu_row_merge.py``;
