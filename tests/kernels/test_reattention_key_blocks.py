@@ -25,8 +25,8 @@ from kernels.reattention.shapes import BLOCK_CASES, Case
 from tests.kernels.conftest import TOL, export_for_cuda, rel_err
 from tests.kernels.test_reattention_ops import (_config, assert_same_selection, needs_gpu,
                                                 pallas_run, reference_run)
-from tests.kernels.test_reattention_reference import (_reference, _valid, make_qkv,
-                                                      rotated_full_attention)
+from tests.kernels.test_reattention_reference import (_reference, _valid, check_dense_oracles,
+                                                      make_qkv, rotated_full_attention)
 
 SEL = Selection(sink_tokens=3, local_window=8, top_k=2, max_selected=3, span=4, chunk_size=7,
                 middle_align=8, key_block=4)
@@ -72,13 +72,7 @@ def test_matches_the_dense_block_oracle(case):
     """Same lists as ``select_sorted`` (which evaluates the bound element by element, sorts
     every block, counts votes over the sequence); output == the keep-mask formulation. Every
     list is whole blocks, and some chunk dropped blocks."""
-    q, k, v = make_qkv(case, seed=case.length + 1)
-    out, glist, n_g = _reference(q, k, v, case.sel)
-    glist_sorted, n_sorted = jax.jit(functools.partial(R.select_sorted, sel=case.sel))(q, k)
-    np.testing.assert_array_equal(np.asarray(n_g), np.asarray(n_sorted))
-    np.testing.assert_array_equal(_valid(glist, n_g), _valid(glist_sorted, n_sorted))
-    naive = jax.jit(functools.partial(R.reattention_naive, sel=case.sel))(q, k, v)
-    assert rel_err(out, naive) < 1e-5
+    q, k, out, glist, n_g = check_dense_oracles(case, seed=case.length + 1)
     sel, lists = case.sel, _valid(glist, n_g).reshape(-1, glist.shape[-1])
     for row, n in zip(lists, np.asarray(n_g).ravel()):
         middle = row[:n][row[:n] >= sel.sink_tokens] - sel.sink_tokens
@@ -92,7 +86,7 @@ def test_matches_the_dense_block_oracle(case):
 def test_selecting_every_block_is_full_attention():
     case = Case(2, 61, 4, 2, 64, Selection(2, 8, 61, 61, 4, 16, 4, key_block=4))
     q, k, v = make_qkv(case, seed=4)
-    out, _, n_g = _reference(q, k, v, case.sel)
+    out, *_ = _reference(q, k, v, case.sel)
     assert rel_err(out, rotated_full_attention(q, k, v)) < 1e-5
 
 

@@ -41,17 +41,24 @@ def _valid(glist, n_g):
     return np.where(np.arange(glist.shape[-1]) < n_g[..., None], glist, 0)
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
-def test_matches_sort_based_selection_and_dense_formulation(case):
-    """Selection == the argsort/lexsort reference (same lists, same lengths); output == the
-    keep-mask formulation (positions = running count of kept keys) to float32 round-off."""
-    q, k, v = make_qkv(case, seed=case.length)
+def check_dense_oracles(case: Case, seed: int):
+    """The reference's selection == the argsort/lexsort one (same lists, same lengths) and its
+    output == the keep-mask formulation to float32 round-off; returns (q, k, out, glist, n_g)."""
+    q, k, v = make_qkv(case, seed=seed)
     out, glist, n_g = _reference(q, k, v, case.sel)
     glist_sorted, n_sorted = jax.jit(functools.partial(R.select_sorted, sel=case.sel))(q, k)
     np.testing.assert_array_equal(np.asarray(n_g), np.asarray(n_sorted))
     np.testing.assert_array_equal(_valid(glist, n_g), _valid(glist_sorted, n_sorted))
     naive = jax.jit(functools.partial(R.reattention_naive, sel=case.sel))(q, k, v)
     assert rel_err(out, naive) < 1e-5
+    return q, k, out, glist, n_g
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
+def test_matches_sort_based_selection_and_dense_formulation(case):
+    """Selection == the argsort/lexsort reference (same lists, same lengths); output == the
+    keep-mask formulation (positions = running count of kept keys) to float32 round-off."""
+    q, k, out, glist, n_g = check_dense_oracles(case, seed=case.length)
     # Not vacuous: the selection really dropped keys somewhere, and kept spans elsewhere.
     geo_sink = min(case.sel.sink_tokens, case.length)
     assert int(np.max(n_g)) > geo_sink
