@@ -134,8 +134,9 @@ def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> b
     return pallas_mgpu.uses_mosaic_gpu(
         config.score_lowering, "score_lowering", fits,
         f"bfloat16/float16 q and k with head dim 64, 128 or 256, at least "
-        f"{config.mgpu_block_k} keys (a multiple of 8) and top_k <= {pallas_mgpu_score.MAX_TOP_K}; got {q.dtype}, head dim "
-        f"{q.shape[-1]}, {k.shape[1]} keys, top_k {sel.top_k}", interpret)
+        f"{config.mgpu_block_k} keys (a multiple of 8) and top_k <= "
+        f"{pallas_mgpu_score.MAX_TOP_K}; got {q.dtype}, head dim {q.shape[-1]}, {k.shape[1]} "
+        f"keys, top_k {sel.top_k}", interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("sink", "top_k", "splits", "split_len", "block_k",

@@ -73,8 +73,8 @@ def reattention(q, k, v, *, sink_tokens: int = 32, local_window: int = 8192, top
     return _module(q, implementation).reattention(
         q, k, v, sink_tokens=sink_tokens, local_window=local_window, top_k=top_k,
         max_selected=max_selected, span=span, chunk_size=chunk_size, middle_align=middle_align,
-        key_block=key_block, q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq, softmax_scale=softmax_scale,
-        q_lengths=q_lengths)
+        key_block=key_block, q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq,
+        softmax_scale=softmax_scale, q_lengths=q_lengths)
 
 
 def reattention_decode(q, k_cache, v_cache, lengths, *, implementation: str | None = None,
