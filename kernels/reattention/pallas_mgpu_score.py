@@ -71,8 +71,8 @@ def supports(dtype, head_dim: int, num_keys: int, top_k: int, block_k: int = 64)
     key tile of keys and a multiple of 8 (the TMA descriptor of the cache, read in place, tiles
     its sequence dimension by 8; Mosaic GPU rejects other lengths), top_k <= 8 (the caller pads
     the rows to a multiple of 64 x consumers). The ring must fit too (``smem_bytes``)."""
-    return ((wgmma_inputs(dtype, head_dim) or wgmma_inputs(dtype, head_dim // 2)
-             and head_dim == 256) and num_keys >= block_k and num_keys % 8 == 0
+    takes = head_dim == 256 and wgmma_inputs(dtype, 128) or wgmma_inputs(dtype, head_dim)
+    return (takes and num_keys >= block_k and num_keys % 8 == 0
             and 1 <= top_k <= MAX_TOP_K)
 
 

@@ -180,19 +180,16 @@ def score_topk(
     return vals, jnp.where(jnp.isfinite(vals), idx, -1)
 
 
-def scoring_inputs(q: Float[Array, "B T Hq D"], k: Float[Array, "B S Hkv D"], geo: Geometry):
-    """What ``score_topk`` scores, in float32: (rows (NC, B, Hkv, R, D'), keys (B, Hkv, S',
-    D'), L0 -> the middle's end in those keys, picks -> token positions). Token picks: q, k,
-    identities. Block picks (``key_block`` > 1): ``key_blocks``' signed rows and summaries."""
+def block_scoring_inputs(q: Float[Array, "B T Hq D"], k: Float[Array, "B S Hkv D"],
+                         geo: Geometry):
+    """What ``score_topk`` scores for block picks (``key_block`` > 1, ``key_blocks.py``), in
+    float32: (signed rows (NC, B, Hkv, R, 2D), summary keys (B, Hkv, S', 2D), L0 -> the
+    middle's end in those keys, picks -> token positions)."""
     sel = geo.sel
-    if sel.key_block == 1:
-        q_s, k_s, end, to_tokens = q, k, lambda l0: l0, lambda idx: idx
-    else:
-        q_s, k_s = key_blocks.signed_queries(q), key_blocks.summaries(k, sel)
-        end = lambda l0: key_blocks.summary_end(l0, geo.num_keys, sel)
-        to_tokens = lambda idx: key_blocks.centres(idx, sel)
-    rows = jnp.moveaxis(pack_rows(q_s.astype(jnp.float32), geo), 2, 0)
-    return rows, k_s.astype(jnp.float32).transpose(0, 2, 1, 3), end, to_tokens
+    rows = jnp.moveaxis(pack_rows(key_blocks.signed_queries(q).astype(jnp.float32), geo), 2, 0)
+    keys = key_blocks.summaries(k, sel).astype(jnp.float32).transpose(0, 2, 1, 3)
+    return (rows, keys, lambda l0: key_blocks.summary_end(l0, geo.num_keys, sel),
+            lambda idx: key_blocks.centres(idx, sel))
 
 
 # ----------------------------------------------------------------------------- 2. selection
@@ -336,7 +333,10 @@ def reattention_with_selection(
     k_heads = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # (B, Hkv, S, D)
     v_heads = v.astype(jnp.float32).transpose(0, 2, 1, 3)
     b, hkv, r = geo.batch, geo.kv_heads, geo.rows
-    s_rows, s_keys, s_end, s_picks = scoring_inputs(q, k, geo)
+    if sel.key_block == 1:  # token picks score the rows and keys the attention reads
+        s_rows, s_keys, s_end, s_picks = q_rows, k_heads, lambda l0: l0, lambda idx: idx
+    else:
+        s_rows, s_keys, s_end, s_picks = block_scoring_inputs(q, k, geo)
 
     def one_chunk(args):
         q_c, s_c, c0_c, c1_c, l0_c = args
