@@ -174,7 +174,9 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
     sel = geo.sel
     if mgpu:
         bk, rows = config.mgpu_block_k, pallas_mgpu_score.ROWS * config.mgpu_consumers
-        splits = score_splits(config, geo, nc * r_pad // rows)
+        one_wave = geo.num_queries == 1  # a decode step (ONE_WAVE_PROGRAMS)
+        splits = score_splits(config, geo, nc * r_pad // rows,
+                              params.ONE_WAVE_PROGRAMS if one_wave else params.TARGET_PROGRAMS)
         split_len = round_up(max(s_len - sel.sink_tokens, 1), splits * bk) // splits
         slots = config.mgpu_slots
         if d > 128:  # the ring is sized for d <= 128; block picks' 256-wide rows take fewer

@@ -278,19 +278,24 @@ def default_config(head_dim: int, itemsize: int, rows: int | None = None) -> Con
 
 
 TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100): enough scoring programs per launch
+# A decode step's Mosaic GPU scoring (one CTA per SM) does best with one wave: 16 key splits at
+# 8 kv heads, not 32 (bench/results/ab_reattention_decode_splits_h100.json: 75 against 81 us
+# at 32K d = 128, 70 against 78 at 64K d = 64, 136 against 143 at 128K d = 128).
+ONE_WAVE_PROGRAMS = 132
 
 
-def score_splits(config: Config, geo: Geometry, row_tiles: int) -> int:
+def score_splits(config: Config, geo: Geometry, row_tiles: int,
+                 target: int = TARGET_PROGRAMS) -> int:
     """Key-range splits of the scoring kernel: 1 when the (row tiles x batch x kv heads) grid
-    already fills the GPU; more (each split at least 8 key tiles long) when it does not. A
-    decode step's count is rounded down to a power of two, so that its candidates (splits x
-    top_k) reach the selection kernel without a padding copy (``pallas_select``)."""
+    already has ``target`` programs; more (each split at least 8 key tiles long) when it does
+    not. A decode step's count is rounded down to a power of two, so that its candidates
+    (splits x top_k) reach the selection kernel without a padding copy (``pallas_select``)."""
     if config.score_splits:
         return config.score_splits
     middle = max(0, geo.num_keys - geo.sel.sink_tokens)
     programs = row_tiles * geo.batch * geo.kv_heads
     most = max(1, cdiv(middle, 8 * config.score_block_k))
-    splits = max(1, min(most, cdiv(TARGET_PROGRAMS, programs)))
+    splits = max(1, min(most, cdiv(target, programs)))
     return 1 << (splits.bit_length() - 1) if geo.num_queries == 1 else splits
 
 
