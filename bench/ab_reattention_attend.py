@@ -8,6 +8,8 @@ d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block /
 ``Config.gather_bytes``, the list gather (``mgpu_xla_gather``: XLA's instead of
 ``pallas_gather``'s), the rows' copies (``Config.mgpu_rows``) or the cuDNN prefix's
 (``Config.prefix_keys``) differ, so the differences are the attention stage's.
+``--key-block 32`` runs block picks (span 32), where ``mgpu_values_gathered`` is the list gather
+of keys and values against the default's values read in place (``Config.mgpu_list_values``).
 ``rel_vs_triton`` is each variant's output against the Triton lowering's (same selection,
 different rounding).
 """
@@ -42,9 +44,18 @@ VARIANTS = {
     "mgpu_prefix_sliced": dict(attend_lowering="mosaic_gpu", prefix_keys="sliced"),
     "mgpu_packed_sliced": dict(attend_lowering="mosaic_gpu", mgpu_rows="packed",
                                prefix_keys="sliced"),
+    # block picks (--key-block): the lists' values gathered with their keys, not read in place
+    "mgpu_values_gathered": dict(attend_lowering="mosaic_gpu", mgpu_list_values="gathered"),
 }
+
+
+def _xla_gather(*args, values=True, interpret=False):
+    kg, vg = pallas_mgpu_attend.gather_list(*args)
+    return kg, vg if values else None
+
+
 XLA_GATHER = types.SimpleNamespace(  # pallas_gather's interface, XLA's gather inside
-    gather_list=lambda *args, interpret=False: pallas_mgpu_attend.gather_list(*args))
+    gather_list=_xla_gather, padded_lists=pallas_gather.padded_lists)
 
 
 def inputs(t: int, hkv: int, dtype=jnp.bfloat16):
@@ -60,22 +71,26 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", default="32,8")
     ap.add_argument("--variants", default="|".join(VARIANTS), help="names joined by '|'")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--key-block", type=int, default=1,
+                    help="block picks of this many keys (span the same); 1: token picks")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names = args.variants.split("|")
+    picks = dict(key_block=args.key_block, span=32 if args.key_block == 1 else args.key_block)
     rows = []
     for t in map(int, args.lengths.split(",")):
         for hkv in map(int, args.kv_heads.split(",")):
             a = inputs(t, hkv)
             base = default_config(128, 2, 512 * 32 // hkv)
-            fs, outs, row = {}, {}, {"T": t, "Hq": 32, "Hkv": hkv, "ms": {}, "errors": {},
-                                     "temp_bytes": {}}
+            fs, outs, row = {}, {}, {"T": t, "Hq": 32, "Hkv": hkv, **picks, "ms": {},
+                                     "errors": {}, "temp_bytes": {}}
             for n in names:
                 change = dict(VARIANTS[n])
                 if change.pop("gather", None) == "xla":
                     pallas.pallas_gather = XLA_GATHER  # read when f is traced, below
                 config = dataclasses.replace(base, **change)
-                f = jax.jit(lambda q, k, v, c=config: pallas.reattention(q, k, v, config=c))
+                f = jax.jit(lambda q, k, v, c=config: pallas.reattention(q, k, v, config=c,
+                                                                         **picks))
                 try:
                     outs[n] = f(*a)
                     fs[n] = (f, a)

@@ -485,11 +485,13 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
-                                             "tokens", "interpret"), donate_argnames=("out",))
-def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, out=None, **kwargs):
+                                             "tokens", "piece", "interpret"),
+                   donate_argnames=("out",))
+def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, out=None, list_rows=None, **kwargs):
     """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers;
     ``out``, written in place, is donated: called op by op, it is not copied)."""
-    return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, out=out, **kwargs)
+    return pallas_mgpu_attend.attend(qo_rows, kg, vg, k_window, v, meta, out=out,
+                                     list_rows=list_rows, **kwargs)
 
 
 def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geometry,
@@ -513,7 +515,10 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     bk = config.mgpu_attend_block_k
     k_window, v_rows = pallas_mgpu_attend.tail_sources(
         window, v, block_k=bk, num_queries=geo.num_queries, interpret=interpret)
-    per_chunk = b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize * 2
+    piece = (pallas_mgpu_attend.values_piece(geo.sel, bk)
+             if config.mgpu_list_values == "auto" else 0)  # values read in place: keys gathered
+    per_chunk = (b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize
+                 * (1 if piece else 2))
     n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
     per_group = params.cdiv(ncr, n_groups)
     in_place = tokens is not None and mgpu_tokens.in_place_supported(interpret)
@@ -524,11 +529,13 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
         if outs:
             outs[-1], gl = lax.optimization_barrier((outs[-1], gl))
         kg, vg = pallas_gather.gather_list(k, v, gl, mt[..., 2], mt[..., 3], inv_freq, bk,
-                                           interpret=interpret)
+                                           values=not piece, interpret=interpret)
         into = outs[-1] if in_place and outs else None
-        o = _mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, into, groups=geo.groups,
+        rows = pallas_gather.padded_lists(gl, bk) if piece else None
+        o = _mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, into, rows, groups=geo.groups,
                          num_keys=geo.num_keys, scale=scale, block_k=bk,
-                         slots=config.mgpu_attend_slots, tokens=tokens, interpret=interpret)
+                         slots=config.mgpu_attend_slots, tokens=tokens, piece=piece,
+                         interpret=interpret)
         if interpret and not isinstance(o, jax.core.Tracer):
             # Op by op, jax 0.10's Mosaic GPU interpreter can deadlock when the next kernel is
             # dispatched while the threads of the previous one still run: one at a time.

@@ -28,8 +28,12 @@ from kernels.reattention.pallas_mgpu_attend import list_rotation_tables
 BLOCK = 64  # list slots per program
 
 
-def _kernel(used_ref, glist_ref, k_ref, v_ref, cos_ref, sin_ref, cos_off_ref, sin_off_ref,
-            kg_ref, vg_ref, *, half: int):
+def _kernel(used_ref, glist_ref, k_ref, *refs, half: int, values: bool):
+    if values:
+        v_ref, cos_ref, sin_ref, cos_off_ref, sin_off_ref, kg_ref, vg_ref = refs
+    else:
+        cos_ref, sin_ref, cos_off_ref, sin_off_ref, kg_ref = refs
+
     @pl.when(pl.program_id(1) * BLOCK < used_ref[0])  # blocks the attention reads
     def _():
         rows = glist_ref[...]
@@ -40,19 +44,27 @@ def _kernel(used_ref, glist_ref, k_ref, v_ref, cos_ref, sin_ref, cos_off_ref, si
             x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
         kg_ref[:, pl.ds(0, half)] = x1.astype(kg_ref.dtype)
         kg_ref[:, pl.ds(half, half)] = x2.astype(kg_ref.dtype)
-        vg_ref[...] = v_ref[rows, :]
+        if values:
+            vg_ref[...] = v_ref[rows, :]
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
+def padded_lists(glist: Int[Array, "B Hkv NC NG"], block_k: int) -> Int[Array, "B Hkv NC NGp"]:
+    """The lists with NG padded (slots of key 0) to the gathered blocks' NGp."""
+    return pad_to(pad_to(glist, 3, block_k), 3, BLOCK)
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "values", "interpret"))
 def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
                 glist: Int[Array, "B Hkv NC NG"], l0: Int[Array, "B Hkv NC"],
-                n_g: Int[Array, "B Hkv NC"], inv_freq, block_k: int, interpret: bool = False):
+                n_g: Int[Array, "B Hkv NC"], inv_freq, block_k: int, values: bool = True,
+                interpret: bool = False):
     """(kg, vg) (B, Hkv, NC, NGp, D), NG padded to a multiple of ``block_k`` (and of
-    ``BLOCK``): as ``pallas_mgpu_attend.gather_list`` in slots below round_up(n_g, block_k),
-    the ones the attention reads (``pallas_mgpu_attend``: list blocks below cdiv(n_g,
-    block_k)); padding slots among them hold key 0. Slots from there on are not written: with
-    overlapping spans n_g is often well below NG (a 16K prefill's middles are about 4K keys),
-    and copying them was most of the gather there."""
+    ``BLOCK``, :func:`padded_lists`): as ``pallas_mgpu_attend.gather_list`` in slots below
+    round_up(n_g, block_k), the ones the attention reads (``pallas_mgpu_attend``: list blocks
+    below cdiv(n_g, block_k)); padding slots among them hold key 0. Slots from there on are not
+    written: with overlapping spans n_g is often well below NG (a 16K prefill's middles are
+    about 4K keys), and copying them was most of the gather there. ``values`` False: the keys
+    only, (kg, None) (the attention reads the values in place, ``Config.mgpu_list_values``)."""
     b, s_len, hkv, d = k.shape
     if (d % 32 or d & (d - 1) or k.shape != v.shape or k.dtype != v.dtype or glist.ndim != 4
             or glist.shape[:2] != (b, hkv)):
@@ -63,7 +75,7 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     if l0.shape != glist.shape[:3] or n_g.shape != glist.shape[:3]:
         raise ValueError(f"l0 and n_g must be (B, Hkv, NC) = {glist.shape[:3]}; got {l0.shape}, "
                          f"{n_g.shape}")
-    glist = pad_to(pad_to(glist, 3, block_k), 3, BLOCK)
+    glist = padded_lists(glist, block_k)
     ngp = glist.shape[3]
     half = d // 2
     tables = list_rotation_tables(ngp, l0, n_g, inv_freq)  # (NGp, D/2) x 2, (B, Hkv, NC, D/2) x 2
@@ -74,17 +86,19 @@ def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
     slot_spec = pl.BlockSpec((BLOCK, half), lambda c, j, bi, h: (j, 0))
     chunk_spec = pl.BlockSpec((None, None, None, half), lambda c, j, bi, h: (bi, h, c, 0))
     out = jax.ShapeDtypeStruct((b, hkv, nc, ngp, d), k.dtype)
-    return call(
-        functools.partial(_kernel, half=half),
+    n_out = 2 if values else 1
+    outs = call(
+        functools.partial(_kernel, half=half, values=values),
         grid=(nc, ngp // BLOCK, b, hkv),
         in_specs=[pl.BlockSpec((None, None, None, 1), lambda c, j, bi, h: (bi, h, c, 0)),
-                  pl.BlockSpec((None, None, None, BLOCK), per_slot), cache_spec, cache_spec,
-                  slot_spec, slot_spec, chunk_spec, chunk_spec],
-        out_specs=[out_spec, out_spec],
-        out_shape=[out, out],
-        inputs=[used, glist, k, v, *tables],
+                  pl.BlockSpec((None, None, None, BLOCK), per_slot),
+                  *[cache_spec] * n_out, slot_spec, slot_spec, chunk_spec, chunk_spec],
+        out_specs=[out_spec] * n_out,
+        out_shape=[out] * n_out,
+        inputs=[used, glist, k, *([v] if values else []), *tables],
         num_warps=4,
         num_stages=1,
         interpret=interpret,
         name="reattention_gather",
     )
+    return tuple(outs) if values else (outs[0], None)

@@ -40,6 +40,7 @@ GPU interpreter.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -64,7 +65,7 @@ def supports(dtype, head_dim: int) -> bool:
 
 
 def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, groups, bk,
-            slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, tokens, interpret):
+            slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, tokens, piece, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -181,10 +182,43 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
                 plgpu.copy_gmem_to_smem(src_tail.at[b, pl.ds(row0 + a0 + (s - nl) * bk, bk), h],
                                         smem.at[slot], full.at[slot])
 
+        def fetch_values_in_place(s, slot):  # ``piece``: vg_ref holds the lists' cache rows
+            for p in range(bk // piece):  # runs of ``piece`` rows, starting at multiples of 8
+                dst = v_smem.at[slot, pl.ds(p * piece, piece)]
+
+                @pl.when(s < nl)
+                def _():
+                    block = jnp.minimum(s, vg_ref.shape[1] // bk - 1)
+                    row = pl.multiple_of(vg_ref[chunk_row, block * bk + p * piece], 8)
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(row, piece), h], dst,
+                                            v_full.at[slot])
+
+                @pl.when(s >= nl)
+                def _():
+                    row = ws + a0 + (s - nl) * bk + p * piece
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(row, piece), h], dst,
+                                            v_full.at[slot])
+
         # Tail keys from the window (row 0 = key ws), values from the cache (row 0 = key 0).
+        values = (fetch_values_in_place if piece else
+                  lambda s, slot: fetch(vg_ref, v_ref, ws, v_smem, v_full, s, slot))
         produce(slots, n_steps,
                 (lambda s, slot: fetch(kg_ref, kw_ref, 0, k_smem, k_full, s, slot), k_free),
-                (lambda s, slot: fetch(vg_ref, v_ref, ws, v_smem, v_full, s, slot), v_free))
+                (values, v_free))
+
+
+def values_piece(sel, block_k: int) -> int:
+    """Rows per TMA copy when the kernel reads a chunk's list values from the cache in place
+    (``attend``'s ``list_rows``), or 0 where they must be gathered. With block picks
+    (``Selection.key_block`` b > 1) a list is the sink's first rows then whole blocks of b
+    rows, each block a run of the cache starting at sink + a multiple of b, and slots past the
+    list hold row 0. So runs of gcd(sink, b) slots are runs of cache rows; the TMA copies into
+    8-row tiles need them to start at multiples of 8, and a key block of ``block_k`` slots must
+    hold whole runs."""
+    if sel.key_block <= 1:
+        return 0
+    piece = math.gcd(sel.sink_tokens, sel.key_block)
+    return piece if piece % 8 == 0 and block_k % piece == 0 else 0
 
 
 def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
@@ -267,6 +301,8 @@ def attend(
     slots: int = 2,
     tokens: Tokens | None = None,
     out: Float[Array, "B To Hq D"] | None = None,
+    list_rows: Int[Array, "B Hkv NC NG"] | None = None,
+    piece: int = 0,
     interpret: bool = False,
 ) -> Float[Array, "B Hkv NC R D"] | Float[Array, "B To Hq D"]:
     """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
@@ -282,7 +318,12 @@ def attend(
     is (B, ``tokens.out_len``, Hq, D), its chunk c + shift written in place
     (``mgpu_tokens.applies`` must hold); ``out``: an array to write into (in place, aliased),
     else a fresh one whose other queries are left unwritten. Queries past either array's end
-    are zeros (read) or dropped (written) by the TMA unit; the interpreter raises on them."""
+    are zeros (read) or dropped (written) by the TMA unit; the interpreter raises on them.
+
+    With ``list_rows`` (the lists' cache rows, NG slots as ``kg``'s) ``vg`` is None: the
+    kernel reads the lists' values from ``v`` itself, ``piece`` slots per TMA copy, slot
+    ``i .. i + piece - 1`` from rows ``list_rows[i] ..`` for i a multiple of ``piece``
+    (:func:`values_piece` says when the lists allow it; the rows are not checked)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     nc, ng = kg.shape[2], kg.shape[3]
@@ -301,17 +342,26 @@ def attend(
         out_type = jax.ShapeDtypeStruct((b, tokens.out_len, hq, d), qo_rows.dtype)
     if nc > nc_rows:
         raise ValueError(f"{nc} chunks of lists but only {nc_rows} chunks of rows")
-    if not (supports(qo_rows.dtype, d) and qo_rows.dtype == kg.dtype == vg.dtype
+    if (list_rows is None) == (vg is None) or (list_rows is not None and (
+            list_rows.shape != kg.shape[:4] or piece < 8 or piece % 8 or block_k % piece)):
+        raise ValueError(f"give either the gathered values vg or the lists' rows (shape "
+                         f"{kg.shape[:4]}, read in pieces of a multiple of 8 rows dividing "
+                         f"block_k={block_k}); got vg {None if vg is None else vg.shape}, rows "
+                         f"{None if list_rows is None else list_rows.shape}, piece {piece}")
+    if list_rows is None:
+        piece = 0
+    vals = kg if vg is None else vg  # (values read in place: the checks see kg twice)
+    if not (supports(qo_rows.dtype, d) and qo_rows.dtype == kg.dtype == vals.dtype
             == k_window.dtype == v.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention attention needs one 16-bit dtype and head "
                          f"dim 64 or 128; got rows {qo_rows.dtype} with head dim {d}, list "
-                         f"{kg.dtype}/{vg.dtype}, window {k_window.dtype}, values {v.dtype}")
+                         f"{kg.dtype}/{vals.dtype}, window {k_window.dtype}, values {v.dtype}")
     if block_k not in (64, 128) or slots < 2:
         raise ValueError(f"block_k must be 64 or 128 and slots >= 2; got {block_k}, {slots}")
-    if (kg.shape != vg.shape or kg.shape[:2] != (b, hkv) or kg.shape[4] != d
+    if (kg.shape != vals.shape or kg.shape[:2] != (b, hkv) or kg.shape[4] != d
             or k_window.shape[::2] != (b, hkv) or v.shape[::2] != (b, hkv)
             or k_window.shape[3] != d or v.shape[3] != d or meta.shape != (b, hkv, nc, 8)):
-        raise ValueError(f"shapes disagree: rows {qo_rows.shape}, list {kg.shape}/{vg.shape}, "
+        raise ValueError(f"shapes disagree: rows {qo_rows.shape}, list {kg.shape}/{vals.shape}, "
                          f"window {k_window.shape}, values {v.shape}, meta {meta.shape}")
     if r % TILE or ng % block_k or k_window.shape[1] % 8 or v.shape[1] % 8:
         raise ValueError(f"rows ({r}) must be a multiple of {TILE}, the list ({ng}) of block_k "
@@ -322,17 +372,20 @@ def attend(
     smem = functools.partial(plgpu.SMEM, transforms=(plgpu.TilingTransform((8, 64)),
                                                      plgpu.SwizzleTransform(128)))
     q_copies = 1 if tokens is None else groups  # copies that fill a consumer's query tile
+    v_copies = block_k // piece if piece else 1  # copies that fill a value block
 
     def entry(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref):
         kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
                                    nc=nc, nc_rows=nc_rows, hkv=hkv, s_len=num_keys,
-                                   scale=scale, dtype=dtype, tokens=tokens, interpret=interpret)
+                                   scale=scale, dtype=dtype, tokens=tokens, piece=piece,
+                                   interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, block_k, d), dtype),
              smem((slots, block_k, d), dtype)),
-            (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+            (plgpu.Barrier(num_barriers=slots),
+             plgpu.Barrier(num_arrivals=v_copies, num_barriers=slots),
              plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS)),
             (plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=slots),) * 2,
             plgpu.Barrier(num_arrivals=CONSUMERS),
@@ -342,7 +395,8 @@ def attend(
     lists = (b * hkv * nc, ng, d)
     o = mgpu_tokens.launch(
         entry,
-        (meta.astype(jnp.int32), qo_rows.reshape(rows_in), kg.reshape(lists), vg.reshape(lists),
+        (meta.astype(jnp.int32), qo_rows.reshape(rows_in), kg.reshape(lists),
+         list_rows.astype(jnp.int32).reshape(lists[:2]) if piece else vg.reshape(lists),
          k_window, v),
         out,
         out_type=out_type,

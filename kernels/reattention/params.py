@@ -189,7 +189,12 @@ class Config:
     ``prefix_keys``: what the cuDNN prefix (``full_prefix``) reads: "whole" the rotated window
     and the cache's values as they are (causal: a query sees no key past its own, so the keys
     past the prefix are masked, and cuDNN skips their blocks), where the window is the whole
-    cache and S = T (so that every row read is written); "sliced" copies of their first rows."""
+    cache and S = T (so that every row read is written); "sliced" copies of their first rows.
+    ``mgpu_list_values``: where the Mosaic GPU attention reads the values of a chunk's list.
+    "auto": from the cache in place, by TMA copies of runs of rows, where the list is made of
+    such runs (block picks, ``pallas_mgpu_attend.values_piece``), so that the list gather
+    copies only the keys (which it rotates); elsewhere, and with "gathered", from the gather's
+    copy."""
 
     score_block_q: int = 64
     score_block_k: int = 64
@@ -214,6 +219,7 @@ class Config:
     gather_bytes: int = 1 << 30
     mgpu_rows: str = "in_place"
     prefix_keys: str = "whole"
+    mgpu_list_values: str = "auto"
 
     def __post_init__(self):
         for name in ("score_block_q", "score_block_k", "attn_block_q", "attn_block_k"):
@@ -245,7 +251,8 @@ class Config:
             raise ValueError(f"Config.mgpu_merge must be 'lanes' or 'rows'; got "
                              f"{self.mgpu_merge!r}")
         for name, allowed in (("mgpu_rows", ("in_place", "packed")),
-                              ("prefix_keys", ("whole", "sliced"))):
+                              ("prefix_keys", ("whole", "sliced")),
+                              ("mgpu_list_values", ("auto", "gathered"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name} must be one of {allowed}; got "
                                  f"{getattr(self, name)!r}")

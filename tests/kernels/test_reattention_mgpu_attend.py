@@ -49,10 +49,11 @@ def _run(q, k, v, sel, config, q_start=None, interpret=True):
     return fn(q, k, v, q_start) if interpret else jax.jit(fn)(q, k, v, q_start)
 
 
-def _check(case, q_start=None, num_keys=None, rows=None, **changes):
+def _check(case, q_start=None, num_keys=None, rows=None, outputs=None, **changes):
     """Mosaic GPU (interpreted) against the Triton lowering (interpreted) and the reference; the
     Triton-lowered kernels of the Mosaic GPU path (scoring, list gather) with NaN-poisoned
-    outputs, so that a read of anything they leave unwritten shows up as NaN."""
+    outputs, so that a read of anything they leave unwritten shows up as NaN. ``outputs``: a
+    dict that gets the Mosaic GPU output as "mosaic_gpu"."""
     q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=case.length, num_keys=num_keys))
     if q_start is not None:
         q_start = jnp.asarray(q_start)
@@ -68,6 +69,8 @@ def _check(case, q_start=None, num_keys=None, rows=None, **changes):
     err_m, err_t = rel_err(out_m[:, rows], ref[:, rows]), rel_err(out_t[:, rows], ref[:, rows])
     assert 1e-4 < err_m < TOL[jnp.bfloat16], err_m  # really bf16, and close
     assert err_m < 1.5 * err_t + 1e-3, (err_m, err_t)  # no worse than the Triton lowering
+    if outputs is not None:
+        outputs["mosaic_gpu"] = out_m
     return n_m
 
 
@@ -165,6 +168,33 @@ def test_groups_of_chunks_share_their_lowered_kernels():
     assert text.count("func.func private @_mgpu_attend") == 2
 
 
+def test_block_picks_lower_for_cuda():
+    """With block picks the op's attention reads the lists' values from the cache in place
+    (pieces of 32 rows, four TMA copies per 128-key block) and gathers only the keys: twice
+    the chunks per group of ``gather_bytes``. Lowered for CUDA on the CPU: the Mosaic GPU
+    lowering checks the copies (jax 0.11 also that each starts on an 8-row tile)."""
+    b, hkv, d, s = 1, 2, 128, 4096
+    sel = Selection(key_block=32)
+    geo = P.geometry((b, s, 2 * hkv, d), (b, s, hkv, d), sel)
+    nc = geo.num_chunks
+    keys_per_chunk = b * hkv * P.round_up(geo.num_gathered, 128) * d * 2
+    config = dataclasses.replace(P.default_config(d, 2, geo.rows), gather_bytes=4 * keys_per_chunk)
+    assert M.values_piece(sel, config.mgpu_attend_block_k) == 32
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    def attend(qo, k, v, gl, mt, window):
+        return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
+                              config, interpret=False)
+
+    text = export_for_cuda(
+        attend, bf16(b, hkv, nc, geo.rows, d), bf16(b, s, hkv, d), bf16(b, s, hkv, d),
+        i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, 2048, hkv, d)
+    ).mlir_module()
+    assert text.count("call @_mgpu_attend") == 2  # 8 chunks, 4 per group: keys only
+    assert text.count("func.func private @_mgpu_attend") == 1
+
+
 @needs_interpreter
 def test_interpreted_groups_of_chunks():
     """MHA, four chunks with a middle in four groups of one (a list of 20 slots in a 64-slot
@@ -202,6 +232,27 @@ def test_interpreted_chunk_written_past_the_cache():
     _check(case, q_start=[113], num_keys=125, rows=slice(0, 12))
 
 
+@needs_interpreter
+def test_interpreted_block_picks_read_values_in_place():
+    """Block picks (blocks of 32 after a sink of 16): the lists are runs of cache rows, so the
+    kernel reads their values from the cache in pieces of gcd(16, 32) = 16 rows
+    (``values_piece``) and the gather copies only the keys. Lists of 16 + 4 x 32 slots span
+    three 64-slot blocks, the last one partial. The same bits as with the values gathered."""
+    sel = Selection(16, 32, 2, 4, 32, 64, 32, key_block=32)
+    case = Case(1, 384, 2, 1, 64, sel)
+    assert M.values_piece(sel, 64) == 16
+    assert M.values_piece(Selection(12, key_block=32, span=32), 64) == 0  # runs of 4 rows
+    assert M.values_piece(Selection(), 128) == 0  # token picks: gathered
+    outs = {}
+    n_g = np.asarray(_check(case, outputs=outs))
+    assert n_g.max() > 128  # some lists reach into a third key block
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=case.length))
+    with P.poison_outputs():
+        gathered = _run(q, k, v, sel, _config("mosaic_gpu", mgpu_list_values="gathered"))[0]
+    np.testing.assert_array_equal(np.asarray(outs["mosaic_gpu"], np.float32),
+                                  np.asarray(gathered, np.float32))
+
+
 # ----------------------------------------------------------------------------- GPU, real sizes
 @needs_hopper
 @pytest.mark.gpu
@@ -209,10 +260,12 @@ def test_interpreted_chunk_written_past_the_cache():
     *gpu_cases(32768),
     Case(2, 20011, 10, 2, 64, Selection(sink_tokens=20)),
     Case(2, 20008, 16, 4, 64, Selection(sink_tokens=20, chunk_size=128)),
+    Case(1, 32768, 32, 8, 128, Selection(key_block=32)),  # the values read in place
 ], ids=lambda c: c.id)
 def test_gpu_matches_triton_lowering_and_reference(case):
     """bf16 at 32K with the authors' defaults (MHA and GQA), and batch 2 at a length that is a
-    multiple of no tile (5 query heads per kv head, d = 64, sink 20: L0 off the 8-row grid);
+    multiple of no tile (5 query heads per kv head, d = 64, sink 20: L0 off the 8-row grid),
+    and block picks at 32K GQA (the lists' values read from the cache in place);
     the batch-2 cases also in groups of 3 chunks. Same selection as the Triton lowering,
     outputs as close to the float32 reference. All but the G = 5 case read and write their rows
     in place (``Config.mgpu_rows``); the last one's final chunk reaches past T, so its queries
