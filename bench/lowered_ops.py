@@ -35,27 +35,29 @@ COUNTED = ("sort", "scatter", "reduce_window", "reduce", "transpose", "pad", "co
            "custom_call", "gather", "dynamic_update_slice")
 
 
-def lower(length: int, kv_heads: int, decode: bool) -> str:
+def lower(length: int, kv_heads: int, decode: bool, key_block: int = 1) -> str:
     """The op's StableHLO text, lowered for CUDA as on a Hopper GPU."""
     available = pallas_mgpu.available
     pallas_mgpu.available = lambda: True  # lower the Mosaic GPU paths without a GPU
     try:
-        return _lower(length, kv_heads, decode)
+        return _lower(length, kv_heads, decode, key_block)
     finally:
         pallas_mgpu.available = available
 
 
-def _lower(length: int, kv_heads: int, decode: bool) -> str:
+def _lower(length: int, kv_heads: int, decode: bool, key_block: int) -> str:
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     k = bf16(1, length, kv_heads, 128)
+    picks = dict(key_block=key_block, span=32 if key_block == 1 else key_block)
     if decode:
-        fn = lambda q, k, v, n: pallas.reattention_decode(q, k, v, n, interpret=False)
+        fn = lambda q, k, v, n: pallas.reattention_decode(q, k, v, n, interpret=False, **picks)
         args = (bf16(1, 32, 128), k, k, jax.ShapeDtypeStruct((1,), jnp.int32))
     else:
         config = dataclasses.replace(default_config(128, 2, 512 * 32 // kv_heads),
                                      full_prefix="xla", score_lowering="mosaic_gpu",
                                      attend_lowering="mosaic_gpu")
-        fn = lambda q, k, v: pallas.reattention(q, k, v, config=config, interpret=False)
+        fn = lambda q, k, v: pallas.reattention(q, k, v, config=config, interpret=False,
+                                                **picks)
         args = (bf16(1, length, 32, 128), k, k)
     checks = [jax.export.DisabledSafetyCheck.custom_call(name)
               for name in ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")]
@@ -87,8 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--decode", action="store_true", help="one decode step over --length keys")
     ap.add_argument("--min-mb", type=float, default=32.0)
+    ap.add_argument("--key-block", type=int, default=1, help="block picks (span the same)")
     args = ap.parse_args(argv)
-    summary = summarize(lower(args.length, args.kv_heads, args.decode), args.min_mb)
+    summary = summarize(lower(args.length, args.kv_heads, args.decode, args.key_block),
+                        args.min_mb)
     print("ops XLA launches or fuses:", summary["counts"])
     n = prefix_tokens(args.length)  # the XLA prefix's dense (n, n) ops, not ReAttention's
     for mb, op, shape in summary["large"]:

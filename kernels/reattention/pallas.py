@@ -62,8 +62,8 @@ from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F40
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
 from kernels.reattention import (key_blocks, mgpu_tokens, pallas_combine, pallas_gather,
-                                 pallas_mgpu_attend, pallas_mgpu_score, pallas_select, params,
-                                 reference)
+                                 pallas_mgpu_attend, pallas_mgpu_score, pallas_select,
+                                 pallas_summaries, params, reference)
 from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
                                         default_config, geometry, next_power_of_2, round_up,
                                         score_splits)
@@ -590,7 +590,9 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     c0, c1, l0 = (x[:, skip:] for x in reference.chunk_bounds(q0, geo))
     blocks = sel.key_block > 1
     if blocks:  # the same kernels score [q+, q-] against the blocks' [max, min] rows
-        q, k = key_blocks.signed_queries(q), key_blocks.summaries(k, sel)
+        summaries = (pallas_summaries.summaries if pallas_summaries.applies(sel, k.shape[3])
+                     else lambda k, sel, interpret: key_blocks.summaries(k, sel))
+        q, k = key_blocks.signed_queries(q), summaries(k, sel, interpret=interpret)
         geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=q.shape[3])
         meta = _meta(c0, c1, key_blocks.summary_end(l0, geo.num_keys, sel))
     else:

@@ -18,6 +18,7 @@ import torch
 from kernels.reattention import key_blocks
 from kernels.reattention import pallas as P
 from kernels.reattention import pallas_mgpu_score as M
+from kernels.reattention import pallas_summaries
 from kernels.reattention import reference as R
 from kernels.reattention import reference_torch
 from kernels.reattention.params import Selection
@@ -136,6 +137,37 @@ def test_pallas_bf16_and_split_scoring_match_reference():
         assert rel_err(out, ref) < TOL[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("s,hkv,d,sink,kb", [
+    (1000, 2, 64, 3, 8),  # 124 blocks: 16 tiles, the last one starting early
+    (300, 1, 128, 32, 32),  # 8 blocks: one tile
+    (77, 2, 32, 5, 16),  # 4 blocks: a tile of 4
+    (20, 1, 32, 12, 16),  # no whole block: zeros
+])
+def test_summaries_kernel_equals_its_jnp_twin(s, hkv, d, sink, kb):
+    """The Pallas summaries (interpreted; NaN-poisoned output, so a row it skips shows) have
+    the jnp twin's bits, sink rows and padding zeros included."""
+    sel = Selection(sink, 8, 2, 4, kb, 16, kb, key_block=kb)
+    k = jax.random.normal(jax.random.PRNGKey(s), (2, s, hkv, d), jnp.bfloat16)
+    with P.poison_outputs():
+        got = pallas_summaries.summaries(k, sel, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(key_blocks.summaries(k, sel), np.float32))
+
+
+def test_summaries_kernel_checks_and_lowers_for_cuda():
+    """Blocks and head dims that are not powers of two go to the jnp twin (``applies``); the
+    kernel refuses them by name. At 128K with 32 kv heads it lowers for CUDA on the CPU."""
+    assert not pallas_summaries.applies(Selection(key_block=24, span=24, middle_align=96), 128)
+    assert not pallas_summaries.applies(Selection(key_block=32), 96)
+    assert not pallas_summaries.applies(Selection(), 128)  # token picks
+    with pytest.raises(ValueError, match="key_block 24"):
+        pallas_summaries.summaries(jnp.zeros((1, 100, 1, 64), jnp.bfloat16),
+                                   Selection(key_block=24, span=24, middle_align=96))
+    exported = export_for_cuda(lambda k: pallas_summaries.summaries(k, Selection(key_block=32)),
+                               jax.ShapeDtypeStruct((1, 131072, 32, 128), jnp.bfloat16))
+    assert exported.out_avals[0].shape == (1, 32 + 4095 + 1, 32, 256)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(span=32, key_block=16), "span must equal it"),
     (dict(span=48, key_block=48), "divide middle_align"),
@@ -225,3 +257,15 @@ def test_gpu_decode_step_with_block_picks_at_128k():
     want = jax.jit(functools.partial(R.reattention_decode, key_block=32))(
         f32(q[:, -1]), f32(k), f32(v), lengths)
     assert rel_err(got, want) < TOL[jnp.bfloat16]
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_summaries_kernel_at_128k():
+    """Compiled (Triton), at 128K with 32 kv heads and d = 128: the jnp twin's bits."""
+    sel = Selection(key_block=32)
+    k = jax.random.normal(jax.random.PRNGKey(23), (1, 131072, 32, 128), jnp.bfloat16)
+    got = pallas_summaries.summaries(k, sel)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(jax.jit(key_blocks.summaries, static_argnums=1)(
+                                      k, sel), np.float32))
