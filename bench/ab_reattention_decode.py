@@ -36,6 +36,7 @@ VARIANTS = {
     "attn_splits_1": dict(attn_splits=1),
     "score_c2": dict(mgpu_consumers=2),
     "score_splits_16": dict(score_splits=16),
+    "score_splits_32": dict(score_splits=32),
     "score_splits_64": dict(score_splits=64),
     "attn_bk64": dict(attn_block_k=64),
     "attn_bk64_s2": dict(attn_block_k=64, attn_stages=2),

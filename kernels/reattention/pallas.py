@@ -515,8 +515,15 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
     bk = config.mgpu_attend_block_k
     k_window, v_rows = pallas_mgpu_attend.tail_sources(
         window, v, block_k=bk, num_queries=geo.num_queries, interpret=interpret)
-    piece = (pallas_mgpu_attend.values_piece(geo.sel, bk)
-             if config.mgpu_list_values == "auto" else 0)  # values read in place: keys gathered
+    piece = 0  # > 0: the lists' values read in place (``Config.mgpu_list_values``)
+    if config.mgpu_list_values == "in_place" or (config.mgpu_list_values == "auto"
+                                                 and geo.groups == 1):
+        piece = pallas_mgpu_attend.values_piece(geo.sel, bk)
+        if not piece and config.mgpu_list_values == "in_place":
+            raise ValueError(f"Config.mgpu_list_values='in_place' needs lists made of runs of "
+                             f"cache rows (block picks whose key_block and sink share a factor "
+                             f"that is a multiple of 8 and divides mgpu_attend_block_k="
+                             f"{bk}); got {geo.sel}")
     per_chunk = (b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize
                  * (1 if piece else 2))
     n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))

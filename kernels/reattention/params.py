@@ -191,10 +191,14 @@ class Config:
     past the prefix are masked, and cuDNN skips their blocks), where the window is the whole
     cache and S = T (so that every row read is written); "sliced" copies of their first rows.
     ``mgpu_list_values``: where the Mosaic GPU attention reads the values of a chunk's list.
-    "auto": from the cache in place, by TMA copies of runs of rows, where the list is made of
-    such runs (block picks, ``pallas_mgpu_attend.values_piece``), so that the list gather
-    copies only the keys (which it rotates); elsewhere, and with "gathered", from the gather's
-    copy."""
+    "in_place": from the cache, by TMA copies of runs of rows, which needs lists made of such
+    runs (block picks, ``pallas_mgpu_attend.values_piece``); the list gather then copies only
+    the keys (which it rotates). "gathered": from the gather's copy. "auto": in place where
+    the lists allow it and each kv head serves one query head (G = 1), gathered elsewhere.
+    Measured on an H100 with blocks of 32 (``bench/results/ab_reattention_attend_kb32*``): in
+    place saves 0.5-0.8 ms at 32K and 2.3 ms at 128K with 32 kv heads; with 8 kv heads (G = 4,
+    every list read by four times the CTAs, each with four copies per value block) it cost
+    0.4-0.7 ms at 32K and saved 1.2 ms at 128K."""
 
     score_block_q: int = 64
     score_block_k: int = 64
@@ -252,7 +256,7 @@ class Config:
                              f"{self.mgpu_merge!r}")
         for name, allowed in (("mgpu_rows", ("in_place", "packed")),
                               ("prefix_keys", ("whole", "sliced")),
-                              ("mgpu_list_values", ("auto", "gathered"))):
+                              ("mgpu_list_values", ("auto", "in_place", "gathered"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name} must be one of {allowed}; got "
                                  f"{getattr(self, name)!r}")

@@ -178,7 +178,8 @@ def test_block_picks_lower_for_cuda():
     geo = P.geometry((b, s, 2 * hkv, d), (b, s, hkv, d), sel)
     nc = geo.num_chunks
     keys_per_chunk = b * hkv * P.round_up(geo.num_gathered, 128) * d * 2
-    config = dataclasses.replace(P.default_config(d, 2, geo.rows), gather_bytes=4 * keys_per_chunk)
+    config = dataclasses.replace(P.default_config(d, 2, geo.rows), gather_bytes=4 * keys_per_chunk,
+                                 mgpu_list_values="in_place")  # ("auto": G = 1 only)
     assert M.values_piece(sel, config.mgpu_attend_block_k) == 32
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -243,8 +244,12 @@ def test_interpreted_block_picks_read_values_in_place():
     assert M.values_piece(sel, 64) == 16
     assert M.values_piece(Selection(12, key_block=32, span=32), 64) == 0  # runs of 4 rows
     assert M.values_piece(Selection(), 128) == 0  # token picks: gathered
+    q0 = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="mgpu_list_values='in_place' needs lists"):
+        _run(q0, q0[:, :, :1], q0[:, :, :1], Selection(12, 8, 2, 4, 32, 16, 32, key_block=32),
+             _config("mosaic_gpu", mgpu_list_values="in_place"))
     outs = {}
-    n_g = np.asarray(_check(case, outputs=outs))
+    n_g = np.asarray(_check(case, outputs=outs, mgpu_list_values="in_place"))  # "auto": G = 1
     assert n_g.max() > 128  # some lists reach into a third key block
     q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=case.length))
     with P.poison_outputs():
@@ -260,12 +265,12 @@ def test_interpreted_block_picks_read_values_in_place():
     *gpu_cases(32768),
     Case(2, 20011, 10, 2, 64, Selection(sink_tokens=20)),
     Case(2, 20008, 16, 4, 64, Selection(sink_tokens=20, chunk_size=128)),
-    Case(1, 32768, 32, 8, 128, Selection(key_block=32)),  # the values read in place
+    Case(1, 32768, 32, 32, 128, Selection(key_block=32)),  # the values read in place
 ], ids=lambda c: c.id)
 def test_gpu_matches_triton_lowering_and_reference(case):
     """bf16 at 32K with the authors' defaults (MHA and GQA), and batch 2 at a length that is a
     multiple of no tile (5 query heads per kv head, d = 64, sink 20: L0 off the 8-row grid),
-    and block picks at 32K GQA (the lists' values read from the cache in place);
+    and block picks at 32K MHA (the lists' values read from the cache in place);
     the batch-2 cases also in groups of 3 chunks. Same selection as the Triton lowering,
     outputs as close to the float32 reference. All but the G = 5 case read and write their rows
     in place (``Config.mgpu_rows``); the last one's final chunk reaches past T, so its queries
