@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from bench.common import environment, measure_peaks, time_fn, time_pipelined
 from bench.device_trace import op_table
-from kernels.reattention import pallas, reference
+from kernels.reattention import key_blocks, pallas, reference
 from kernels.reattention.params import Selection, default_config
 from kernels.reattention.shapes import Case, gpu_cases
 
@@ -196,9 +196,16 @@ def bench_decode(case: Case, dtype, baseline: str, interpret, num_keys: int,
     row = {"case": case.id, "context": num_keys, "Hq": case.q_heads, "Hkv": case.kv_heads,
            "D": case.head_dim,
            "kv_cache_bytes_one_layer": 2 * k.size * k.dtype.itemsize}
-    step = jax.jit(lambda q, k, v, n: pallas.reattention_decode(q, k, v, n, interpret=interpret,
-                                                                **kw))
-    row["reattention"] = timed(step, q[:, 0], k, v, lengths, reps=reps, pipelined=calls)
+    step = jax.jit(lambda q, k, v, n, s: pallas.reattention_decode(
+        q, k, v, n, interpret=interpret, block_summaries=s, **kw))
+    # Block picks: the step reads the summaries the model's cache keeps (ReAttentionCache);
+    # "reattention_recomputed" recomputes them from the keys, as the op alone does.
+    summaries = key_blocks.summaries(k, sel) if sel.key_block > 1 else None
+    row["reattention"] = timed(step, q[:, 0], k, v, lengths, summaries, reps=reps,
+                               pipelined=calls)
+    if summaries is not None:
+        row["reattention_recomputed"] = timed(step, q[:, 0], k, v, lengths, None, reps=reps,
+                                              pipelined=calls)
     for name in dict.fromkeys([baseline, "xla"]):
         try:
             row[f"{name}_full"] = timed(full_attention(name, False), q, k, v, reps=reps,

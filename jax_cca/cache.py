@@ -23,6 +23,10 @@ g group size, w local window, N = S // g core slots, R ring slots.
   every position, ``k, v (B, S, Hkv, D)``, laid out like :class:`FullCache`. ReAttention scores
   keys without position and re-numbers the ones it attends to at every step, so keys are stored
   before RoPE; like the method, it keeps the whole cache (it bounds positions, not memory).
+  With block picks (``reattention_key_block`` b > 1) it also keeps ``block_summaries (B,
+  round_up(sink + S // b, 8), Hkv, 2D)``, what ``kernels.reattention.key_blocks.summaries`` gives
+  for ``k`` (each block's per-dim max and min), so that a decode step scores the blocks
+  without reading every key: every write recomputes the summaries of the blocks it touched.
 
 All keep ``lengths (B,) int32``: tokens written so far per sequence, so a batch of prompts of
 different lengths decodes in lockstep. Writes go through :func:`_scatter_rows`, whose rows with an
@@ -91,11 +95,14 @@ class FullCache:
 
 @struct.dataclass
 class ReAttentionCache:
-    """Un-rotated keys and values of every position: ReAttention's decode cache."""
+    """Un-rotated keys and values of every position: ReAttention's decode cache; with block
+    picks (``selection.key_block`` > 1) also the blocks' summaries of ``k``."""
 
     k: Float[Array, "B S Hkv D"]
     v: Float[Array, "B S Hkv D"]
     lengths: Int[Array, "B"]
+    block_summaries: Float[Array, "B S2 Hkv D2"] | None = None
+    selection: object = struct.field(pytree_node=False, default=None)  # params.Selection
 
     @property
     def max_len(self) -> int:
@@ -103,8 +110,34 @@ class ReAttentionCache:
 
     def append(self, k: Float[Array, "B C Hkv D"], v: Float[Array, "B C Hkv D"],
                n_valid: Int[Array, "B"]) -> "ReAttentionCache":
-        """As :meth:`FullCache.append`, with un-rotated keys."""
-        return ReAttentionCache(*_append_positions(self.k, self.v, self.lengths, k, v, n_valid))
+        """As :meth:`FullCache.append`, with un-rotated keys; then the summaries of the blocks
+        the chunk wrote into are recomputed from the keys."""
+        keys, values, lengths = _append_positions(self.k, self.v, self.lengths, k, v, n_valid)
+        summaries = self.block_summaries
+        if summaries is not None:
+            summaries = _update_summaries(summaries, keys, self.lengths, k.shape[1],
+                                          self.selection)
+        return self.replace(k=keys, v=values, lengths=lengths, block_summaries=summaries)
+
+
+def _update_summaries(summaries, keys, first, chunk: int, sel):
+    """``key_blocks.summaries(keys, sel)``, given that it held for the keys before a chunk of
+    ``chunk`` rows was written at positions ``first[b] ..``: only the blocks holding those
+    positions are recomputed (all of them when the chunk spans at least as many blocks)."""
+    from kernels.reattention import key_blocks
+
+    b = sel.key_block
+    nb = key_blocks.num_blocks(keys.shape[1], sel)
+    span = (chunk - 1) // b + 2  # blocks a chunk of C rows can touch
+    if span >= nb:
+        return key_blocks.summaries(keys, sel)
+    j = (jnp.maximum(first - sel.sink_tokens, 0) // b)[:, None] + jnp.arange(span)  # (B, n)
+    rows = sel.sink_tokens + j[..., None] * b + jnp.arange(b)  # (B, n, b)
+    batch = jnp.arange(keys.shape[0])[:, None, None]
+    blocks = keys[batch, jnp.minimum(rows, keys.shape[1] - 1)]  # (B, n, b, Hkv, D)
+    new = jnp.concatenate([blocks.max(axis=2), blocks.min(axis=2)], axis=-1)
+    index = jnp.where(j < nb, sel.sink_tokens + j, summaries.shape[1])  # past the blocks: drop
+    return _scatter_rows(summaries, index, new)
 
 
 @struct.dataclass
@@ -186,8 +219,16 @@ def _layer_shapes(config: CCAConfig, batch: int, max_len: int) -> dict[str, tupl
     """Name -> shape of every array of one layer's cache (the single source of the layout)."""
     kv = (config.num_kv_heads, config.head_dim)
     lengths = (batch,)
-    if config.attention in ("full", "reattention"):
+    if config.attention == "full" or (config.attention == "reattention"
+                                      and config.reattention_key_block == 1):
         return {"k": (batch, max_len, *kv), "v": (batch, max_len, *kv), "lengths": lengths}
+    if config.attention == "reattention":  # block picks: the blocks' summaries too
+        from kernels.reattention import key_blocks
+
+        sel = config.selection()
+        rows = -(-(sel.sink_tokens + key_blocks.num_blocks(max_len, sel)) // 8) * 8
+        return {"k": (batch, max_len, *kv), "v": (batch, max_len, *kv), "lengths": lengths,
+                "block_summaries": (batch, rows, config.num_kv_heads, 2 * config.head_dim)}
     n, r = max_len // config.group_size, ring_size(config, max_len)
     return {"core_k": (batch, n, *kv), "core_v": (batch, n, *kv), "ring_k": (batch, r, *kv),
             "ring_v": (batch, r, *kv), "lengths": lengths}
@@ -201,7 +242,7 @@ def init_layer_cache(config: CCAConfig, batch: int, max_len: int) -> LayerCache:
     if config.attention == "full":
         return FullCache(**arrays)
     if config.attention == "reattention":
-        return ReAttentionCache(**arrays)
+        return ReAttentionCache(**arrays, selection=config.selection())
     return CCACache(**arrays, max_len=max_len)
 
 

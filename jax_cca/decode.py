@@ -357,7 +357,8 @@ def _reattention_extend(
     chunk = q.shape[1]
     if chunk == 1:
         kw.pop("chunk_size")
-        out = ops.reattention_decode(q[:, 0], cache.k, cache.v, first + 1, **kw)
+        out = ops.reattention_decode(q[:, 0], cache.k, cache.v, first + 1,
+                                     block_summaries=cache.block_summaries, **kw)
         return out[:, None], cache
     keys, values = cache.k, cache.v
     if chunk > cache.max_len:  # the op wants at least C keys; rows past max_len are not stored

@@ -242,12 +242,16 @@ def reattention_decode(
     inv_freq=None,
     softmax_scale: float | None = None,
     implementation: str | None = None,
+    block_summaries: Float[Array, "B S2 Hkv D2"] | None = None,
 ) -> Float[Array, "B Hq D"]:
     """One ReAttention decode step: q (B, Hq, D) is the un-rotated query of position
     lengths - 1, whose key and value are already in the caches; slots from ``lengths`` (B,) on
     are ignored. Equals the last row of ``reattention`` run with ``chunk_size=1``. ``lengths``:
     a scalar or (B,) ints in [1, L] (checked as ``q_start`` in ``reattention``). ``key_block``
-    as in ``reattention``."""
+    as in ``reattention``; with block picks, ``block_summaries`` may give the blocks' summaries
+    of ``k_cache`` (``kernels.reattention.key_blocks.summaries``, which ``jax_cca.cache.
+    ReAttentionCache`` keeps up to date), so that the step does not recompute them from every
+    key. Their shape and dtype are checked, their values are the caller's."""
     from kernels.reattention import reference as reattention_reference
 
     reattention_reference.check_args(q[:, None], k_cache, v_cache)
@@ -257,4 +261,4 @@ def reattention_decode(
     kw.pop("chunk_size")
     return _reattention_fn(implementation, "reattention_decode")(
         q, k_cache, v_cache, lengths, rope_theta=rope_theta, inv_freq=inv_freq,
-        softmax_scale=softmax_scale, **kw)
+        softmax_scale=softmax_scale, block_summaries=block_summaries, **kw)

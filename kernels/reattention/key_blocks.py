@@ -52,6 +52,19 @@ def summaries(k: Float[Array, "B S Hkv D"], sel: Selection) -> Float[Array, "B S
     return jnp.pad(rows, [(0, 0), (sink, total - sink - nb), (0, 0), (0, 0)])
 
 
+def check_summaries(summaries, k_shape: tuple, k_dtype, sel: Selection) -> None:
+    """``summaries`` given for a cache of shape ``k_shape`` must be what :func:`summaries` of it
+    would be in shape and dtype, and the picks must be block picks (its values are the
+    caller's: ``jax_cca.cache.ReAttentionCache`` keeps them equal)."""
+    b, s, hkv, d = k_shape
+    want = (b, round_up(sel.sink_tokens + num_blocks(s, sel), 8), hkv, 2 * d)
+    if sel.key_block <= 1 or summaries.shape != want or summaries.dtype != k_dtype:
+        raise ValueError(f"block_summaries must be the block summaries of the key cache "
+                         f"{tuple(k_shape)} (shape {want}, dtype {k_dtype}) with block picks "
+                         f"(key_block > 1); got {summaries.dtype}{list(summaries.shape)} with "
+                         f"key_block {sel.key_block}")
+
+
 def summary_end(l0: Int[Array, "*N"], num_keys: int, sel: Selection) -> Int[Array, "*N"]:
     """The middle's end [sink, L0) in summary rows: L0 itself when the middle is empty."""
     sink = sel.sink_tokens

@@ -585,7 +585,7 @@ def _packed_rows(q, geo: Geometry, p: int, tile: int):
 
 
 def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: bool | None,
-           q_lengths=None, skip: int = 0, merge: bool = True):
+           q_lengths=None, skip: int = 0, merge: bool = True, block_summaries=None):
     """``picks`` and the packed rows it scored (None where the scoring read q in place,
     ``Config.mgpu_rows``), of chunks ``skip`` .. NC - 1 only: a prefill's first chunks have
     empty middles (``full_prefix_chunks``), so their picks would all be -1. ``merge`` False:
@@ -597,9 +597,11 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     c0, c1, l0 = (x[:, skip:] for x in reference.chunk_bounds(q0, geo))
     blocks = sel.key_block > 1
     if blocks:  # the same kernels score [q+, q-] against the blocks' [max, min] rows
-        summaries = (pallas_summaries.summaries if pallas_summaries.applies(sel, k.shape[3])
-                     else lambda k, sel, interpret: key_blocks.summaries(k, sel))
-        q, k = key_blocks.signed_queries(q), summaries(k, sel, interpret=interpret)
+        if block_summaries is None:  # (a decode cache keeps them)
+            summaries = (pallas_summaries.summaries if pallas_summaries.applies(sel, k.shape[3])
+                         else lambda k, sel, interpret: key_blocks.summaries(k, sel))
+            block_summaries = summaries(k, sel, interpret=interpret)
+        q, k = key_blocks.signed_queries(q), block_summaries
         geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=q.shape[3])
         meta = _meta(c0, c1, key_blocks.summary_end(l0, geo.num_keys, sel))
     else:
@@ -699,7 +701,8 @@ def _sink_lists(c0, geo: Geometry):
 def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start=None,
                                rope_theta: float = 10000.0, inv_freq=None,
                                softmax_scale: float | None = None, config: Config | None = None,
-                               interpret: bool | None = None, q_lengths=None):
+                               interpret: bool | None = None, q_lengths=None,
+                               block_summaries=None):
     """(out, gathered lists (B, Hkv, NC, NG), lengths (B, Hkv, NC)), like the reference's.
 
     Chunks whose middle is empty (a prefill's first sink + w + align tokens) are causal
@@ -708,6 +711,8 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     reference.check_args(q, k, v)
     check_head_dim(q.shape[3])
     geo = geometry(q.shape, k.shape, sel)
+    if block_summaries is not None:
+        key_blocks.check_summaries(block_summaries, k.shape, k.dtype, sel)
     config = config or default_config(geo.head_dim, jnp.dtype(q.dtype).itemsize, geo.rows)
     interpret = resolve_interpret(interpret)
     prefix_mode, rotated = _resolve_modes(config, geo, q.dtype, interpret)
@@ -724,7 +729,7 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
     if n_free < nc:
         vals, idx, (q_rows, *_) = _picks(q, k, sel=sel, q_start=q_start, config=config,
                                          interpret=interpret, q_lengths=q_lengths, skip=n_free,
-                                         merge=False)
+                                         merge=False, block_summaries=block_summaries)
         n_sel = nc - n_free
         rep = lambda x: jnp.broadcast_to(x[:, None, n_free:], (b, hkv, n_sel)).reshape(-1)
         cands = lambda x: x.reshape(b * hkv * n_sel, *x.shape[3:])  # (N, C, R')
@@ -810,6 +815,7 @@ def reattention(
     config: Config | None = None,
     interpret: bool | None = None,
     q_lengths=None,
+    block_summaries=None,
 ) -> Float[Array, "B T Hq D"]:
     """ReAttention (same function as ``reference.reattention``) with Pallas kernels.
 
@@ -819,7 +825,8 @@ def reattention(
                     key_block)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
-                                      config=config, interpret=interpret, q_lengths=q_lengths)[0]
+                                      config=config, interpret=interpret, q_lengths=q_lengths,
+                                      block_summaries=block_summaries)[0]
 
 
 def reattention_decode(q: Float[Array, "B Hq D"], k_cache, v_cache, lengths, **kwargs):

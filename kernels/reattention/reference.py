@@ -181,13 +181,16 @@ def score_topk(
 
 
 def block_scoring_inputs(q: Float[Array, "B T Hq D"], k: Float[Array, "B S Hkv D"],
-                         geo: Geometry):
+                         geo: Geometry, block_summaries=None):
     """What ``score_topk`` scores for block picks (``key_block`` > 1, ``key_blocks.py``), in
     float32: (signed rows (NC, B, Hkv, R, 2D), summary keys (B, Hkv, S', 2D), L0 -> the
-    middle's end in those keys, picks -> token positions)."""
+    middle's end in those keys, picks -> token positions). ``block_summaries``: the summaries
+    of k when the caller has them (a decode cache), else computed."""
     sel = geo.sel
     rows = jnp.moveaxis(pack_rows(key_blocks.signed_queries(q).astype(jnp.float32), geo), 2, 0)
-    keys = key_blocks.summaries(k, sel).astype(jnp.float32).transpose(0, 2, 1, 3)
+    if block_summaries is None:
+        block_summaries = key_blocks.summaries(k, sel)
+    keys = block_summaries.astype(jnp.float32).transpose(0, 2, 1, 3)
     return (rows, keys, lambda l0: key_blocks.summary_end(l0, geo.num_keys, sel),
             lambda idx: key_blocks.centres(idx, sel))
 
@@ -322,11 +325,15 @@ def reattention_with_selection(
     inv_freq=None,
     softmax_scale: float | None = None,
     q_lengths=None,
+    block_summaries=None,
 ):
     """(out (B, T, Hq, D), gathered lists (B, Hkv, NC, NG), their lengths (B, Hkv, NC)).
-    ``q_lengths`` (B,): valid queries per batch element (``voting_ends``)."""
+    ``q_lengths`` (B,): valid queries per batch element (``voting_ends``).
+    ``block_summaries``: ``key_blocks.summaries(k, sel)`` when the caller keeps them."""
     geo, q0, inv_freq, scale = _prepare(q, k, v, sel, q_start, rope_theta, inv_freq,
                                         softmax_scale)
+    if block_summaries is not None:
+        key_blocks.check_summaries(block_summaries, k.shape, k.dtype, sel)
     c0, c1, l0 = chunk_bounds(q0, geo)
     c1 = voting_ends(c1, q0, q_lengths)  # only the voting uses c1 here
     q_rows = jnp.moveaxis(pack_rows(q.astype(jnp.float32), geo), 2, 0)  # (NC, B, Hkv, R, D)
@@ -336,7 +343,7 @@ def reattention_with_selection(
     if sel.key_block == 1:  # token picks score the rows and keys the attention reads
         s_rows, s_keys, s_end, s_picks = q_rows, k_heads, lambda l0: l0, lambda idx: idx
     else:
-        s_rows, s_keys, s_end, s_picks = block_scoring_inputs(q, k, geo)
+        s_rows, s_keys, s_end, s_picks = block_scoring_inputs(q, k, geo, block_summaries)
 
     def one_chunk(args):
         q_c, s_c, c0_c, c1_c, l0_c = args
@@ -374,18 +381,20 @@ def reattention(
     inv_freq=None,
     softmax_scale: float | None = None,
     q_lengths=None,
+    block_summaries=None,
 ) -> Float[Array, "B T Hq D"]:
     """ReAttention over un-rotated q (the last T positions, or from ``q_start``) and k, v caches.
 
     Queries run in chunks of ``chunk_size`` that share one selection; see the module docstring
     and README.md. ``inv_freq`` (D/2,) overrides the RoPE frequencies of ``rope_theta``.
     ``q_lengths`` (B,) in [0, T]: only the first q_lengths[b] queries of element b vote (the
-    rest is right padding: it gets outputs, which are meaningless)."""
+    rest is right padding: it gets outputs, which are meaningless). ``block_summaries``: with
+    block picks, ``key_blocks.summaries(k, ...)`` kept by the caller (a decode cache)."""
     sel = Selection(sink_tokens, local_window, top_k, max_selected, span, chunk_size, middle_align,
                     key_block)
     return reattention_with_selection(q, k, v, sel=sel, q_start=q_start, rope_theta=rope_theta,
                                       inv_freq=inv_freq, softmax_scale=softmax_scale,
-                                      q_lengths=q_lengths)[0]
+                                      q_lengths=q_lengths, block_summaries=block_summaries)[0]
 
 
 def reattention_decode(

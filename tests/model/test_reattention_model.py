@@ -141,6 +141,8 @@ def test_block_picks_reach_the_decode_op(rel_err):
     """ops.reattention_decode(key_block=...) (the model's decode step) is the last row of
     ops.reattention with chunks of one query, and differs from token picks."""
     from jax_cca import ops
+    from kernels.reattention import key_blocks
+    from kernels.reattention.params import Selection
 
     rng = np.random.default_rng(11)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -155,6 +157,21 @@ def test_block_picks_reach_the_decode_op(rel_err):
     assert rel_err(step, ops.reattention_decode(q, k, v, lengths, **kw)) > 1e-3
     with pytest.raises(ValueError, match="key_block=4"):
         ops.reattention_decode(q, k, v, lengths, key_block=4, **kw)
+    # the summaries a decode cache keeps: the same step, with or without them, both ways (head
+    # dim 32, the Pallas kernels' least)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+               for shape in ((2, 4, 32), (2, 40, 2, 32), (2, 40, 2, 32)))
+    summaries = key_blocks.summaries(k, Selection(3, 8, 2, 3, 2, 1, 4, key_block=2))
+    for implementation in ("xla", "pallas"):
+        kw["implementation"] = implementation
+        np.testing.assert_array_equal(
+            np.asarray(ops.reattention_decode(q, k, v, lengths, key_block=2,
+                                              block_summaries=summaries, **kw)),
+            np.asarray(ops.reattention_decode(q, k, v, lengths, key_block=2, **kw)))
+    for bad, extra in ((summaries[:, :-8], dict(key_block=2)), (summaries, {}),
+                       (summaries.astype(jnp.bfloat16), dict(key_block=2))):
+        with pytest.raises(ValueError, match="block_summaries must be"):
+            ops.reattention_decode(q, k, v, lengths, block_summaries=bad, **extra, **kw)
 
 
 # ---------------------------------------------------------------------------- decode cache
@@ -187,6 +204,43 @@ def test_decode_equals_the_forward_when_each_query_selects_alone(sequence, rel_e
         got.append(np.asarray(logits))
     assert rel_err(np.stack(got, axis=1), want[:, prompt - 1:]) < TOL
     np.testing.assert_array_equal(np.asarray(cache[1].lengths), [SEQ, SEQ])
+
+
+def test_block_picks_cache_keeps_the_summaries(sequence, rel_err):
+    """With block picks the decode cache keeps the blocks' summaries: after a right-padded
+    prefill, a chunked prefill and every decode step they are exactly
+    ``key_blocks.summaries`` of the cached keys (every write recomputes the blocks it touched),
+    the decode steps read them (the op's ``block_summaries``) and still give the rows of one
+    forward, and ``cache_bytes`` counts them."""
+    from kernels.reattention import key_blocks
+
+    alone = CCALlama.from_config(config(reattention_chunk=1, reattention_key_block=2,
+                                        reattention_span=2), seed=5)
+    sel = alone.config.selection()
+    cache = alone.init_cache(2, SEQ + 1)
+    assert cache[0].block_summaries.shape == (2, 24, 2, 32)  # round_up(3 + 19 blocks, 8)
+    assert cache_bytes(alone.config, SEQ + 1, 2) == sum(
+        x.nbytes for x in jax.tree_util.tree_leaves(cache))
+
+    def check(cache):
+        for layer in cache:
+            np.testing.assert_array_equal(np.asarray(layer.block_summaries),
+                                          np.asarray(key_blocks.summaries(layer.k, sel)))
+
+    prompt = 13
+    logits, cache = alone.prefill(sequence[:, :prompt], [prompt, 9], cache)
+    check(cache)
+    _, chunked = alone.prefill(sequence[:, :prompt], None, alone.init_cache(2, SEQ + 1),
+                               chunk_size=5)
+    check(chunked)
+    check(alone.prefill(sequence, None, alone.init_cache(2, SEQ + 1))[1])  # every block: all
+    logits, cache = alone.prefill(sequence[:, :prompt], None, alone.init_cache(2, SEQ + 1))
+    got = [np.asarray(logits)]
+    for t in range(prompt, SEQ):
+        logits, cache = alone.decode_step(sequence[:, t], cache)
+        got.append(np.asarray(logits))
+        check(cache)
+    assert rel_err(np.stack(got, axis=1), forward(alone, sequence)[:, prompt - 1:]) < TOL
 
 
 @pytest.mark.parametrize("chunk", [8, 16])
