@@ -144,6 +144,23 @@ def test_tail_sources_are_the_buffers_themselves_on_the_gpu():
     np.testing.assert_array_equal(np.asarray(kw[:, 40:], np.float32), 0)
 
 
+def _exported_attention(geo, config: Config, nc: int, rows: int) -> str:
+    """The op's Mosaic GPU attention stage (``_attend_mgpu``) over ``nc`` chunks of ``rows``
+    packed rows, lowered for CUDA on the CPU with jax.export: its module text."""
+    b, s, hkv, d = geo.batch, geo.num_keys, geo.kv_heads, geo.head_dim
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    def attend(qo, k, v, gl, mt, window):
+        return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
+                              config, interpret=False)
+
+    return export_for_cuda(
+        attend, bf16(b, hkv, nc, rows, d), bf16(b, s, hkv, d), bf16(b, s, hkv, d),
+        i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, 2048, hkv, d)
+    ).mlir_module()
+
+
 def test_groups_of_chunks_share_their_lowered_kernels():
     """Five chunks in groups of 2, 2 and 1 (``Config.gather_bytes``): three calls of the
     attention kernel, two lowered kernels (one per group size). The groups read their rows in
@@ -153,17 +170,7 @@ def test_groups_of_chunks_share_their_lowered_kernels():
     geo = P.geometry((b, s, 2 * hkv, d), (b, s, hkv, d), Selection())
     per_chunk = b * hkv * P.round_up(geo.num_gathered, 128) * d * 2 * 2
     config = dataclasses.replace(P.default_config(d, 2, r), gather_bytes=2 * per_chunk)
-    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-
-    def attend(qo, k, v, gl, mt, window):
-        return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
-                              config, interpret=False)
-
-    text = export_for_cuda(
-        attend, bf16(b, hkv, nc, r, d), bf16(b, s, hkv, d), bf16(b, s, hkv, d),
-        i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, 2048, hkv, d)
-    ).mlir_module()
+    text = _exported_attention(geo, config, nc, r)
     assert text.count("call @_mgpu_attend") == 3
     assert text.count("func.func private @_mgpu_attend") == 2
 
@@ -181,17 +188,7 @@ def test_block_picks_lower_for_cuda():
     config = dataclasses.replace(P.default_config(d, 2, geo.rows), gather_bytes=4 * keys_per_chunk,
                                  mgpu_list_values="in_place")  # ("auto": G = 1 only)
     assert M.values_piece(sel, config.mgpu_attend_block_k) == 32
-    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-
-    def attend(qo, k, v, gl, mt, window):
-        return P._attend_mgpu(qo, k, v, gl, mt, window, np.ones(d // 2, np.float32), 0.09, geo,
-                              config, interpret=False)
-
-    text = export_for_cuda(
-        attend, bf16(b, hkv, nc, geo.rows, d), bf16(b, s, hkv, d), bf16(b, s, hkv, d),
-        i32(b, hkv, nc, geo.num_gathered), i32(b, hkv, nc, 8), bf16(b, 2048, hkv, d)
-    ).mlir_module()
+    text = _exported_attention(geo, config, nc, geo.rows)
     assert text.count("call @_mgpu_attend") == 2  # 8 chunks, 4 per group: keys only
     assert text.count("func.func private @_mgpu_attend") == 1
 
