@@ -338,6 +338,16 @@ def reattention_kwargs(config: CCAConfig) -> dict:
                 implementation=reattention_implementation(config))
 
 
+def _cached_summaries(cache: ReAttentionCache, config: CCAConfig):
+    """The cache's block summaries where they are the blocks this model picks (a cache made for
+    another sink or block size still holds valid keys: the op then recomputes them)."""
+    sel, made_for = config.selection(), cache.selection
+    if cache.block_summaries is None or made_for is None or (
+            (made_for.sink_tokens, made_for.key_block) != (sel.sink_tokens, sel.key_block)):
+        return None
+    return cache.block_summaries
+
+
 def _reattention_extend(
     cache: ReAttentionCache,
     q: Float[Array, "B C Hq D"],
@@ -358,7 +368,7 @@ def _reattention_extend(
     if chunk == 1:
         kw.pop("chunk_size")
         out = ops.reattention_decode(q[:, 0], cache.k, cache.v, first + 1,
-                                     block_summaries=cache.block_summaries, **kw)
+                                     block_summaries=_cached_summaries(cache, config), **kw)
         return out[:, None], cache
     keys, values = cache.k, cache.v
     if chunk > cache.max_len:  # the op wants at least C keys; rows past max_len are not stored

@@ -241,6 +241,15 @@ def test_block_picks_cache_keeps_the_summaries(sequence, rel_err):
         got.append(np.asarray(logits))
         check(cache)
     assert rel_err(np.stack(got, axis=1), forward(alone, sequence)[:, prompt - 1:]) < TOL
+    # a model picking other blocks (or tokens) decodes from the same cache, its summaries unused
+    others = (dict(reattention_key_block=4, reattention_span=4),
+              dict(reattention_key_block=1, reattention_span=3))
+    for other in others:
+        switched = alone.with_attention(**other)
+        fresh = switched.prefill(sequence[:, :prompt], None, switched.init_cache(2, SEQ + 1))[1]
+        want = switched.decode_step(sequence[:, prompt], fresh)[0]
+        reused = alone.prefill(sequence[:, :prompt], None, alone.init_cache(2, SEQ + 1))[1]
+        assert rel_err(switched.decode_step(sequence[:, prompt], reused)[0], want) < TOL
 
 
 @pytest.mark.parametrize("chunk", [8, 16])
