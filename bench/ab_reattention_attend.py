@@ -9,7 +9,8 @@ d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block /
 ``pallas_gather``'s), the rows' copies (``Config.mgpu_rows``) or the cuDNN prefix's
 (``Config.prefix_keys``) differ, so the differences are the attention stage's.
 ``--key-block 32`` runs block picks (span 32), where ``mgpu_values_gathered`` is the list gather
-of keys and values against the default's values read in place (``Config.mgpu_list_values``).
+of keys and values against the default's values read in place (``Config.mgpu_list_values``),
+and ``mgpu_block_scatter`` the selection's votes counted per block (``Config.block_select``).
 ``rel_vs_triton`` is each variant's output against the Triton lowering's (same selection,
 different rounding).
 """
@@ -46,6 +47,8 @@ VARIANTS = {
                                prefix_keys="sliced"),
     # block picks (--key-block): the lists' values gathered with their keys, not read in place
     "mgpu_values_gathered": dict(attend_lowering="mosaic_gpu", mgpu_list_values="gathered"),
+    # block picks: votes counted per block by a scatter, one sort of the blocks
+    "mgpu_block_scatter": dict(attend_lowering="mosaic_gpu", block_select="scatter"),
 }
 
 

@@ -27,8 +27,9 @@ first version merged the rows' lists in rounds while some row of the warpgroup g
 shared-memory any()): 370 TF/s, as about 4 ln(N / 4) new entries per row over N keys made a
 warpgroup-wide round necessary on most tiles. With the per-thread lists, 540-580 TF/s
 (``bench/results/ab_reattention_score_h200.json``), 585 with the pops (at 32K 450, at 16K
-290: a vote covers 8 rows, so over the first few thousand keys nearly every tile pops). Four consumers with 64-key tiles are the
-defaults: more warps hide the merge's latency (two consumers: 360 TF/s).
+290: a vote covers 8 rows, so over the first few thousand keys nearly every tile pops). Four
+consumers with 64-key tiles are the defaults: more warps hide the merge's latency (two
+consumers: 360 TF/s).
 
 ``merge="rows"`` (``Config.mgpu_merge``) swaps ``_lane_topk`` for the warp-per-row merge of
 ``mgpu_row_merge.py``, which keeps the rows' exact lists instead (not yet measured on a GPU).

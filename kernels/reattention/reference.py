@@ -212,8 +212,6 @@ def select_from_picks(
     ascending; slots from n_g on hold 0. Cost O(P log P), independent of the sequence length.
     """
     n, p = idx.shape
-    ng = sel.num_gathered()
-    cap = sel.max_selected
     valid = idx >= 0
     # Sort picks by position, best score first within a position.
     s_idx, s_neg = jax.lax.sort(
@@ -229,6 +227,44 @@ def select_from_picks(
     k1 = jnp.where(first, -votes, 1)
     k2 = jnp.where(first, s_neg, 0.0)
     k1, _, k3 = jax.lax.sort((k1, k2, s_idx), dimension=1, num_keys=3)
+    return _lists_from_ranks(k1, k3, c0, l0, sel)
+
+
+def select_from_block_picks(
+    idx: Int[Array, "N P"],
+    val: Float[Array, "N P"],
+    c0: Int[Array, "N"],
+    l0: Int[Array, "N"],
+    sel: Selection,
+    num_keys: int,
+) -> tuple[Int[Array, "N NG"], Int[Array, "N"]]:
+    """:func:`select_from_picks` of block picks (``key_block`` b > 1: every pick is a block's
+    centre, ``key_blocks.centres``) with the votes counted per block instead: a scatter-add of
+    the picks into NB = ``key_blocks.num_blocks(num_keys)`` counters and a scatter-max of their
+    scores, then one sort of NB entries per row instead of two sorts of the P picks. Same lists
+    (the ranking's keys are the same: votes, best score, position)."""
+    n, _ = idx.shape
+    b, sink = sel.key_block, sel.sink_tokens
+    nb = key_blocks.num_blocks(num_keys, sel)
+    block = jnp.where(idx >= 0, (idx - sink - b // 2) // b, nb)  # none: past the counters
+    rows = jnp.broadcast_to(jnp.arange(n)[:, None], idx.shape)
+    votes = jnp.zeros((n, nb), jnp.int32).at[rows, block].add(1, mode="drop")
+    best = jnp.full((n, nb), -jnp.inf, jnp.float32).at[rows, block].max(
+        val.astype(jnp.float32), mode="drop")
+    picked = votes > 0
+    k1 = jnp.where(picked, -votes, 1)
+    k2 = jnp.where(picked, -best, 0.0)
+    centres = jnp.broadcast_to(sink + jnp.arange(nb, dtype=jnp.int32) * b + b // 2, (n, nb))
+    k1, _, k3 = jax.lax.sort((k1, k2, centres), dimension=1, num_keys=3)
+    return _lists_from_ranks(k1, jnp.where(k1 < 0, k3, INT_MAX), c0, l0, sel)
+
+
+def _lists_from_ranks(k1, k3, c0, l0, sel: Selection):
+    """The lists from the ranked distinct keys: ``k1`` minus their votes (>= 0: not a key),
+    ``k3`` their positions, best first (:func:`select_from_picks`)."""
+    n, p = k1.shape
+    ng = sel.num_gathered()
+    cap = sel.max_selected
     if p < cap:
         k1 = jnp.pad(k1, ((0, 0), (0, cap - p)), constant_values=1)
         k3 = jnp.pad(k3, ((0, 0), (0, cap - p)), constant_values=INT_MAX)

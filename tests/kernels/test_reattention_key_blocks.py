@@ -137,6 +137,46 @@ def test_pallas_bf16_and_split_scoring_match_reference():
         assert rel_err(out, ref) < TOL[jnp.bfloat16]
 
 
+def test_votes_counted_per_block_give_the_same_lists():
+    """``select_from_block_picks`` (votes by scatter, one sort of the blocks) gives the lists of
+    ``select_from_picks`` (two sorts of the picks) on random block picks: repeated blocks, ties
+    of scores (zeros of both signs included), blocks past L0, no picks, caps that cut."""
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        b = int(rng.choice([2, 4, 8, 32]))
+        sink, s = int(rng.integers(0, 40)), int(rng.integers(50, 3000))
+        sel = Selection(sink, 8, 3, int(rng.integers(1, 12)), b, 16, b, key_block=b)
+        nb = key_blocks.num_blocks(s, sel)
+        n, p = 7, int(rng.integers(1, 200))
+        idx = sel.sink_tokens + rng.integers(0, max(nb, 1), (n, p)) * b + b // 2
+        idx = np.where((rng.random((n, p)) < 0.2) | (nb == 0), -1, idx).astype(np.int32)
+        val = (rng.choice(np.array([-1.0, 0.0, -0.0, 0.5, 2.0], np.float32), (n, p))
+               if trial % 2 else rng.standard_normal((n, p)).astype(np.float32))
+        c0 = rng.integers(sink, s + 1, n).astype(np.int32)
+        l0 = np.minimum(c0, rng.integers(sink, s + 1, n)).astype(np.int32)
+        args = [jnp.asarray(x) for x in (idx, val, c0, l0)]
+        for got, want in zip(R.select_from_block_picks(*args, sel, s),
+                             R.select_from_picks(*args, sel)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_pallas_scatter_votes_match_the_sorts(monkeypatch):
+    """The op with ``Config.block_select="scatter"`` gives the default's lists and outputs (64
+    rows x top_k 3 = 192 picks per chunk: past the selection kernel's 64, so XLA selects)."""
+    case = BLOCK_CASES[1]
+    q, k, v = make_qkv(case, seed=3)
+    calls = []
+    scatter = R.select_from_block_picks
+    monkeypatch.setattr(R, "select_from_block_picks",
+                        lambda *args: calls.append(1) or scatter(*args))
+    runs = [P.reattention_with_selection(q, k, v, sel=case.sel, interpret=True,
+                                         config=_config(block_select=mode))
+            for mode in ("sort", "scatter")]
+    assert calls  # the scatter path ran
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("s,hkv,d,sink,kb", [
     (1000, 2, 64, 3, 8),  # 124 blocks: 16 tiles, the last one starting early
     (300, 1, 128, 32, 32),  # 8 blocks: one tile
