@@ -115,6 +115,9 @@ class ReAttentionCache:
         keys, values, lengths = _append_positions(self.k, self.v, self.lengths, k, v, n_valid)
         summaries = self.block_summaries
         if summaries is not None:
+            if self.selection is None:
+                raise ValueError("a ReAttentionCache with block_summaries needs the selection "
+                                 "they summarise (init_cache sets it from the config)")
             summaries = _update_summaries(summaries, keys, self.lengths, k.shape[1],
                                           self.selection)
         return self.replace(k=keys, v=values, lengths=lengths, block_summaries=summaries)
@@ -124,12 +127,14 @@ def _update_summaries(summaries, keys, first, chunk: int, sel):
     """``key_blocks.summaries(keys, sel)``, given that it held for the keys before a chunk of
     ``chunk`` rows was written at positions ``first[b] ..``: only the blocks holding those
     positions are recomputed (all of them when the chunk spans at least as many blocks)."""
-    from kernels.reattention import key_blocks
+    from kernels.reattention import key_blocks, pallas_summaries
 
     b = sel.key_block
     nb = key_blocks.num_blocks(keys.shape[1], sel)
     span = (chunk - 1) // b + 2  # blocks a chunk of C rows can touch
-    if span >= nb:
+    if span >= nb:  # all of them; on a GPU by the kernel (XLA's reduce is about 2x slower)
+        if jax.default_backend() == "gpu" and pallas_summaries.applies(sel, keys.shape[3]):
+            return pallas_summaries.summaries(keys, sel)
         return key_blocks.summaries(keys, sel)
     j = (jnp.maximum(first - sel.sink_tokens, 0) // b)[:, None] + jnp.arange(span)  # (B, n)
     rows = sel.sink_tokens + j[..., None] * b + jnp.arange(b)  # (B, n, b)
@@ -254,8 +259,10 @@ def init_cache(config: CCAConfig, batch: int, max_len: int) -> tuple[LayerCache,
 def cache_bytes(config: CCAConfig, max_len: int, batch: int = 1) -> int:
     """Exact bytes of :func:`init_cache` ``(config, batch, max_len)``: every array, lengths too.
 
-    Full and ReAttention: ``layers * (2 * B * S * Hkv * D * itemsize + 4 B)``. CCA:
-    ``layers * (2 * B * (S // g + R) * Hkv * D * itemsize + 4 B)`` with R from :func:`ring_size`.
+    Full and ReAttention: ``layers * (2 * B * S * Hkv * D * itemsize + 4 B)``; ReAttention
+    with block picks adds ``layers * B * S2 * Hkv * 2D * itemsize`` for the block summaries,
+    ``S2 = round_up(sink + S // b, 8)``. CCA: ``layers * (2 * B * (S // g + R) * Hkv * D *
+    itemsize + 4 B)`` with R from :func:`ring_size`.
     """
     _check(config, batch, max_len)
     itemsize = jnp.dtype(config.jnp_dtype).itemsize

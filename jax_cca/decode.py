@@ -371,10 +371,12 @@ def _reattention_extend(
                                      block_summaries=_cached_summaries(cache, config), **kw)
         return out[:, None], cache
     keys, values = cache.k, cache.v
+    summaries = _cached_summaries(cache, config)  # (the write above brought them up to date)
     if chunk > cache.max_len:  # the op wants at least C keys; rows past max_len are not stored
         pad = ((0, 0), (0, chunk - cache.max_len), (0, 0), (0, 0))
-        keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
-    out = ops.reattention(q, keys, values, q_start=first, q_lengths=n_valid, **kw)
+        keys, values, summaries = jnp.pad(keys, pad), jnp.pad(values, pad), None
+    out = ops.reattention(q, keys, values, q_start=first, q_lengths=n_valid,
+                          block_summaries=summaries, **kw)
     return out, cache
 
 

@@ -184,6 +184,7 @@ def reattention(
     softmax_scale: float | None = None,
     implementation: str | None = None,
     q_lengths=None,
+    block_summaries: Float[Array, "B S2 Hkv D2"] | None = None,
 ) -> Float[Array, "B T Hq D"]:
     """ReAttention (arXiv 2407.15176) over UN-rotated q and the un-rotated k, v cache.
 
@@ -200,6 +201,8 @@ def reattention(
     ``key_block`` b > 1 picks whole aligned blocks of b middle keys instead of tokens, ranked by
     a Quest-style upper bound of q . k over the block (from its per-dim key maxima and minima);
     ``span`` must equal b and b must divide ``middle_align``. 1 (the default): token picks.
+    ``block_summaries``: those blocks' summaries of ``k`` when the caller keeps them (as
+    :func:`reattention_decode`'s; ``jax_cca.cache.ReAttentionCache``), else computed here.
 
     ``q_lengths`` (B,) ints in [0, T] (optional): element b has q_lengths[b] real queries, the
     rest of its T rows is right padding, which gets outputs but does not vote in the selection
@@ -220,6 +223,8 @@ def reattention(
                              middle_align, key_block)
     if q_lengths is not None:
         kw["q_lengths"] = q_lengths
+    if block_summaries is not None:
+        kw["block_summaries"] = block_summaries
     return _reattention_fn(implementation)(
         q, k, v, q_start=q_start, rope_theta=rope_theta, inv_freq=inv_freq,
         softmax_scale=softmax_scale, **kw)

@@ -212,13 +212,14 @@ def values_piece(sel, block_k: int) -> int:
     (``attend``'s ``list_rows``), or 0 where they must be gathered. With block picks
     (``Selection.key_block`` b > 1) a list is the sink's first rows then whole blocks of b
     rows, each block a run of the cache starting at sink + a multiple of b, and slots past the
-    list hold row 0. So runs of gcd(sink, b) slots are runs of cache rows; the TMA copies into
-    8-row tiles need them to start at multiples of 8, and a key block of ``block_k`` slots must
-    hold whole runs."""
+    list hold row 0. So runs of gcd(sink, b) slots are runs of cache rows, and so are runs of
+    any divisor of that; the copies take gcd(sink, b, ``block_k``) rows (a key block of
+    ``block_k`` slots holds whole copies), which the TMA copies into 8-row tiles need to be a
+    multiple of 8."""
     if sel.key_block <= 1:
         return 0
-    piece = math.gcd(sel.sink_tokens, sel.key_block)
-    return piece if piece % 8 == 0 and block_k % piece == 0 else 0
+    piece = math.gcd(sel.sink_tokens, sel.key_block, block_k)
+    return piece if piece % 8 == 0 else 0
 
 
 def gather_list(k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],

@@ -242,7 +242,8 @@ def select_from_block_picks(
     centre, ``key_blocks.centres``) with the votes counted per block instead: a scatter-add of
     the picks into NB = ``key_blocks.num_blocks(num_keys)`` counters and a scatter-max of their
     scores, then one sort of NB entries per row instead of two sorts of the P picks. Same lists
-    (the ranking's keys are the same: votes, best score, position)."""
+    for finite scores (the ranking's keys are the same: votes, best score, position; a NaN
+    score, which only NaN inputs give, may rank differently)."""
     n, _ = idx.shape
     b, sink = sel.key_block, sel.sink_tokens
     nb = key_blocks.num_blocks(num_keys, sel)

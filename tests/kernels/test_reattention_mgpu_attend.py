@@ -240,6 +240,8 @@ def test_interpreted_block_picks_read_values_in_place():
     case = Case(1, 384, 2, 1, 64, sel)
     assert M.values_piece(sel, 64) == 16
     assert M.values_piece(Selection(12, key_block=32, span=32), 64) == 0  # runs of 4 rows
+    big = Selection(0, key_block=256, span=256, middle_align=256)
+    assert M.values_piece(big, 128) == 128  # runs of 256 rows, copied 128 at a time
     assert M.values_piece(Selection(), 128) == 0  # token picks: gathered
     q0 = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="mgpu_list_values='in_place' needs lists"):

@@ -162,12 +162,13 @@ def test_block_picks_reach_the_decode_op(rel_err):
     q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                for shape in ((2, 4, 32), (2, 40, 2, 32), (2, 40, 2, 32)))
     summaries = key_blocks.summaries(k, Selection(3, 8, 2, 3, 2, 1, 4, key_block=2))
+    bogus = summaries.at[:, 3 + 5].set(100.0)  # block 5 wins every row's picks: used?
     for implementation in ("xla", "pallas"):
         kw["implementation"] = implementation
-        np.testing.assert_array_equal(
-            np.asarray(ops.reattention_decode(q, k, v, lengths, key_block=2,
-                                              block_summaries=summaries, **kw)),
-            np.asarray(ops.reattention_decode(q, k, v, lengths, key_block=2, **kw)))
+        step = lambda s: np.asarray(ops.reattention_decode(q, k, v, lengths, key_block=2,
+                                                           block_summaries=s, **kw))
+        np.testing.assert_array_equal(step(summaries), step(None))
+        assert rel_err(step(bogus), step(summaries)) > 1e-3
     for bad, extra in ((summaries[:, :-8], dict(key_block=2)), (summaries, {}),
                        (summaries.astype(jnp.bfloat16), dict(key_block=2))):
         with pytest.raises(ValueError, match="block_summaries must be"):
