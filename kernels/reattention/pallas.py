@@ -521,9 +521,9 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
         piece = pallas_mgpu_attend.values_piece(geo.sel, bk)
         if not piece and config.mgpu_list_values == "in_place":
             raise ValueError(f"Config.mgpu_list_values='in_place' needs lists made of runs of "
-                             f"cache rows (block picks whose key_block and sink share a factor "
-                             f"that is a multiple of 8 and divides mgpu_attend_block_k="
-                             f"{bk}); got {geo.sel}")
+                             f"cache rows (block picks) whose sink_tokens, key_block and "
+                             f"mgpu_attend_block_k={bk} share a factor that is a multiple of 8; "
+                             f"got {geo.sel}")
     per_chunk = (b * hkv * round_up(glist.shape[3], bk) * d * jnp.dtype(k.dtype).itemsize
                  * (1 if piece else 2))
     n_groups = params.cdiv(ncr, max(1, min(ncr, config.gather_bytes // per_chunk)))
