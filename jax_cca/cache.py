@@ -133,14 +133,14 @@ def _update_summaries(summaries, keys, first, chunk: int, sel):
     nb = key_blocks.num_blocks(keys.shape[1], sel)
     span = (chunk - 1) // b + 2  # blocks a chunk of C rows can touch
     if span >= nb:  # all of them; on a GPU by the kernel (XLA's reduce is about 2x slower)
-        if jax.default_backend() == "gpu" and pallas_summaries.applies(sel, keys.shape[3]):
-            return pallas_summaries.summaries(keys, sel)
+        if jax.default_backend() == "gpu":
+            return pallas_summaries.block_summaries(keys, sel)
         return key_blocks.summaries(keys, sel)
     j = (jnp.maximum(first - sel.sink_tokens, 0) // b)[:, None] + jnp.arange(span)  # (B, n)
     rows = sel.sink_tokens + j[..., None] * b + jnp.arange(b)  # (B, n, b)
     batch = jnp.arange(keys.shape[0])[:, None, None]
     blocks = keys[batch, jnp.minimum(rows, keys.shape[1] - 1)]  # (B, n, b, Hkv, D)
-    new = jnp.concatenate([blocks.max(axis=2), blocks.min(axis=2)], axis=-1)
+    new = key_blocks.block_extremes(blocks)
     index = jnp.where(j < nb, sel.sink_tokens + j, summaries.shape[1])  # past the blocks: drop
     return _scatter_rows(summaries, index, new)
 
@@ -230,8 +230,7 @@ def _layer_shapes(config: CCAConfig, batch: int, max_len: int) -> dict[str, tupl
     if config.attention == "reattention":  # block picks: the blocks' summaries too
         from kernels.reattention import key_blocks
 
-        sel = config.selection()
-        rows = -(-(sel.sink_tokens + key_blocks.num_blocks(max_len, sel)) // 8) * 8
+        rows = key_blocks.summary_rows(max_len, config.selection())
         return {"k": (batch, max_len, *kv), "v": (batch, max_len, *kv), "lengths": lengths,
                 "block_summaries": (batch, rows, config.num_kv_heads, 2 * config.head_dim)}
     n, r = max_len // config.group_size, ring_size(config, max_len)

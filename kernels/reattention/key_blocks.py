@@ -41,15 +41,23 @@ def signed_queries(q: Float[Array, "*N D"]) -> Float[Array, "*N D2"]:
     return jnp.concatenate([jnp.maximum(q, zero), jnp.minimum(q, zero)], axis=-1)
 
 
+def summary_rows(num_keys: int, sel: Selection) -> int:
+    """Rows of the summaries of a cache of ``num_keys`` keys: round_up(sink + NB, 8)."""
+    return round_up(sel.sink_tokens + num_blocks(num_keys, sel), 8)
+
+
+def block_extremes(blocks: Float[Array, "B N b Hkv D"]) -> Float[Array, "B N Hkv D2"]:
+    """[max, min] per dim over each block's b keys (axis 2): the blocks' summary rows."""
+    return jnp.concatenate([blocks.max(axis=2), blocks.min(axis=2)], axis=-1)
+
+
 def summaries(k: Float[Array, "B S Hkv D"], sel: Selection) -> Float[Array, "B S2 Hkv D2"]:
-    """Summary rows (B, round_up(sink + NB, 8), Hkv, 2D) in k's dtype: row sink + j holds
+    """Summary rows (B, :func:`summary_rows`, Hkv, 2D) in k's dtype: row sink + j holds
     [max, min] of block j's keys per dim; the sink's rows and the padding are zeros."""
     b, s, hkv, d = k.shape
     nb, sink, kb = num_blocks(s, sel), sel.sink_tokens, sel.key_block
-    blocks = k[:, sink: sink + nb * kb].reshape(b, nb, kb, hkv, d)
-    rows = jnp.concatenate([blocks.max(axis=2), blocks.min(axis=2)], axis=-1)
-    total = round_up(sink + nb, 8)
-    return jnp.pad(rows, [(0, 0), (sink, total - sink - nb), (0, 0), (0, 0)])
+    rows = block_extremes(k[:, sink: sink + nb * kb].reshape(b, nb, kb, hkv, d))
+    return jnp.pad(rows, [(0, 0), (sink, summary_rows(s, sel) - sink - nb), (0, 0), (0, 0)])
 
 
 def check_summaries(summaries, k_shape: tuple, k_dtype, sel: Selection) -> None:
@@ -57,7 +65,7 @@ def check_summaries(summaries, k_shape: tuple, k_dtype, sel: Selection) -> None:
     would be in shape and dtype, and the picks must be block picks (its values are the
     caller's: ``jax_cca.cache.ReAttentionCache`` keeps them equal)."""
     b, s, hkv, d = k_shape
-    want = (b, round_up(sel.sink_tokens + num_blocks(s, sel), 8), hkv, 2 * d)
+    want = (b, summary_rows(s, sel), hkv, 2 * d)
     if sel.key_block <= 1 or summaries.shape != want or summaries.dtype != k_dtype:
         raise ValueError(f"block_summaries must be the block summaries of the key cache "
                          f"{tuple(k_shape)} (shape {want}, dtype {k_dtype}) with block picks "

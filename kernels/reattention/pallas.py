@@ -598,9 +598,7 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     blocks = sel.key_block > 1
     if blocks:  # the same kernels score [q+, q-] against the blocks' [max, min] rows
         if block_summaries is None:  # (a decode cache keeps them)
-            summaries = (pallas_summaries.summaries if pallas_summaries.applies(sel, k.shape[3])
-                         else lambda k, sel, interpret: key_blocks.summaries(k, sel))
-            block_summaries = summaries(k, sel, interpret=interpret)
+            block_summaries = pallas_summaries.block_summaries(k, sel, interpret=interpret)
         q, k = key_blocks.signed_queries(q), block_summaries
         geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=q.shape[3])
         meta = _meta(c0, c1, key_blocks.summary_end(l0, geo.num_keys, sel))

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float
 
 from kernels.cca.pallas_common import call
 from kernels.reattention import key_blocks
-from kernels.reattention.params import Selection, cdiv, round_up
+from kernels.reattention.params import Selection, cdiv
 
 TILE = 8  # blocks per program (fewer when the cache holds fewer)
 
@@ -43,6 +43,14 @@ def _kernel(k_ref, o_ref, *, sink: int, kb: int, tile: int, nb: int):
     o_ref[pl.ds(first, tile), pl.ds(d, d)] = jnp.min(x, axis=1)
 
 
+def block_summaries(k: Float[Array, "B S Hkv D"], sel: Selection,
+                    interpret: bool = False) -> Float[Array, "B S2 Hkv D2"]:
+    """``key_blocks.summaries``: by the kernel where it :func:`applies`, else by the jnp twin."""
+    if applies(sel, k.shape[3]):
+        return summaries(k, sel, interpret=interpret)
+    return key_blocks.summaries(k, sel)
+
+
 @functools.partial(jax.jit, static_argnames=("sel", "interpret"))
 def summaries(k: Float[Array, "B S Hkv D"], sel: Selection,
               interpret: bool = False) -> Float[Array, "B S2 Hkv D2"]:
@@ -53,7 +61,7 @@ def summaries(k: Float[Array, "B S Hkv D"], sel: Selection,
         raise ValueError(f"the summaries kernel needs a power-of-two key_block > 1 and head dim; "
                          f"got key_block {sel.key_block}, head dim {d}")
     nb, sink, kb = key_blocks.num_blocks(s, sel), sel.sink_tokens, sel.key_block
-    total = round_up(sink + nb, 8)
+    total = key_blocks.summary_rows(s, sel)
     if nb == 0:
         return jnp.zeros((b, total, hkv, 2 * d), k.dtype)
     tile = min(TILE, 1 << (nb.bit_length() - 1))  # a power of two <= nb
