@@ -10,7 +10,8 @@ d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block /
 (``Config.prefix_keys``) differ, so the differences are the attention stage's.
 ``--key-block 32`` runs block picks (span 32), where ``mgpu_values_gathered`` is the list gather
 of keys and values against the default's values read in place (``Config.mgpu_list_values``),
-and ``mgpu_block_scatter`` the selection's votes counted per block (``Config.block_select``).
+and ``mgpu_block_scatter`` / ``mgpu_block_sort`` the selection's votes counted per block or by
+the sorts (``Config.block_select``).
 ``rel_vs_triton`` is each variant's output against the Triton lowering's (same selection,
 different rounding).
 """
@@ -47,8 +48,10 @@ VARIANTS = {
                                prefix_keys="sliced"),
     # block picks (--key-block): the lists' values gathered with their keys, not read in place
     "mgpu_values_gathered": dict(attend_lowering="mosaic_gpu", mgpu_list_values="gathered"),
-    # block picks: votes counted per block by a scatter, one sort of the blocks
+    # block picks: votes counted per block by a scatter, one sort of the blocks; or the two
+    # sorts of the picks ("auto", the default, picks the scatter where NB <= the picks)
     "mgpu_block_scatter": dict(attend_lowering="mosaic_gpu", block_select="scatter"),
+    "mgpu_block_sort": dict(attend_lowering="mosaic_gpu", block_select="sort"),
 }
 
 

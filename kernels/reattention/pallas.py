@@ -667,15 +667,15 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
 
 
 def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int,
-            blocks_of: int | None = None):
+            blocks_of: int | None = None, block_select: str = "auto"):
     """``reference.select_from_picks`` of each of the first ``rows`` rows' best top_k
     candidates, from candidate-major (N, C, R') candidates (C = key splits x top_k; C = top_k:
     one split, nothing to merge). Where a chunk has few picks (a decode step) one kernel merges
     and selects (``pallas_select``); otherwise XLA sorts the candidates (``_merge_splits``) and,
     for many picks, selects with its sorts. The lists may be wider than NG (the kernel's own
     width, ``select_from_candidates(wide=True)``); their slots from n_g on hold 0.
-    ``blocks_of``: the cache length S, where block picks count their votes per block
-    (``Config.block_select``, ``reference.select_from_block_picks``)."""
+    ``blocks_of``: the cache length S of block picks, which count their votes per block
+    (``reference.select_from_block_picks``) as ``block_select`` says (``Config.block_select``)."""
     n, c, _ = idx.shape
     if c > sel.top_k and pallas_select.merges(rows, c, sel.top_k):
         return pallas_select.select_from_candidates(idx, vals, c0, l0, sel, rows=rows,
@@ -686,7 +686,8 @@ def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int,
     idx, vals = idx.reshape(n, -1), vals.reshape(n, -1)
     if pallas_select.applies(idx.shape[1]):
         return pallas_select.select_from_picks(idx, vals, c0, l0, sel, interpret=interpret)
-    if blocks_of is not None:
+    if blocks_of is not None and (block_select == "scatter" or (
+            block_select == "auto" and key_blocks.num_blocks(blocks_of, sel) <= idx.shape[1])):
         return reference.select_from_block_picks(idx, vals, c0, l0, sel, blocks_of)
     return reference.select_from_picks(idx, vals, c0, l0, sel)
 
@@ -736,10 +737,9 @@ def reattention_with_selection(q, k, v, *, sel: Selection = Selection(), q_start
         n_sel = nc - n_free
         rep = lambda x: jnp.broadcast_to(x[:, None, n_free:], (b, hkv, n_sel)).reshape(-1)
         cands = lambda x: x.reshape(b * hkv * n_sel, *x.shape[3:])  # (N, C, R')
-        by_block = sel.key_block > 1 and config.block_select == "scatter"
-        blocks_of = geo.num_keys if by_block else None
+        blocks_of = geo.num_keys if sel.key_block > 1 else None
         picked, n_picked = _select(cands(idx), cands(vals), rep(c0), rep(l0), sel, interpret,
-                                   geo.rows, blocks_of)
+                                   geo.rows, blocks_of, config.block_select)
         picked = picked.reshape(b, hkv, n_sel, -1)  # NG or more slots (the kernel's width)
         wider = [(0, 0)] * 3 + [(0, picked.shape[3] - glist.shape[3])]
         glist = jnp.concatenate([jnp.pad(glist, wider), picked], axis=2)

@@ -200,11 +200,13 @@ class Config:
     every list read by four times the CTAs, each with four copies per value block) it cost
     0.4-0.7 ms at 32K and saved 1.2 ms at 128K.
     ``block_select``: how a prefill with block picks counts the votes of a chunk's many picks.
-    "sort" sorts the R x top_k picks twice (as token picks do, ``reference.select_from_picks``);
+    "sort" sorts the P = R x top_k picks twice (as token picks do, ``reference.select_from_picks``);
     "scatter" counts them per block with a scatter-add and sorts the NB blocks once
-    (``reference.select_from_block_picks``; same lists). Not yet measured on a GPU: at 128K the
-    sorts took 4.5 ms with 8 kv heads (8192 picks against 4096 blocks per chunk), 3.2 ms with
-    32 (2048 picks)."""
+    (``reference.select_from_block_picks``; same lists). "auto": scatter where NB <= P, the
+    sorts elsewhere. Measured on an H100 with blocks of 32 (``bench/results/ab_block_scatter_
+    h100.json``): with 8 kv heads (P = 8192) scatter saved 2.6 ms at 128K (NB = 4096) and 0.44
+    ms at 32K (NB = 1024); with 32 (P = 2048) it cost 2.9 ms at 128K (NB = 4096) and tied at
+    32K (NB = 1024)."""
 
     score_block_q: int = 64
     score_block_k: int = 64
@@ -230,7 +232,7 @@ class Config:
     mgpu_rows: str = "in_place"
     prefix_keys: str = "whole"
     mgpu_list_values: str = "auto"
-    block_select: str = "sort"
+    block_select: str = "auto"
 
     def __post_init__(self):
         for name in ("score_block_q", "score_block_k", "attn_block_q", "attn_block_k"):
@@ -264,7 +266,7 @@ class Config:
         for name, allowed in (("mgpu_rows", ("in_place", "packed")),
                               ("prefix_keys", ("whole", "sliced")),
                               ("mgpu_list_values", ("auto", "in_place", "gathered")),
-                              ("block_select", ("sort", "scatter"))):
+                              ("block_select", ("auto", "sort", "scatter"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name} must be one of {allowed}; got "
                                  f"{getattr(self, name)!r}")

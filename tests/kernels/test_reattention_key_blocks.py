@@ -177,6 +177,33 @@ def test_pallas_scatter_votes_match_the_sorts(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_auto_counts_votes_per_block_only_where_the_blocks_are_fewer_than_the_picks(monkeypatch):
+    """``block_select="auto"`` takes the scatter where NB <= P (the chunk's picks, here 80: past
+    the selection kernel's 64, so XLA selects) and the sorts elsewhere, with the same lists."""
+    sel = Selection(8, 8, 2, 5, 32, 8, 32, key_block=32)
+    p = 80
+    calls = []
+    scatter = R.select_from_block_picks
+    monkeypatch.setattr(R, "select_from_block_picks",
+                        lambda *args: calls.append(args[-1]) or scatter(*args))
+    rng = np.random.default_rng(1)
+    for nb, mode, scattered in [(p, "auto", True), (p + 1, "auto", False),
+                                (p + 1, "scatter", True), (p // 2, "sort", False)]:
+        s_keys = sel.sink_tokens + nb * sel.key_block
+        assert key_blocks.num_blocks(s_keys, sel) == nb
+        idx = (sel.sink_tokens + rng.integers(0, nb, (3, p)) * sel.key_block
+               + sel.key_block // 2).astype(np.int32)
+        val = rng.standard_normal((3, p)).astype(np.float32)
+        c0 = l0 = jnp.full((3,), s_keys, jnp.int32)
+        want = R.select_from_picks(jnp.asarray(idx), jnp.asarray(val), c0, l0, sel)
+        calls.clear()
+        got = P._select(jnp.asarray(idx)[:, None], jnp.asarray(val)[:, None], c0, l0, sel,
+                        True, p, s_keys, mode)  # candidates (N, C = 1, R' = P)
+        assert (calls == [s_keys]) == scattered, (nb, mode)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(x)[..., :y.shape[-1]], np.asarray(y))
+
+
 @pytest.mark.parametrize("s,hkv,d,sink,kb", [
     (1000, 2, 64, 3, 8),  # 124 blocks: 16 tiles, the last one starting early
     (300, 1, 128, 32, 32),  # 8 blocks: one tile
