@@ -11,7 +11,8 @@ d = 128; only ``Config.attend_lowering`` and the Mosaic GPU kernel's key block /
 ``--key-block 32`` runs block picks (span 32), where ``mgpu_values_gathered`` is the list gather
 of keys and values against the default's values read in place (``Config.mgpu_list_values``),
 and ``mgpu_block_scatter`` / ``mgpu_block_sort`` the selection's votes counted per block or by
-the sorts (``Config.block_select``).
+the sorts (``Config.block_select``), ``mgpu_signs_xla`` the scoring's signed rows made by XLA
+(``Config.mgpu_signed_rows``).
 ``rel_vs_triton`` is each variant's output against the Triton lowering's (same selection,
 different rounding).
 """
@@ -52,6 +53,9 @@ VARIANTS = {
     # sorts of the picks ("auto", the default, picks the scatter where NB <= the picks)
     "mgpu_block_scatter": dict(attend_lowering="mosaic_gpu", block_select="scatter"),
     "mgpu_block_sort": dict(attend_lowering="mosaic_gpu", block_select="sort"),
+    # block picks: the scoring's signed rows [q+, q-] as XLA's 2D-wide copy of q, not made by
+    # the kernel
+    "mgpu_signs_xla": dict(attend_lowering="mosaic_gpu", mgpu_signed_rows="xla"),
 }
 
 

@@ -140,7 +140,7 @@ def _uses_mgpu_score(q, k, sel: Selection, config: Config, interpret: bool) -> b
 
 
 @functools.partial(jax.jit, static_argnames=("sink", "top_k", "splits", "split_len", "block_k",
-                                             "slots", "consumers", "merge", "tokens",
+                                             "slots", "consumers", "merge", "tokens", "signed",
                                              "interpret"))
 def _mgpu_score(q_rows, k, l0, **kwargs):
     """``pallas_mgpu_score.score`` as one jitted function, so that the layers of a model share
@@ -157,7 +157,8 @@ def _merge_splits(vals, idx, top_k: int):
 
 
 def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu: bool,
-           merge: bool = True, tokens: tuple[int, int, int] | None = None):
+           merge: bool = True, tokens: tuple[int, int, int] | None = None,
+           signed: bool = False):
     """Per-row picks (vals, idx), (B, Hkv, NC, R, K) for the chunk's R = ``geo.rows`` real rows
     (the kernels score ``q_rows``' padded rows too; those are dropped before the key splits
     are merged, so a decode step sorts G rows, not 64 x consumers): unordered, idx -1 where
@@ -165,11 +166,13 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
     candidates from every key split, unmerged and candidate-major, (B, Hkv, NC, splits x K,
     R') with R' >= R rows (the Mosaic GPU kernel's own layout: no copy). ``tokens`` = (C,
     q_offset, R'): ``q_rows`` is q itself, read in place by the Mosaic GPU kernel
-    (``Config.mgpu_rows``), whose rows come back to the packed order here."""
+    (``Config.mgpu_rows``), whose rows come back to the packed order here. ``signed``: the
+    Mosaic GPU kernel makes block picks' signed rows from q's (``Config.mgpu_signed_rows``)."""
     if tokens is None:
-        b, hkv, nc, r_pad, d = q_rows.shape
+        b, hkv, nc, r_pad = q_rows.shape[:4]
     else:
-        b, hkv, nc, r_pad, d = q_rows.shape[0], k.shape[2], meta.shape[1], tokens[2], k.shape[3]
+        b, hkv, nc, r_pad = q_rows.shape[0], k.shape[2], meta.shape[1], tokens[2]
+    d = k.shape[3]  # the width scored
     s_len = k.shape[1]
     sel = geo.sel
     if mgpu:
@@ -185,7 +188,7 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
         vals, idx = _mgpu_score(q_rows, k, meta[..., 2], sink=sel.sink_tokens, top_k=sel.top_k,
                                 splits=splits, split_len=split_len, block_k=bk, slots=slots,
                                 consumers=config.mgpu_consumers, merge=config.mgpu_merge,
-                                tokens=tokens, interpret=interpret)
+                                tokens=tokens, signed=signed, interpret=interpret)
         if tokens is not None:  # head-major tiles -> packed rows
             vals, idx = (mgpu_tokens.to_packed(x, geo.groups) for x in (vals, idx))
         if not merge:  # (B, Hkv, NC, splits, K, R'): splits and K adjacent
@@ -596,16 +599,21 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     q0 = reference.query_starts(q_start, geo.batch, geo.num_keys, geo.num_queries)
     c0, c1, l0 = (x[:, skip:] for x in reference.chunk_bounds(q0, geo))
     blocks = sel.key_block > 1
+    signed = False
     if blocks:  # the same kernels score [q+, q-] against the blocks' [max, min] rows
         if block_summaries is None:  # (a decode cache keeps them)
             block_summaries = pallas_summaries.block_summaries(k, sel, interpret=interpret)
-        q, k = key_blocks.signed_queries(q), block_summaries
-        geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=q.shape[3])
+        q_signed, k = key_blocks.signed_queries(q), block_summaries
+        geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=q_signed.shape[3])
         meta = _meta(c0, c1, key_blocks.summary_end(l0, geo.num_keys, sel))
+        mgpu = _uses_mgpu_score(q_signed, k, sel, config, interpret)
+        # The Mosaic GPU kernel can make the signed rows itself; else they are a copy of q.
+        signed = mgpu and config.mgpu_signed_rows == "in_kernel"
+        q = q if signed else q_signed
     else:
         geo_s, meta = geo, _meta(c0, c1, l0)
+        mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
     tile = max(config.score_block_q, config.attn_block_q)
-    mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
     if mgpu:  # its programs take 64 x consumers rows
         tile = max(tile, pallas_mgpu_score.ROWS * config.mgpu_consumers)
     p = skip * geo.chunk
@@ -614,11 +622,12 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
         if interpret:
             q = mgpu_tokens.pad_for_interpreter(q, geo.num_chunks, geo.chunk, r_pad, geo.groups)
         vals, idx = _score(q, k, meta, geo_s, config, interpret, mgpu, merge,
-                           tokens=(geo.chunk, p, r_pad))
+                           tokens=(geo.chunk, p, r_pad), signed=signed)
         q_rows = None
     else:
         q_rows = _packed_rows(q, geo_s, p, tile)
-        vals, idx = _score(q_rows, k, meta, geo_s, config, interpret, mgpu, merge)
+        vals, idx = _score(q_rows, k, meta, geo_s, config, interpret, mgpu, merge,
+                           signed=signed)
     if blocks:  # summary rows -> the token positions whose spans are the blocks; the signed
         idx, q_rows = key_blocks.centres(idx, sel), None  # rows are not the attention's
     if q_lengths is None and geo.num_queries % geo.chunk == 0:  # every row votes (decode)

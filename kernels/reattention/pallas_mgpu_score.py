@@ -249,10 +249,13 @@ def fitting_slots(slots: int, head_dim: int, itemsize: int, top_k: int, block_k:
 
 
 def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk, slots, s_len,
-            splits, split_len, tiles, nc, hkv, consumers, merge, tokens, interpret):
+            splits, split_len, tiles, nc, hkv, consumers, merge, tokens, signed, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (q_smem2, k_smem, v_out2, i_out2, *row_buffer), (k_full, q_full), k_free = scoped
+    # ``signed``: q_smem2 and k_smem hold two halves each, (consumers, 2, ROWS, D) and (slots,
+    # 2, bk, D): [q+, q-] made here from q, and the summaries' [max, min] columns.
+    halves = (lambda ref: (ref.at[0], ref.at[1])) if signed else (lambda ref: (ref,))
     cast, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
@@ -274,15 +277,22 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
     @pl.when(wg < consumers)
     def _consumer():
         plgpu.set_max_registers(REGISTERS[consumers][0], action="increase")
-        q_smem = q_smem2.at[wg]
+        q_halves = halves(q_smem2.at[wg])
         r0 = tile * (consumers * ROWS) + wg * ROWS
         if tokens is None:
-            plgpu.copy_gmem_to_smem(q_ref.at[chunk_row, pl.ds(r0, ROWS)], q_smem, q_full.at[wg])
+            plgpu.copy_gmem_to_smem(q_ref.at[chunk_row, pl.ds(r0, ROWS)], q_halves[0],
+                                    q_full.at[wg])
         else:  # in place, head-major rows (``mgpu_tokens``): the caller reorders the picks
             chunk, q_offset, groups = tokens
             mgpu_tokens.load(q_ref, b, q_offset + c * chunk + lax.div(r0, groups), h * groups,
-                             groups, q_smem, q_full.at[wg])
+                             groups, q_halves[0], q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
+        if signed:  # q -> [q+, q-] in place, once per tile (``key_blocks.signed_queries``)
+            q_rows = q_halves[0][...]
+            zero = jnp.zeros((), q_rows.dtype)
+            q_halves[0][...] = jnp.maximum(q_rows, zero)
+            q_halves[1][...] = jnp.minimum(q_rows, zero)
+            plgpu.commit_smem()  # visible to the wgmmas (the async proxy)
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         vals = [cast(jnp.full((ROWS,), NEG, jnp.float32), row_layout)] * top_k
         idxs = [cast(jnp.full((ROWS,), -1, jnp.int32), row_layout)] * top_k
@@ -302,13 +312,15 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
             def body(s, carry):
                 slot = lax.rem(s, slots)
                 plgpu.barrier_wait(k_full.at[slot])
+                k_halves = halves(k_smem.at[slot])
                 if interpret:
-                    scores = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32)
+                    scores = sum(lax.dot_general(qh[...], kh[...], (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32)
+                                 for qh, kh in zip(q_halves, k_halves))
                 else:
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem,
-                                    plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        for qh, kh in zip(q_halves, k_halves):  # one K = 2D sum
+                            plgpu.wgmma(acc_ref, qh, plgpu.transpose_ref(kh, (1, 0)))
                         return acc_ref[...]
                     scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -354,8 +366,14 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
 
         def fetch(s, slot):
             base = jnp.minimum(lo8 + s * bk, s_len - bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(base, bk), h], k_smem.at[slot],
-                                    k_full.at[slot])
+            if signed:  # the [max, min] columns into the two halves
+                d = k_smem.shape[-1]
+                for i, kh in enumerate(halves(k_smem.at[slot])):
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(base, bk), h, pl.ds(i * d, d)],
+                                            kh, k_full.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(base, bk), h], k_smem.at[slot],
+                                        k_full.at[slot])
 
         produce(slots, n_steps, (fetch, k_free))
 
@@ -374,6 +392,7 @@ def score(
     consumers: int = 4,
     merge: str = "lanes",
     tokens: tuple[int, int, int] | None = None,
+    signed: bool = False,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B Hkv NC P K R"], Int[Array, "B Hkv NC P K R"]]:
     """Per-row top_k (score, position) of the middle keys [sink + p * split_len, min(L0, sink +
@@ -384,7 +403,12 @@ def score(
     ``tokens`` = (C, q_offset, R): ``q_rows`` is q itself (B, T, Hq, D), chunk c's rows the
     queries ``q_offset + c * C ..``, R rows per chunk (C * G padded to 64 x consumers), read in
     place (``mgpu_tokens``) into head-major tiles: the outputs' rows come in that order
-    (``mgpu_tokens.to_packed`` gives the packed order)."""
+    (``mgpu_tokens.to_packed`` gives the packed order).
+
+    ``signed``: block picks (``key_blocks``). The rows are q itself (head dim D), k the
+    summaries (2D wide: [max, min]), and each tile of rows becomes the signed rows [q+, q-] in
+    shared memory, scored as two K = D wgmmas: the scores of ``score(signed_queries(q), k)``
+    without XLA's 2D-wide copy of q."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     s_len = k.shape[1]
@@ -397,6 +421,11 @@ def score(
         hkv, nc, groups = k.shape[2], l0.shape[1], q_rows.shape[2] // k.shape[2]
         mgpu_tokens.check(hq, hkv, groups, chunk, r, T=q_rows.shape[1])
         q_in = q_rows
+    dq = d
+    if signed and k.shape[3] != 2 * dq:
+        raise ValueError(f"signed rows score q (head dim {dq}) against 2 x {dq}-wide summaries; "
+                         f"got keys {tuple(k.shape)}")
+    d = k.shape[3]  # the width scored
     if not (supports(q_rows.dtype, d, s_len, top_k, block_k) and q_rows.dtype == k.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention scoring needs 16-bit q and k with head dim "
                          f"64, 128 or 256, at least {block_k} keys (a multiple of 8) and top_k "
@@ -424,15 +453,16 @@ def score(
                                    s_len=s_len, splits=splits, split_len=split_len, tiles=tiles,
                                    nc=nc, hkv=hkv, consumers=consumers, merge=merge,
                                    tokens=tokens and (tokens[0], tokens[1], groups),
-                                   interpret=interpret)
+                                   signed=signed, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped),
-            (smem((consumers, ROWS, d), dtype), smem((slots, block_k, d), dtype),
+            (smem((consumers, 2, ROWS, dq) if signed else (consumers, ROWS, d), dtype),
+             smem((slots, 2, block_k, dq) if signed else (slots, block_k, d), dtype),
              plgpu.SMEM((consumers, top_k, ROWS), jnp.float32),
              plgpu.SMEM((consumers, top_k, ROWS), jnp.int32),
              *([plgpu.SMEM(mgpu_row_merge.buffer_shape(consumers), jnp.float32)]
                if merge == "rows" and not interpret else [])),
-            (plgpu.Barrier(num_barriers=slots),
+            (plgpu.Barrier(num_arrivals=2 if signed else 1, num_barriers=slots),
              plgpu.Barrier(num_arrivals=1 if tokens is None else groups,
                            num_barriers=consumers)),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),

@@ -262,11 +262,13 @@ def test_gpu_32k_bf16_block_picks(head_dim):
 
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["xla_signs", "kernel_signs"])
 @pytest.mark.parametrize("consumers,slots,tokens", [(4, 2, False), (2, 3, True)])
-def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens):
+def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens, signed):
     """At d = 128 the signed rows are 256 wide: the Mosaic GPU scoring takes them with a ring
     that fits in shared memory (``fitting_slots``: 2 slots with 4 consumers, 4 with 2), packed
-    or read in place; lowered for CUDA here, compiled with -m gpu."""
+    or read in place, made by XLA or (``signed``) by the kernel from q's 128-wide rows; lowered
+    for CUDA here, compiled with -m gpu."""
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     assert M.supports(jnp.bfloat16, 256, 4096, 4) and not M.supports(jnp.float32, 256, 4096, 4)
     assert M.smem_bytes(256, 2, 4, 64, 4, 4, "lanes") > M.SMEM_BYTES
@@ -274,10 +276,11 @@ def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens):
     assert M.fitting_slots(4, 256, 2, 4, 64, 2, "lanes") == 4
     assert M.fitting_slots(6, 128, 2, 4, 64, 4, "lanes") == 6
     k, l0 = bf16(1, 4096, 2, 256), jax.ShapeDtypeStruct((1, 3), jnp.int32)
-    rows = bf16(1, 1536, 8, 256) if tokens else bf16(1, 2, 3, 64 * consumers, 256)
+    width = 128 if signed else 256
+    rows = bf16(1, 1536, 8, width) if tokens else bf16(1, 2, 3, 64 * consumers, width)
     score = functools.partial(M.score, sink=32, top_k=4, splits=2, split_len=2048, block_k=64,
                               slots=slots, consumers=consumers,
-                              tokens=(512, 0, 2048) if tokens else None)
+                              tokens=(512, 0, 2048) if tokens else None, signed=signed)
     exported = export_for_cuda(score, rows, k, l0)
     r = 2048 if tokens else 64 * consumers
     assert [o.shape for o in exported.out_avals] == [(1, 2, 3, 2, 4, r)] * 2
@@ -285,6 +288,10 @@ def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens):
         M.score(jnp.zeros((1, 2, 3, 256, 256), jnp.bfloat16), jnp.zeros((1, 4096, 2, 256),
                 jnp.bfloat16), jnp.zeros((1, 3), jnp.int32), sink=32, top_k=4, splits=1,
                 split_len=4096, slots=4, consumers=4, interpret=True)
+    with pytest.raises(ValueError, match="signed rows score q"):
+        M.score(jnp.zeros((1, 2, 3, 256, 64), jnp.bfloat16), jnp.zeros((1, 4096, 2, 256),
+                jnp.bfloat16), jnp.zeros((1, 3), jnp.int32), sink=32, top_k=4, splits=1,
+                split_len=4096, slots=2, consumers=4, signed=True, interpret=True)
 
 
 @needs_gpu
@@ -306,6 +313,13 @@ def test_gpu_signed_rows_on_the_mosaic_gpu_scoring(hkv):
     same = np.sort(np.asarray(idx_m), -1) == np.sort(np.asarray(idx_t), -1)
     assert same.mean() > 0.9999, same.mean()
     assert (np.asarray(idx_t) >= 0).mean() > 0.5
+    # The kernel's own signed rows (the default) against XLA's copy: the same wgmma steps, so
+    # the same picks and scores, bit for bit.
+    config = dataclasses.replace(P.default_config(128, 2, rows), score_lowering="mosaic_gpu",
+                                 mgpu_slots=2, mgpu_signed_rows="xla")
+    vals_x, idx_x = jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
+    np.testing.assert_array_equal(np.asarray(idx_m), np.asarray(idx_x))
+    np.testing.assert_array_equal(np.asarray(vals_m), np.asarray(vals_x))
 
 
 @needs_gpu
