@@ -10,7 +10,11 @@ Same structure and options as ``bench/replicate_cca.py`` (whose helpers it uses)
 the synthetic retrieval mix with a length curriculum (default ``256:600,1024:2400``), then
 ``jax_cca.eval`` on passkey and multi-key needle retrieval at ``--lengths`` (default 1K, 8K, 16K,
 32K, 64K: the training length, then 8x to 64x). ReAttention runs the same weights with
-``attention="reattention"`` and the selection given by the ``--re-*`` options, sized so that
+``attention="reattention"`` and the selection given by the ``--re-*`` options, twice: picking
+tokens (the authors' method) and, with ``--re-key-block`` b > 0 (default 32; it must equal
+``--re-span`` and divide ``--re-align``), picking whole blocks of b keys by their bound
+(``reattention_key_block``, docs/reattention.md), so that the two are compared on one trained
+model. The selection is sized so that
 every position it hands out stays below the training length (sink + max_selected * span + window
 + align - 1 + chunk; checked before running). While this installation's model cannot run
 ReAttention the method is recorded as skipped, with the reason, and full attention still runs.
@@ -64,16 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     for name, value in defaults.items():
         p.add_argument(f"--re-{name.replace('_', '-')}", dest=f"re_{name}", type=int,
                        default=value, help=f"ReAttention {SELECTION[name]} (default {value})")
+    p.add_argument("--re-key-block", dest="re_key_block", type=int, default=32,
+                   help="also evaluate ReAttention picking blocks of this many keys "
+                        "(reattention_key_block; 0: tokens only; default 32)")
     return p
 
 
 # Training length 64: sink 4 + 2 spans of 8 + window 16 + align 8 - 1 + chunk 16 = 59 < 64.
 QUICK_RE = {**QUICK, "lengths": [64, 512, 1024], "re_sink": 4, "re_window": 16, "re_top_k": 2,
-            "re_max_selected": 2, "re_span": 8, "re_chunk": 16, "re_align": 8}
+            "re_max_selected": 2, "re_span": 8, "re_chunk": 16, "re_align": 8,
+            "re_key_block": 8}
+BLOCKS = "reattention_blocks"  # the label of the block-picks run
 
 
 def selection_options(args) -> dict:
     return {field: getattr(args, f"re_{name}") for name, field in SELECTION.items()}
+
+
+def methods(args, options: dict) -> list[tuple[str, str, dict]]:
+    """(label, method, options) of each run: ReAttention with token picks, then with block
+    picks (unless --re-key-block 0), then full attention, so that a run cut short keeps the
+    ReAttention results first."""
+    runs = [("reattention", "reattention", options)]
+    if args.re_key_block:
+        b = args.re_key_block
+        if b != options["reattention_span"] or options["reattention_align"] % b:
+            raise SystemExit(f"--re-key-block {b} must equal --re-span "
+                             f"({options['reattention_span']}) and divide --re-align "
+                             f"({options['reattention_align']})")
+        runs.append((BLOCKS, "reattention", {**options, "reattention_key_block": b}))
+    return runs + [("full", "full", {})]
 
 
 def position_bound(options: dict) -> int:
@@ -99,6 +123,7 @@ def run(args) -> Path:
     begin = time.perf_counter()
     options = selection_options(args)
     bound = position_bound(options)
+    to_run = methods(args, options)
     if not args.load_models:
         check_bound(bound, max(s.seq_len for s in args.curriculum))
     config = small_config(args, max(args.lengths) + 5)
@@ -118,12 +143,12 @@ def run(args) -> Path:
                    for k, v in vars(args).items() if k != "curriculum"},
                 "curriculum": [[s.seq_len, s.steps] for s in args.curriculum],
                 "train_length": train_len, "position_bound": bound}
-    for method, method_options in (("full", {}), ("reattention", options)):
+    for label, method, method_options in to_run:
         start = time.perf_counter()
-        runs += evaluate_methods(model, [(method, method_options)],
+        runs += evaluate_methods(model, [(method, method_options)], label=label,
                                  on_skip=lambda m, why: print(f"skipping {m}: {why}",
                                                               file=sys.stderr), **common)
-        print(f"{method}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(f"{label}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
         # after every method, so a run cut short keeps what it evaluated
         path = save_report(args.out, runs, environment=env, protocol=protocol,
                            model_config=json.loads(full.config.to_json()), training=[record],
@@ -154,7 +179,10 @@ def report(json_path: str | Path, docs: Path = DOCS) -> Path:
             f"({', '.join(f'{n / train_len:g}x' for n in protocol['lengths'])} the training "
             f"length) in {protocol['eval_dtype']}, {protocol['samples']} samples per (task, "
             f"length, depth). ReAttention selection: {sel}; its positions stay below "
-            f"{protocol['position_bound']} <= {train_len}.\n",
+            f"{protocol['position_bound']} <= {train_len}."
+            + (f" `{BLOCKS}` is the same selection picking whole blocks of "
+               f"{protocol['re_key_block']} keys (`reattention_key_block`) instead of tokens."
+               if protocol.get("re_key_block") else "") + "\n",
             "### Training\n", training_table(meta["training"]), "",
             "### Exact match per context length (over depths and samples)\n"]
     for task in protocol["tasks"]:
