@@ -10,6 +10,9 @@ rotated keys and values in every layer (``ReAttentionCache``: the full cache is 
 without a prefill (a 1M-token prefill takes minutes; the decode step reads the same rows whatever
 wrote them). ReAttention uses the authors' defaults (``CCAConfig``: sink 32, window 8192, top 4,
 256 positions, spans of 32), so every position it hands out stays below the 128K pretrained range.
+``reattention_blocks`` (in ``--attention``) is ReAttention picking blocks of 32 keys
+(``reattention_key_block``), whose cache also keeps the blocks' summaries, computed here from the
+random keys as the cache's writes would have left them.
 Decode ms/token as in ``bench/bench_decode.py`` (steps dispatched back to back), the compiled
 step's memory, the device's peak, and whether the logits are finite.
 """
@@ -36,6 +39,10 @@ from bench.bench_decode import (decode_fn, device_memory, failure, graphdef_of, 
 from bench.common import environment  # noqa: E402
 from jax_cca import CCAConfig  # noqa: E402
 from jax_cca.cache import cache_bytes, init_layer_cache  # noqa: E402
+from kernels.reattention import key_blocks  # noqa: E402
+
+METHODS = ("reattention", "reattention_blocks", "full")
+KEY_BLOCK = 32  # reattention_blocks: blocks of 32 keys, spans of 32 (the defaults' span)
 
 ONE_B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
              num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
@@ -57,15 +64,19 @@ def random_cache(config: CCAConfig, max_len: int, held: int, seed: int):
         rows = jnp.arange(max_len)[None, :, None, None] < held
         k = jnp.where(rows, jax.random.normal(kk, shape, jnp.float32), 0).astype(layer.k.dtype)
         v = jnp.where(rows, jax.random.normal(kv, shape, jnp.float32), 0).astype(layer.v.dtype)
-        return layer.replace(k=k, v=v, lengths=jnp.full((1,), held, layer.lengths.dtype))
+        layer = layer.replace(k=k, v=v, lengths=jnp.full((1,), held, layer.lengths.dtype))
+        if getattr(layer, "block_summaries", None) is not None:  # what the writes leave there
+            layer = layer.replace(block_summaries=key_blocks.summaries(k, layer.selection))
+        return layer
 
     keys = jax.random.split(jax.random.PRNGKey(seed), config.num_layers)
     return tuple(make(k) for k in keys)
 
 
-def bench(config: CCAConfig, state, context: int, steps: int) -> dict:
+def bench(method: str, config: CCAConfig, state, context: int, steps: int) -> dict:
     max_len = context + 2 * steps + 8
-    row = {"attention": config.attention, "context": context,
+    row = {"method": method, "attention": config.attention,
+           "key_block": config.reattention_key_block, "context": context,
            "cache_gib": cache_bytes(config, max_len) / 2**30}
     try:
         cache = random_cache(config, max_len, context, seed=1)
@@ -88,15 +99,16 @@ def bench(config: CCAConfig, state, context: int, steps: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=None, help="tokens held (default 2^20)")
-    ap.add_argument("--attention", default="reattention,full")
+    ap.add_argument("--attention", default="reattention,full",
+                    help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps")
     ap.add_argument("--quick", action="store_true", help="tiny model and context (CPU check)")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
     context = args.context or (2048 if args.quick else 1 << 20)
     attentions = [a for a in args.attention.split(",") if a]
-    if not attentions or any(a not in ("reattention", "full") for a in attentions):
-        ap.error("--attention takes a comma-separated subset of reattention,full")
+    if not attentions or any(a not in METHODS for a in attentions):
+        ap.error(f"--attention takes a comma-separated subset of {','.join(METHODS)}")
     base = CCAConfig(**(QUICK if args.quick else ONE_B), attention="reattention")
     state = jax.block_until_ready(random_state(base))
     results = {"env": environment(), "config": json.loads(base.to_json()),
@@ -104,10 +116,15 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     for attention in attentions:
         # Full attention hands out positions up to the context: give RoPE that range.
-        config = base.replace(attention=attention, max_position_embeddings=max(
-            base.max_position_embeddings, context + 2 * args.steps + 8)) \
-            if attention == "full" else base
-        row = bench(config, state, context, args.steps)
+        if attention == "full":
+            config = base.replace(attention=attention, max_position_embeddings=max(
+                base.max_position_embeddings, context + 2 * args.steps + 8))
+        elif attention == "reattention_blocks":
+            b = base.reattention_span if args.quick else KEY_BLOCK
+            config = base.replace(reattention_key_block=b, reattention_span=b)
+        else:
+            config = base
+        row = bench(attention, config, state, context, args.steps)
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         if out:

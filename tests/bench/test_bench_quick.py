@@ -64,19 +64,21 @@ def test_report_renders_the_committed_gpu_results():
 
 
 def test_decode_1m_quick(tmp_path):
-    """A tiny tied-embedding model decodes over a random un-rotated cache with ReAttention and
-    with full attention."""
+    """A tiny tied-embedding model decodes over a random un-rotated cache with ReAttention
+    (token and block picks) and with full attention."""
     out = tmp_path / "d1m.json"
-    proc = _run([str(REPO / "bench" / "decode_1m.py"), "--quick", "--steps", "8", "--out",
-                 str(out)], tmp_path)
+    proc = _run([str(REPO / "bench" / "decode_1m.py"), "--quick", "--steps", "8", "--attention",
+                 "reattention,reattention_blocks,full", "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["env"]["platform"] == "cpu" and data["config"]["tie_word_embeddings"]
-    rows = {r["attention"]: r for r in data["rows"]}
-    assert set(rows) == {"reattention", "full"}
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"reattention", "reattention_blocks", "full"}
     for row in rows.values():
         assert row["fits"] and row["context"] == 2048 and row["decode_ms"] > 0
         assert row["cache_gib"] > 0
+    assert rows["reattention_blocks"]["key_block"] > 1 and rows["reattention"]["key_block"] == 1
+    assert rows["reattention_blocks"]["cache_gib"] > rows["reattention"]["cache_gib"]  # summaries
 
 
 def test_decode_anatomy_quick(tmp_path):
