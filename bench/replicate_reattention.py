@@ -89,14 +89,16 @@ def methods(args, options: dict) -> list[tuple[str, str, dict]]:
     """(label, method, options) of each run: ReAttention with token picks, then with block
     picks (unless --re-key-block 0), then full attention, so that a run cut short keeps the
     ReAttention results first."""
+    from jax_cca import CCAConfig
+
     runs = [("reattention", "reattention", options)]
     if args.re_key_block:
-        b = args.re_key_block
-        if b != options["reattention_span"] or options["reattention_align"] % b:
-            raise SystemExit(f"--re-key-block {b} must equal --re-span "
-                             f"({options['reattention_span']}) and divide --re-align "
-                             f"({options['reattention_align']})")
-        runs.append((BLOCKS, "reattention", {**options, "reattention_key_block": b}))
+        blocks = {**options, "reattention_key_block": args.re_key_block}
+        try:  # the config's own rules: span = key block, dividing the alignment
+            CCAConfig(attention="reattention", **blocks)
+        except ValueError as err:
+            raise SystemExit(f"--re-key-block {args.re_key_block}: {err}") from None
+        runs.append((BLOCKS, "reattention", blocks))
     return runs + [("full", "full", {})]
 
 

@@ -411,3 +411,22 @@ def test_replication_reports(tmp_path):
     assert text.index("replicate_cca:end") < text.index("replicate_reattention:begin")
     assert "Smoke run" in text.split("replicate_reattention:begin")[1]
     assert "(0.5x, 2x the training length)" in text  # trained at 2048
+
+
+def test_replicate_reattention_runs_token_and_block_picks():
+    """The miniature runs ReAttention with token picks, then block picks (unless
+    --re-key-block 0), then full attention; a block size the selection cannot take exits with
+    the config's own reason."""
+    from bench import replicate_reattention as rr
+
+    def labels(*argv):
+        args = rr.build_parser().parse_args(list(argv))
+        return [(label, method, opts.get("reattention_key_block"))
+                for label, method, opts in rr.methods(args, rr.selection_options(args))]
+
+    assert labels() == [("reattention", "reattention", None),
+                        (rr.BLOCKS, "reattention", 32), ("full", "full", None)]
+    assert labels("--re-key-block", "0") == [("reattention", "reattention", None),
+                                             ("full", "full", None)]
+    with pytest.raises(SystemExit, match="reattention_span must equal it"):
+        labels("--re-key-block", "16")

@@ -175,6 +175,8 @@ def _score(q_rows, k, meta, geo: Geometry, config: Config, interpret: bool, mgpu
     d = k.shape[3]  # the width scored
     s_len = k.shape[1]
     sel = geo.sel
+    if signed and not mgpu:
+        raise ValueError("only the Mosaic GPU scoring makes the signed rows itself")
     if mgpu:
         bk, rows = config.mgpu_block_k, pallas_mgpu_score.ROWS * config.mgpu_consumers
         one_wave = geo.num_queries == 1  # a decode step (ONE_WAVE_PROGRAMS)
@@ -603,13 +605,16 @@ def _picks(q, k, *, sel: Selection, q_start, config: Config | None, interpret: b
     if blocks:  # the same kernels score [q+, q-] against the blocks' [max, min] rows
         if block_summaries is None:  # (a decode cache keeps them)
             block_summaries = pallas_summaries.block_summaries(k, sel, interpret=interpret)
-        q_signed, k = key_blocks.signed_queries(q), block_summaries
-        geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=q_signed.shape[3])
+        k = block_summaries
+        rows_2d = jax.ShapeDtypeStruct((*q.shape[:3], 2 * q.shape[3]), q.dtype)
+        geo_s = dataclasses.replace(geo, num_keys=k.shape[1], head_dim=rows_2d.shape[3])
         meta = _meta(c0, c1, key_blocks.summary_end(l0, geo.num_keys, sel))
-        mgpu = _uses_mgpu_score(q_signed, k, sel, config, interpret)
-        # The Mosaic GPU kernel can make the signed rows itself; else they are a copy of q.
-        signed = mgpu and config.mgpu_signed_rows == "in_kernel"
-        q = q if signed else q_signed
+        mgpu = _uses_mgpu_score(rows_2d, k, sel, config, interpret)
+        # The Mosaic GPU kernel can make the signed rows from q's (head dim 64 or 128); else
+        # they are a 2D-wide copy of q.
+        signed = (mgpu and config.mgpu_signed_rows == "in_kernel"
+                  and pallas_mgpu.wgmma_inputs(q.dtype, q.shape[3]))
+        q = q if signed else key_blocks.signed_queries(q)
     else:
         geo_s, meta = geo, _meta(c0, c1, l0)
         mgpu = _uses_mgpu_score(q, k, sel, config, interpret)
@@ -676,7 +681,7 @@ def _resolve_modes(config: Config, geo: Geometry, dtype, interpret: bool) -> tup
 
 
 def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int,
-            blocks_of: int | None = None, block_select: str = "auto"):
+            blocks_of: int | None, block_select: str):
     """``reference.select_from_picks`` of each of the first ``rows`` rows' best top_k
     candidates, from candidate-major (N, C, R') candidates (C = key splits x top_k; C = top_k:
     one split, nothing to merge). Where a chunk has few picks (a decode step) one kernel merges

@@ -42,6 +42,8 @@ Supported (:func:`supports`): 16-bit inputs, head dim 64, 128 or 256 (the 256-wi
 of block picks at d = 128, ``key_blocks.py``; with 4 consumers only 2 slots of 64 keys fit in
 shared memory), at least one key tile of keys
 and a multiple of 8, top_k <= 8; the caller pads the rows to a multiple of 64 x consumers.
+Block picks' signed rows are either given (2D wide, ``signed_queries(q)``) or, with
+``signed=True``, made by the kernel from q's own D-wide rows (D 64 or 128).
 ``interpret=True`` runs the Mosaic GPU interpreter on CPU, with the rows' lists merged tile by
 tile in ``top_k`` rounds instead (the interpreter cannot run ``inline_mgpu``).
 """
@@ -367,10 +369,11 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
         def fetch(s, slot):
             base = jnp.minimum(lo8 + s * bk, s_len - bk)
             if signed:  # the [max, min] columns into the two halves
-                d = k_smem.shape[-1]
+                half = k_smem.shape[-1]
                 for i, kh in enumerate(halves(k_smem.at[slot])):
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(base, bk), h, pl.ds(i * d, d)],
-                                            kh, k_full.at[slot])
+                    plgpu.copy_gmem_to_smem(
+                        k_ref.at[b, pl.ds(base, bk), h, pl.ds(i * half, half)], kh,
+                        k_full.at[slot])
             else:
                 plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(base, bk), h], k_smem.at[slot],
                                         k_full.at[slot])
@@ -413,26 +416,27 @@ def score(
 
     s_len = k.shape[1]
     if tokens is None:
-        b, hkv, nc, r, d = q_rows.shape
-        q_in = q_rows.reshape(b * hkv * nc, r, d)
+        b, hkv, nc, r, dq = q_rows.shape
+        q_in = q_rows.reshape(b * hkv * nc, r, dq)
     else:
         chunk, q_offset, r = tokens
-        b, _, hq, d = q_rows.shape
+        b, _, hq, dq = q_rows.shape
         hkv, nc, groups = k.shape[2], l0.shape[1], q_rows.shape[2] // k.shape[2]
         mgpu_tokens.check(hq, hkv, groups, chunk, r, T=q_rows.shape[1])
         q_in = q_rows
-    dq = d
-    if signed and k.shape[3] != 2 * dq:
-        raise ValueError(f"signed rows score q (head dim {dq}) against 2 x {dq}-wide summaries; "
-                         f"got keys {tuple(k.shape)}")
-    d = k.shape[3]  # the width scored
+    if signed and not wgmma_inputs(q_rows.dtype, dq):
+        raise ValueError(f"signed rows are made in the kernel from 16-bit q of head dim 64 or "
+                         f"128 (its shared-memory tiles); got {q_rows.dtype}, head dim {dq}: "
+                         f"pass the rows signed_queries(q) instead")
+    d = 2 * dq if signed else dq  # the width scored
     if not (supports(q_rows.dtype, d, s_len, top_k, block_k) and q_rows.dtype == k.dtype):
         raise ValueError(f"the Mosaic GPU ReAttention scoring needs 16-bit q and k with head dim "
                          f"64, 128 or 256, at least {block_k} keys (a multiple of 8) and top_k "
                          f"<= {MAX_TOP_K}; got {q_rows.dtype}/{k.dtype}, rows {tuple(q_rows.shape)}"
                          f", keys {tuple(k.shape)}, top_k {top_k}")
     if k.shape[0] != b or k.shape[2] != hkv or k.shape[3] != d or l0.shape != (b, nc):
-        raise ValueError(f"shapes disagree: rows {q_rows.shape}, keys {k.shape}, l0 {l0.shape}")
+        raise ValueError(f"shapes disagree: rows {q_rows.shape}, keys {k.shape}, l0 {l0.shape}"
+                         + (" (signed rows: keys 2 x the rows' width)" if signed else ""))
     if consumers not in REGISTERS or r % (consumers * ROWS):
         raise ValueError(f"consumers must be one of {sorted(REGISTERS)} with rows ({r}) a "
                          f"multiple of 64 * consumers; got {consumers}")

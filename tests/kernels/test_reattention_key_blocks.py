@@ -288,10 +288,39 @@ def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens, 
         M.score(jnp.zeros((1, 2, 3, 256, 256), jnp.bfloat16), jnp.zeros((1, 4096, 2, 256),
                 jnp.bfloat16), jnp.zeros((1, 3), jnp.int32), sink=32, top_k=4, splits=1,
                 split_len=4096, slots=4, consumers=4, interpret=True)
-    with pytest.raises(ValueError, match="signed rows score q"):
-        M.score(jnp.zeros((1, 2, 3, 256, 64), jnp.bfloat16), jnp.zeros((1, 4096, 2, 256),
-                jnp.bfloat16), jnp.zeros((1, 3), jnp.int32), sink=32, top_k=4, splits=1,
-                split_len=4096, slots=2, consumers=4, signed=True, interpret=True)
+    zeros = lambda *shape: jnp.zeros(shape, jnp.bfloat16)
+    l0 = jnp.zeros((1, 3), jnp.int32)
+    call = functools.partial(M.score, l0=l0, sink=32, top_k=4, splits=1, split_len=4096,
+                             slots=2, consumers=4, interpret=True)
+    with pytest.raises(ValueError, match=r"shapes disagree.*2 x the rows' width"):
+        call(zeros(1, 2, 3, 256, 64), zeros(1, 4096, 2, 256), signed=True)
+    with pytest.raises(ValueError, match="shapes disagree"):  # unsigned: widths must match
+        call(zeros(1, 2, 3, 256, 64), zeros(1, 4096, 2, 128))
+    with pytest.raises(ValueError, match="head dim 64 or 128"):  # halves below a smem tile
+        call(zeros(1, 2, 3, 256, 32), zeros(1, 4096, 2, 64), signed=True)
+
+
+@pytest.mark.parametrize("head_dim,signed", [(32, False), (64, True), (128, True)])
+def test_kernel_signs_only_where_its_halves_fit(monkeypatch, head_dim, signed):
+    """Where the Mosaic GPU scoring runs (patched in here), block picks hand it q's own rows to
+    sign at head dim 64 and 128, and XLA's 2D-wide copy at 32 (halves below a 64-wide
+    shared-memory tile)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(q_rows, *args, signed=False, **kwargs):
+        seen.append((q_rows.shape[-1], signed))
+        raise Stop
+
+    monkeypatch.setattr(P, "_uses_mgpu_score", lambda *args: True)
+    monkeypatch.setattr(P, "_score", record)
+    case = Case(1, 256, 4, 2, head_dim, Selection(4, 16, 2, 3, 8, 64, 8, key_block=8))
+    q, k, _ = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=2))
+    with pytest.raises(Stop):
+        P.picks(q, k, sel=case.sel, interpret=True)
+    assert seen == [(head_dim if signed else 2 * head_dim, signed)]
 
 
 @needs_gpu
@@ -314,12 +343,14 @@ def test_gpu_signed_rows_on_the_mosaic_gpu_scoring(hkv):
     assert same.mean() > 0.9999, same.mean()
     assert (np.asarray(idx_t) >= 0).mean() > 0.5
     # The kernel's own signed rows (the default) against XLA's copy: the same wgmma steps, so
-    # the same picks and scores, bit for bit.
-    config = dataclasses.replace(P.default_config(128, 2, rows), score_lowering="mosaic_gpu",
-                                 mgpu_slots=2, mgpu_signed_rows="xla")
-    vals_x, idx_x = jax.jit(lambda q, k: P.picks(q, k, sel=case.sel, config=config))(q, k)
-    np.testing.assert_array_equal(np.asarray(idx_m), np.asarray(idx_x))
-    np.testing.assert_array_equal(np.asarray(vals_m), np.asarray(vals_x))
+    # the same picks and scores, bit for bit; with q read in place and from packed rows.
+    for q_rows in ("in_place", "packed"):
+        got, want = (jax.jit(lambda q, k, c=dataclasses.replace(
+            P.default_config(128, 2, rows), score_lowering="mosaic_gpu", mgpu_slots=2,
+            mgpu_rows=q_rows, mgpu_signed_rows=signs): P.picks(q, k, sel=case.sel, config=c))(
+                q, k) for signs in ("in_kernel", "xla"))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @needs_gpu
