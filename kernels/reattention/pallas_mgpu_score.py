@@ -315,10 +315,11 @@ def _kernel(l0_ref, q_ref, k_ref, vals_ref, idx_ref, scoped, *, sink, top_k, bk,
                 slot = lax.rem(s, slots)
                 plgpu.barrier_wait(k_full.at[slot])
                 k_halves = halves(k_smem.at[slot])
-                if interpret:
-                    scores = sum(lax.dot_general(qh[...], kh[...], (((1,), (1,)), ((), ())),
-                                                 preferred_element_type=jnp.float32)
-                                 for qh, kh in zip(q_halves, k_halves))
+                if interpret:  # one K = 2D product, as the unsigned rows' (same sums)
+                    joined = lambda refs: jnp.concatenate([r[...] for r in refs], axis=-1)
+                    scores = lax.dot_general(joined(q_halves), joined(k_halves),
+                                             (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
                 else:
                     def qk(acc_ref):
                         for qh, kh in zip(q_halves, k_halves):  # one K = 2D sum

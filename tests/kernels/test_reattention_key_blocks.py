@@ -300,6 +300,28 @@ def test_signed_rows_lower_for_the_mosaic_gpu_scoring(consumers, slots, tokens, 
         call(zeros(1, 2, 3, 256, 32), zeros(1, 4096, 2, 64), signed=True)
 
 
+@pytest.mark.parametrize("tokens", [False, True], ids=["packed", "in_place"])
+def test_signed_rows_made_in_the_kernel_equal_xla_signs_in_the_interpreter(tokens):
+    """CPU twin of the GPU test below: the Mosaic GPU scoring kernel in its interpreter (which
+    merges in rounds), q's own rows signed in shared memory (``signed=True``) against the
+    rows ``signed_queries(q)``: the same picks and scores, bit for bit; packed rows, and rows
+    read in place (two query heads per kv head, so two copies per tile)."""
+    rng = np.random.default_rng(4)
+    bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    k = bf16(1, 256, 1, 128)  # 2D-wide summaries, D = 64
+    if tokens:  # chunks of 64 queries x G = 2 -> 128 rows; padded as far as a tile reads
+        q = jnp.pad(bf16(1, 128, 2, 64), ((0, 0), (0, 64), (0, 0), (0, 0)))
+        l0, extra = jnp.asarray([[200, 150]], jnp.int32), dict(tokens=(64, 0, 128))
+    else:
+        q, l0, extra = bf16(1, 1, 1, 128, 64), jnp.asarray([[200]], jnp.int32), {}
+    score = functools.partial(M.score, k=k, l0=l0, sink=8, top_k=3, splits=1, split_len=256,
+                              block_k=64, slots=2, consumers=2, interpret=True, **extra)
+    got, want = score(q, signed=True), score(key_blocks.signed_queries(q))
+    assert (np.asarray(want[1]) >= 0).all()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("head_dim,signed", [(32, False), (64, True), (128, True)])
 def test_kernel_signs_only_where_its_halves_fit(monkeypatch, head_dim, signed):
     """Where the Mosaic GPU scoring runs (patched in here), block picks hand it q's own rows to

@@ -8,10 +8,12 @@ for bit, the CPU twin of which runs the Triton lowering in the interpreter; the
 ReAttention op and parity suites run it too (``Config.score_lowering`` "auto"). On CPU the
 argument checks run, and the kernel is lowered for CUDA (``jax.export``: the Mosaic GPU lowering
 with its ``inline_mgpu`` merge runs, nothing compiles) for each width of the per-thread lists.
-jax 0.10's Mosaic GPU interpreter deadlocks on this kernel's barriers under the suite's XLA
-flags, and cannot run ``inline_mgpu`` at all, so the CPU twin of the same function is the
-Triton-lowered scoring kernel in the Pallas interpreter (``test_reattention_ops.py``,
-``test_picks_match_reference_topk``).
+jax 0.10's Mosaic GPU interpreter deadlocked on this kernel's barriers under the suite's XLA
+flags (at the sizes tried when this file was written), and cannot run ``inline_mgpu`` at all,
+so the CPU twin of the same function is the Triton-lowered scoring kernel in the Pallas
+interpreter (``test_reattention_ops.py``, ``test_picks_match_reference_topk``). At tiny sizes
+the interpreter does run it (with the rounds merge): ``test_reattention_key_blocks.py`` checks
+the signed rows made in the kernel there.
 """
 
 from __future__ import annotations
