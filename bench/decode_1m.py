@@ -10,8 +10,8 @@ rotated keys and values in every layer (``ReAttentionCache``: the full cache is 
 without a prefill (a 1M-token prefill takes minutes; the decode step reads the same rows whatever
 wrote them). ReAttention uses the authors' defaults (``CCAConfig``: sink 32, window 8192, top 4,
 256 positions, spans of 32), so every position it hands out stays below the 128K pretrained range.
-``reattention_blocks`` (in ``--attention``) is ReAttention picking blocks of 32 keys
-(``reattention_key_block``), whose cache also keeps the blocks' summaries, computed here from the
+``reattention_blocks`` (in ``--attention``) is ReAttention picking blocks as wide as its span
+(``reattention_key_block``: 32 keys with the defaults), whose cache also keeps the blocks' summaries, computed here from the
 random keys as the cache's writes would have left them.
 Decode ms/token as in ``bench/bench_decode.py`` (steps dispatched back to back), the compiled
 step's memory, the device's peak, and whether the logits are finite.
@@ -42,7 +42,6 @@ from jax_cca.cache import cache_bytes, init_layer_cache  # noqa: E402
 from kernels.reattention import key_blocks  # noqa: E402
 
 METHODS = ("reattention", "reattention_blocks", "full")
-KEY_BLOCK = 32  # reattention_blocks: blocks of 32 keys, spans of 32 (the defaults' span)
 
 ONE_B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
              num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
@@ -119,9 +118,8 @@ def main(argv=None) -> int:
         if attention == "full":
             config = base.replace(attention=attention, max_position_embeddings=max(
                 base.max_position_embeddings, context + 2 * args.steps + 8))
-        elif attention == "reattention_blocks":
-            b = base.reattention_span if args.quick else KEY_BLOCK
-            config = base.replace(reattention_key_block=b, reattention_span=b)
+        elif attention == "reattention_blocks":  # blocks must be as wide as the span
+            config = base.replace(reattention_key_block=base.reattention_span)
         else:
             config = base
         row = bench(attention, config, state, context, args.steps)
