@@ -37,6 +37,10 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from tests import interpreter_cache  # noqa: E402
+
+interpreter_cache.install()  # the Mosaic GPU interpreter compiles each kernel body once
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
