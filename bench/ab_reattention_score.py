@@ -8,7 +8,10 @@ d = 128 (``--key-block 32``: block picks, whose signed rows are 256 wide); only
 ``Config.score_lowering`` and the Mosaic GPU kernel's tile, ring, consumer
 count and merge (``*_rows``: ``Config.mgpu_merge="rows"``) differ. ``--old NAME=FILE`` adds a
 variant that runs another version of ``pallas_mgpu_score.py`` (e.g. one taken from git) in
-its place. ``same_picks`` is the fraction of (row, pick) entries equal to the Triton
+its place. ``--probes`` adds two variants of the default kernel that give wrong picks on purpose,
+to split its time: ``probe_votes_only`` keeps the per-tile max and warp vote of the merge but
+never takes the pops (the branch also asks for a negative tile position), ``probe_no_merge``
+keeps only each row's running max (the sweep: TMA ring and wgmmas). ``same_picks`` is the fraction of (row, pick) entries equal to the Triton
 lowering's (or, without it, the first variant's: ``same_picks_as``) as sets per row;
 ``tflops`` counts the q . k products of the scoring alone (2 d per query-key pair of every
 middle).
@@ -21,13 +24,15 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bench.common import time_alternating, write_rows
-from kernels.reattention import pallas, reference
+from kernels.reattention import pallas, pallas_mgpu_score, reference
 from kernels.reattention.params import Selection, default_config, geometry
 
 VARIANTS = {
@@ -46,6 +51,31 @@ VARIANTS = {
     "mgpu_c4_bk128_rows": dict(score_lowering="mosaic_gpu", mgpu_block_k=128, mgpu_slots=3,
                                mgpu_merge="rows"),
 }
+
+
+# Probes: (line of pallas_mgpu_score.py, its replacement). Each variant loads a patched copy.
+PROBES = {
+    "probe_votes_only": (
+        "out = branch(warp_any(gt(tree_max(xs), thr)), tile",
+        "out = branch(arith.andi(warp_any(gt(tree_max(xs), thr)), arith.cmpi("
+        "arith.CmpIPredicate.slt, take(b_regs[h], 0), const(0))), tile"),
+    "probe_no_merge": (
+        "return lane_merge(scores, base_row, *carry)",
+        "return (carry[0], jnp.maximum(carry[1], lax.broadcast_in_dim(scores.max(axis=1), "
+        "carry[1].shape, [0])), carry[2])"),
+}
+
+
+def probe_module(name: str, directory: str):
+    """The default kernel with probe ``name``'s line replaced, loaded from ``directory``."""
+    line, new = PROBES[name]
+    src = Path(pallas_mgpu_score.__file__).read_text()
+    if src.count(line) != 1:
+        raise SystemExit(f"probe {name}: its line is not in pallas_mgpu_score.py once; update "
+                         f"PROBES")
+    path = Path(directory) / f"{name}.py"
+    path.write_text(src.replace(line, new))
+    return load_module(str(path))
 
 
 def inputs(t: int, hkv: int, dtype=jnp.bfloat16):
@@ -111,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="|".join(VARIANTS), help="names joined by '|'")
     ap.add_argument("--old", action="append", default=[],
                     help="NAME=FILE: a variant running FILE as pallas_mgpu_score (4 consumers)")
+    ap.add_argument("--probes", action="store_true",
+                    help="add probe_votes_only and probe_no_merge (wrong picks on purpose)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--key-block", type=int, default=1, help="Selection.key_block (block picks:"
                     " 256-wide signed rows at d = 128; the span stays 32, so 1 or 32)")
@@ -120,6 +152,10 @@ def main(argv=None) -> int:
     for spec in args.old:
         name, path = spec.split("=", 1)
         variants[name] = (dict(score_lowering="mosaic_gpu"), load_module(path))
+    if args.probes:
+        directory = tempfile.mkdtemp(prefix="score_probes_")
+        for name in PROBES:
+            variants[name] = (dict(score_lowering="mosaic_gpu"), probe_module(name, directory))
     rows = [measure(t, hkv, variants, args.rounds, args.key_block)
             for t in map(int, args.lengths.split(","))
             for hkv in map(int, args.kv_heads.split(","))]
