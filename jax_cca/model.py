@@ -97,12 +97,19 @@ class Attention(nnx.Module):
 
     def qkv_heads(self, x: Float[Array, "B T E"]) -> Float[Array, "B T H3 D"]:
         """Un-rotated q, k, v heads as one array: Hq query heads, then Hkv key and Hkv value
-        heads (the fused layout's projection, reshaped; the separate one's, concatenated)."""
+        heads (the fused layout's projection, reshaped; the separate one's, concatenated).
+
+        The separate layout's three projections pass an optimization barrier before the
+        concatenation. Without it, XLA on the GPU fused one batch-1 projection (a matrix-vector
+        product, rewritten as a multiply and a reduce) into the concatenation's kernel, which
+        ran it about 200 times slower than its own kernel: 0.42 ms per layer for a 1B model's
+        k projection, +52% on a 1M-token decode step with full attention
+        (``docs/perf-notes.md``, seventeenth session)."""
         c = self.config
         bsz, t, _ = x.shape
         if c.fused_projections:
             return self.qkv_proj(x).reshape(bsz, t, -1, c.head_dim)
-        return jnp.concatenate(self.qkv(x), axis=2)
+        return jnp.concatenate(jax.lax.optimization_barrier(self.qkv(x)), axis=2)
 
     def _project(self, x: Float[Array, "B T E"], cos, sin):
         """Rotated q (B, T, Hq, D), rotated k and v (B, T, Hkv, D). ReAttention: q and k are
