@@ -152,10 +152,11 @@ def main(argv=None) -> int:
     for spec in args.old:
         name, path = spec.split("=", 1)
         variants[name] = (dict(score_lowering="mosaic_gpu"), load_module(path))
+    probes = tempfile.TemporaryDirectory(prefix="score_probes_")  # removed on exit
     if args.probes:
-        directory = tempfile.mkdtemp(prefix="score_probes_")
         for name in PROBES:
-            variants[name] = (dict(score_lowering="mosaic_gpu"), probe_module(name, directory))
+            variants[name] = (dict(score_lowering="mosaic_gpu"),
+                              probe_module(name, probes.name))
     rows = [measure(t, hkv, variants, args.rounds, args.key_block)
             for t in map(int, args.lengths.split(","))
             for hkv in map(int, args.kv_heads.split(","))]

@@ -7,8 +7,11 @@ thread, the compiles were most of the time of the interpreted Mosaic GPU tests (
 3-thread kernel: 30 compiles of one program, about 23 s; ``docs/perf-notes.md``, seventeenth
 session). :func:`install` keeps each compiled program, keyed on the jaxpr object itself (held,
 so its id cannot be reused) and the arguments' abstract values, and runs the kept one, which is
-what ``jax.jit``'s own cache would do; the program's inputs stay runtime arguments. Where this
-jax has no such function, or one of another signature, it changes nothing.
+what ``jax.jit``'s own cache would do; the program's inputs (grid coordinates, thread id,
+consts) stay runtime arguments, and the global settings that change a lowering (x64, default
+matmul precision, debug_nans) are part of the key. The TPU interpreter's cores run through the
+same function and are cached alike. Where this jax has no such function, or one of another
+signature, it changes nothing.
 """
 
 from __future__ import annotations
@@ -45,12 +48,15 @@ def install() -> bool:
 
     def run_kept(jaxpr, consts, *args):
         leaves = jax.tree.leaves((consts, args))
-        key = (jaxpr, jax.tree.structure((consts, args)), tuple(map(jax.typeof, leaves)))
+        settings = (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+                    jax.config.jax_debug_nans)  # global settings that change a lowering
+        key = (jaxpr, jax.tree.structure((consts, args)), tuple(map(jax.typeof, leaves)),
+               settings)
         with lock:
             compiled = kept.get(key)
             if compiled is not None:
                 kept.move_to_end(key)
-        COUNTS["reused" if compiled is not None else "compiled"] += 1
+            COUNTS["reused" if compiled is not None else "compiled"] += 1
         if compiled is None:
             compiled = jax.jit(body, static_argnums=(0,)).trace(jaxpr, consts, *args).lower() \
                 .compile()
