@@ -8,11 +8,13 @@ d = 128 (``--key-block 32``: block picks, whose signed rows are 256 wide); only
 ``Config.score_lowering`` and the Mosaic GPU kernel's tile, ring, consumer
 count and merge (``*_rows``: ``Config.mgpu_merge="rows"``) differ. ``--old NAME=FILE`` adds a
 variant that runs another version of ``pallas_mgpu_score.py`` (e.g. one taken from git) in
-its place. ``--probes`` adds two variants of the default kernel that give wrong picks on purpose,
-to split its time: ``probe_votes_only`` keeps the per-tile max and warp vote of the merge but
-never takes the pops (the branch also asks for a negative tile position), ``probe_no_merge``
-keeps only each row's running max (the sweep: TMA ring and wgmmas). ``same_picks`` is the fraction of (row, pick) entries equal to the Triton
-lowering's (or, without it, the first variant's: ``same_picks_as``) as sets per row;
+its place. ``--probes`` adds two variants of the default kernel that give wrong picks on
+purpose, to split its time: ``probe_votes_only`` keeps the per-tile max and warp vote of the
+merge but never takes the pops (the branch also asks for a negative tile position);
+``probe_no_merge`` keeps only each row's running max, folded into the lists so that the
+wgmmas stay live (the sweep: TMA ring, wgmmas and a row max). ``same_picks`` is the fraction
+of (row, pick) entries equal to the Triton lowering's (or, without it, the first variant's:
+``same_picks_as``) as sets per row;
 ``tflops`` counts the q . k products of the scoring alone (2 d per query-key pair of every
 middle).
 """
