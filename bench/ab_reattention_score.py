@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     for spec in args.old:
         name, path = spec.split("=", 1)
         variants[name] = (dict(score_lowering="mosaic_gpu"), load_module(path))
-    probes = tempfile.TemporaryDirectory(prefix="score_probes_")  # removed on exit
-    if args.probes:
+    if args.probes:  # the patched copies live until the run ends
+        probes = tempfile.TemporaryDirectory(prefix="score_probes_")
         for name in PROBES:
             variants[name] = (dict(score_lowering="mosaic_gpu"),
                               probe_module(name, probes.name))

@@ -11,8 +11,8 @@ without a prefill (a 1M-token prefill takes minutes; the decode step reads the s
 wrote them). ReAttention uses the authors' defaults (``CCAConfig``: sink 32, window 8192, top 4,
 256 positions, spans of 32), so every position it hands out stays below the 128K pretrained range.
 ``reattention_blocks`` (in ``--attention``) is ReAttention picking blocks as wide as its span
-(``reattention_key_block``: 32 keys with the defaults), whose cache also keeps the blocks' summaries, computed here from the
-random keys as the cache's writes would have left them.
+(``reattention_key_block``: 32 keys with the defaults), whose cache also keeps the blocks'
+summaries, computed here from the random keys as the cache's writes would have left them.
 Decode ms/token as in ``bench/bench_decode.py`` (steps dispatched back to back), the compiled
 step's memory, the device's peak, and whether the logits are finite.
 """
