@@ -11,7 +11,10 @@ Triton lowering cannot express):
   and 1 own 64 query rows each: ``S = Q K^T`` and ``O += P V`` on wgmma, a base-2 online softmax
   in registers.
 * The two consumers take turns on the tensor cores through a shared barrier (ping-pong), so one's
-  exponentials overlap the other's matmuls.
+  exponentials overlap the other's matmuls. With ``MgpuConfig.overlap`` each consumer also
+  pipelines its own steps (FlashAttention-3's intra-warpgroup overlap): block s's ``Q K^T`` and
+  block s-1's ``P V`` are issued together, and block s's softmax runs while ``P V`` is on the
+  tensor cores (same operations in the same order, so the same bits).
 * Both consumers walk the whole stream of the tile (each ring slot is released when both have read
   it). A block that is only partly visible to a consumer's rows is masked; with a finite "minus
   infinity" and the weights of masked keys set to 0, a block invisible to all its rows adds nothing.
@@ -50,16 +53,20 @@ class MgpuConfig:
 
     H200, 128K, d = 128, kernel alone (bench/results/ab_forward_mgpu_h200.json): 128-key blocks
     with 2 slots 19.5 ms; 64-key blocks with 3 or 4 slots 22.5-22.9 ms. 128 keys with 3 slots do
-    not fit in shared memory at d = 128."""
+    not fit in shared memory at d = 128. ``overlap``: the software-pipelined consumer step
+    (:func:`consume`)."""
 
     block_k: int = 128
     slots: int = 2
+    overlap: bool = False
 
     def __post_init__(self):
         if self.block_k not in (64, 128):
             raise ValueError(f"MgpuConfig.block_k must be 64 or 128; got {self.block_k}")
         if self.slots < 2:
             raise ValueError(f"MgpuConfig.slots must be >= 2; got {self.slots}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"MgpuConfig.overlap must be a bool; got {self.overlap!r}")
 
 
 def wgmma_inputs(dtype, head_dim: int) -> bool:
@@ -155,14 +162,30 @@ def take_turn(turn) -> None:
     plgpu.barrier_wait(turn)
 
 
-def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype, visible,
+def _weights(scores, m, mask, scale2: float):
+    """One block of the base-2 online softmax: (p, m_new, alpha) for the (64, block) ``scores``
+    against the rows' running maxima ``m`` (``mask``: None or the visible keys; masked scores
+    count as the finite "minus infinity" and their weights are 0)."""
+    if mask is not None:
+        scores = jnp.where(mask, scores, NEG)
+    m_new = jnp.maximum(m, scores.max(axis=1) * scale2)
+    p = jnp.exp2(scores * scale2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    return p, m_new, jnp.exp2(m - m_new)
+
+
+def _rows(x, like):
+    return lax.broadcast_in_dim(x, like.shape, [0])
+
+
+def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype, mask,
                  interpret: bool):
-    """Step ``s`` of a consumer warpgroup: the key block in ring slot ``s % slots`` through the
-    base-2 online softmax ``carry = (acc, m, l)`` of the 64 rows in ``q_smem``. ``visible``:
-    None (every key visible) or a function giving the (64, block) mask. The consumers take turns
-    on the tensor cores (``S = Q K^T``, then ``O += P V``) so that one's softmax overlaps the
-    other's matmuls; a block invisible to every row adds nothing (finite "minus infinity",
-    masked weights set to 0)."""
+    """Step ``s`` of a consumer warpgroup, one block at a time: the key block in ring slot
+    ``s % slots`` through the base-2 online softmax ``carry = (acc, m, l)`` of the 64 rows in
+    ``q_smem`` (``mask``: None, every key visible, or a function giving the (64, block) mask).
+    The consumers take turns on the tensor cores (``S = Q K^T``, then ``O += P V``) so that one's
+    softmax overlaps the other's matmuls."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     acc, m, l = carry
@@ -181,15 +204,8 @@ def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype,
     else:
         scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
     plgpu.barrier_arrive(ring.k_free.at[slot])
-    mask = None if visible is None else visible()
-    if mask is not None:
-        scores = jnp.where(mask, scores, NEG)
-    m_new = jnp.maximum(m, scores.max(axis=1) * scale2)
-    p = jnp.exp2(scores * scale2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp2(m - m_new)
-    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    p, m_new, alpha = _weights(scores, m, None if mask is None else mask(), scale2)
+    acc = acc * _rows(alpha, acc)
     l = l * alpha + p.sum(axis=1)
     p16 = p.astype(dtype)
     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
@@ -213,6 +229,145 @@ def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype,
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(ring.v_free.at[slot])
     return acc, m_new, l
+
+
+def _issue_step(s, carry, *, q_smem, ring: Ring, scale2: float, dtype, mask, stash,
+                interpret: bool):
+    """Step ``s`` (>= 1) of a consumer warpgroup, software-pipelined (FlashAttention-3's
+    intra-warpgroup overlap): ``S = Q K_s^T`` and the previous block's ``O += P V`` are issued
+    together, and block s's softmax runs while ``P V`` is still on the tensor cores. ``carry =
+    (acc, m, l, p)``: acc still lacks the previous block's ``P V`` (p: its weights, 16-bit).
+    The same operations in the same order as :func:`attend_block`, so the same bits."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    acc, m, l, p_prev = carry
+    slot, prev = lax.rem(s, ring.slots), lax.rem(s - 1, ring.slots)
+    bk = ring.k.shape[1]
+    plgpu.barrier_wait(ring.v_full.at[prev])
+    plgpu.barrier_wait(ring.k_full.at[slot])
+    plgpu.barrier_wait(ring.turn)  # the other consumer has issued its step
+
+    def weights(scores, m):  # float32 weights: their 16-bit copy is made after the wait
+        p, m_new, alpha = _weights(scores, m, None if mask is None else mask(), scale2)
+        return p, m_new, alpha, p.sum(axis=1)
+
+    if interpret:  # plain dots (no transposed operands, no run_state)
+        scores = lax.dot_general(q_smem[...], ring.k[slot], (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        acc = acc + jnp.dot(p_prev, ring.v[prev], preferred_element_type=jnp.float32)
+        take_turn(ring.turn)
+        plgpu.barrier_arrive(ring.k_free.at[slot])
+        p, m, alpha, psum = weights(scores, m)
+        plgpu.barrier_arrive(ring.v_free.at[prev])
+        acc, l, p16 = acc * _rows(alpha, acc), l * alpha + psum, p.astype(dtype)
+    else:
+        def step(refs):
+            o_ref, m_ref, l_ref, p_ref = refs
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(ring.k.at[slot], (1, 0)))
+                plgpu.wgmma(o_ref, p_prev, ring.v.at[prev])
+                take_turn(ring.turn)
+                return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, P V in flight
+
+            scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+            plgpu.barrier_arrive(ring.k_free.at[slot])
+            p, m_new, alpha, psum = weights(scores, m_ref[...])
+            # The row sums go to shared memory before the wait: ptxas keeps the wait after
+            # that store, so the softmax stays between the two waits (without it ptxas hoisted
+            # the wait above the softmax, and nothing overlapped; seen in the SASS).
+            stash[...] = psum
+            # Wait for P V. Until then p_prev's registers are the wgmma's: the barrier keeps
+            # them live, so that LLVM does not write the new weights into them (ptxas would
+            # then serialise the wgmmas, C7513). As in FlashAttention-3, the 16-bit weights
+            # are made after the wait.
+            o, _, p = lax.optimization_barrier((o_ref[...], p_prev, p))
+            plgpu.barrier_arrive(ring.v_free.at[prev])
+            o_ref[...] = o * _rows(alpha, o)
+            l_ref[...] = l_ref[...] * alpha + psum
+            m_ref[...] = m_new
+            p_ref[...] = p.astype(dtype)
+
+        acc, m, l, p16 = pl.run_state(step)((plgpu.ACC.init(acc), m, l, p_prev))
+    acc, m, l, p16 = lax.optimization_barrier((acc, m, l, p16))
+    plgpu.barrier_arrive(ring.turn)  # softmax done
+    return acc, m, l, p16
+
+
+def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, overlap: bool,
+            stash, interpret: bool):
+    """A consumer warpgroup's whole stream, steps ``0 .. n_steps - 1`` (n_steps >= 1): returns
+    ``(acc, m, l)``, the unnormalised output, base-2 running maxima and sums of its 64 rows.
+    ``segments``: ``(stop, mask)`` pairs splitting the steps in order (the first starts at 0),
+    ``mask`` None (every key visible) or ``mask(s)`` the (64, block) mask of step s. Step 0's
+    keys must have landed. ``overlap`` pipelines each block's softmax against the previous
+    block's ``P V`` (:func:`_issue_step`; ``stash``: a (64,) float32 shared-memory scratch
+    of the warpgroup's own); otherwise one block at a time (:func:`attend_block`). Consumer 0
+    goes first; the two take turns on the tensor cores."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    cast, iota = layout_helpers(interpret)
+    bk = ring.k.shape[1]
+    d = q_smem.shape[-1]
+    m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    pl.when(wg == 1)(lambda: take_turn(ring.turn))
+    kwargs = dict(q_smem=q_smem, ring=ring, scale2=scale2, dtype=dtype, interpret=interpret)
+    starts = [0] + [stop for stop, _ in segments[:-1]]
+    if not overlap:
+        carry = (acc, m, l)
+        for start, (stop, mask) in zip(starts, segments):
+            body = lambda s, c, mask=mask: attend_block(
+                s, c, n_steps=n_steps, mask=None if mask is None else lambda: mask(s), **kwargs)
+            carry = lax.fori_loop(start, stop, body, carry)
+    else:
+        # Step 0: S = Q K_0^T alone, its softmax with the mask of the segment that holds it.
+        # (Mosaic GPU selects need full-shape predicates: ``zero + scalar`` broadcasts.)
+        zero = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA) * 0
+        mask0 = None
+        for stop, mask in reversed(segments):
+            here = mask(0) if mask is not None else zero == 0
+            mask0 = here if mask0 is None else jnp.where(zero + stop > 0, here, mask0)
+        if interpret:
+            scores = lax.dot_general(q_smem[...], ring.k[0], (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+            take_turn(ring.turn)
+        else:
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(ring.k.at[0], (1, 0)))
+                take_turn(ring.turn)
+                return s_ref[...]
+
+            scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+        plgpu.barrier_arrive(ring.k_free.at[0])
+        p, m, _ = _weights(scores, m, mask0, scale2)
+        l, p16 = p.sum(axis=1), p.astype(dtype)
+        acc, m, l, p16 = lax.optimization_barrier((acc, m, l, p16))
+        plgpu.barrier_arrive(ring.turn)  # softmax done
+        carry = (acc, m, l, p16)
+        for start, (stop, mask) in zip(starts, segments):
+            body = lambda s, c, mask=mask: _issue_step(
+                s, c, mask=None if mask is None else lambda: mask(s), stash=stash, **kwargs)
+            carry = lax.fori_loop(jnp.maximum(start, 1), stop, body, carry)
+        # The last block's P V.
+        acc, m, l, p16 = carry
+        last = lax.rem(n_steps - 1, ring.slots)
+        plgpu.barrier_wait(ring.v_full.at[last])
+        plgpu.barrier_wait(ring.turn)
+        if interpret:
+            acc = acc + jnp.dot(p16, ring.v[last], preferred_element_type=jnp.float32)
+            take_turn(ring.turn)
+        else:
+            def pv(o_ref):
+                plgpu.wgmma(o_ref, p16, ring.v.at[last])
+                take_turn(ring.turn)
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(ring.v_free.at[last])
+        carry = (acc, m, l)
+    pl.when(wg == 0)(lambda: take_turn(ring.turn))
+    return carry
 
 
 def produce(slots: int, n_steps, *streams) -> None:
@@ -244,11 +399,11 @@ def produce(slots: int, n_steps, *streams) -> None:
 
 
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
-            grp, scale, dtype, n_tiles, interpret):
+            grp, scale, dtype, n_tiles, overlap, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
-    cast, iota = layout_helpers(interpret)
+    _, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     wg = lax.axis_index("wg")
@@ -271,28 +426,23 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
         r0 = t0 + wg * ROWS
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, ROWS), h], qo_smem, q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
-        m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        d = qo_smem.shape[-1]
-        acc = cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_full.at[0])  # n_steps >= 1: every query sees itself
-        pl.when(wg == 1)(lambda: take_turn(turn))  # consumer 0 goes first
 
-        def step(kind: str, masked: bool):
-            def body(s, carry):
-                def visible():
-                    rows = r0 + iota(jnp.int32, (ROWS, bk), 0, plgpu.Layout.WGMMA)
-                    cols = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
-                    if kind == "core":  # (j + 1) g <= start(t)  <=>  (j + 1) g + w - 1 <= t
-                        return (cols + s * bk) * g + (g + w - 1) <= rows
-                    keys = cols + (a0 + s - nc) * bk
-                    return (keys >= window_start(rows, g, w)) & (keys <= rows)
+        # Per-row bounds as (64,) row vectors broadcast into the tile: each thread holds two
+        # rows, so they stay two registers instead of one per element of the tile.
+        rows = r0 + iota(jnp.int32, (ROWS,), 0, plgpu.Layout.WGMMA.reduce(1))
+        tile_shape = (ROWS, bk)
 
-                return attend_block(s, carry, q_smem=qo_smem, ring=ring, n_steps=n_steps,
-                                    scale2=scale * LOG2E, dtype=dtype,
-                                    visible=visible if masked else None, interpret=interpret)
+        def visible(kind: str):
+            def mask(s):
+                cols = iota(jnp.int32, tile_shape, 1, plgpu.Layout.WGMMA)
+                if kind == "core":  # (j + 1) g <= start(t)  <=>  (j + 1) g + w - 1 <= t
+                    return cols * g <= _rows(rows - (s * bk * g + g + w - 1), cols)
+                keys = cols + (a0 + s - nc) * bk
+                return ((keys >= _rows(window_start(rows, g, w), cols))
+                        & (keys <= _rows(rows, cols)))
 
-            return body
+            return mask
 
         # Per consumer, which steps need a mask (as in pallas._forward_kernel, for rows r0..r0+63):
         # core blocks below start(r0) // g // bk are visible to every row; raw blocks below
@@ -301,13 +451,11 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
         c_full = jnp.minimum(lax.div(lax.div(window_start(r0, g, w), g), bk), nc)
         a1 = cdiv(window_start(r0 + ROWS - 1, g, w), bk)
         d0 = jnp.maximum(a1, lax.div(r0 + 1, bk))
-        carry = (acc, m, l)
-        carry = lax.fori_loop(0, c_full, step("core", False), carry)
-        carry = lax.fori_loop(c_full, nc, step("core", True), carry)
-        carry = lax.fori_loop(nc, nc + a1 - a0, step("raw", True), carry)
-        carry = lax.fori_loop(nc + a1 - a0, nc + d0 - a0, step("raw", False), carry)
-        acc, m, l = lax.fori_loop(nc + d0 - a0, n_steps, step("raw", True), carry)
-        pl.when(wg == 0)(lambda: take_turn(turn))
+        segments = [(c_full, None), (nc, visible("core")), (nc + a1 - a0, visible("raw")),
+                    (nc + d0 - a0, None), (n_steps, visible("raw"))]
+        acc, m, l = consume(wg, ring, qo_smem, n_steps, segments, scale2=scale * LOG2E,
+                            dtype=dtype, overlap=overlap, stash=lse_smem2.at[wg],
+                            interpret=interpret)
 
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         qo_smem[...] = acc.astype(dtype)
@@ -378,7 +526,7 @@ def forward(
     def entry(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref):
         kernel = functools.partial(_kernel, g=g, w=w, bk=bk, slots=slots, grp=hq // hkv,
                                    scale=scale, dtype=dtype, n_tiles=t // TILE,
-                                   interpret=interpret)
+                                   overlap=config.overlap, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, bk, d), dtype),

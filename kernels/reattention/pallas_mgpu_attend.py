@@ -49,9 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from kernels.cca.pallas_common import LOG2E, NEG, cdiv, pad_to
-from kernels.cca.pallas_mgpu import (Ring, attend_block, layout_helpers, produce, take_turn,
-                                     wgmma_inputs)
+from kernels.cca.pallas_common import LOG2E, cdiv, pad_to
+from kernels.cca.pallas_mgpu import Ring, consume, layout_helpers, produce, wgmma_inputs
 from kernels.reattention import mgpu_tokens
 
 ROWS = 64  # rows per consumer warpgroup (one wgmma M tile)
@@ -65,11 +64,12 @@ def supports(dtype, head_dim: int) -> bool:
 
 
 def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, groups, bk,
-            slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, tokens, piece, interpret):
+            slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, tokens, piece, overlap,
+            interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    (qo_smem2, k_smem, v_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
-    cast, iota = layout_helpers(interpret)
+    (qo_smem2, k_smem, v_smem, stash2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
+    _, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     wg = lax.axis_index("wg")
@@ -114,33 +114,25 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
             mgpu_tokens.load(q_ref, b, token(tokens.q_offset, r0), h * groups, groups, qo_smem,
                              q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
-        m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        d = qo_smem.shape[-1]
-        acc = cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_full.at[0])  # n_steps >= 1: every row sees its own query
-        pl.when(wg == 1)(lambda: take_turn(turn))  # consumer 0 goes first
 
-        def step(kind: str, masked: bool):
-            def body(s, carry):
-                def visible():
-                    cols = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
-                    if kind == "list":
-                        return cols + s * bk < n_g
-                    rows = iota(jnp.int32, (ROWS, bk), 0, plgpu.Layout.WGMMA)
-                    if tokens is None:
-                        queries = query_of(r0 + rows)
-                    else:  # head-major rows
-                        queries = clamp(c0 + lax.div(r0, groups)
-                                        + mgpu_tokens.tile_query(rows, groups))
-                    keys = cols + (ws + a0 + (s - nl) * bk)
-                    return (keys >= l0) & (keys <= queries)
+        # Each row's query as a (64,) row vector broadcast into the tile (two registers per
+        # thread instead of one per element of the tile).
+        rows = iota(jnp.int32, (ROWS,), 0, plgpu.Layout.WGMMA.reduce(1))
+        if tokens is None:
+            queries = query_of(r0 + rows)
+        else:  # head-major rows
+            queries = clamp(c0 + lax.div(r0, groups) + mgpu_tokens.tile_query(rows, groups))
 
-                return attend_block(s, carry, q_smem=qo_smem, ring=ring, n_steps=n_steps,
-                                    scale2=scale * LOG2E, dtype=dtype,
-                                    visible=visible if masked else None, interpret=interpret)
+        def visible(kind: str):
+            def mask(s):
+                cols = iota(jnp.int32, (ROWS, bk), 1, plgpu.Layout.WGMMA)
+                if kind == "list":
+                    return cols + s * bk < n_g
+                keys = cols + (ws + a0 + (s - nl) * bk)
+                return (keys >= l0) & (keys <= lax.broadcast_in_dim(queries, cols.shape, [0]))
 
-            return body
+            return mask
 
         # Which steps need a mask, for this consumer's rows: the list's last block if partial;
         # the tail's first block (keys before L0) and the blocks from the first that holds a
@@ -148,13 +140,11 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
         full_list = lax.div(n_g, bk)
         t_min = query_of(r0)
         unmasked_end = jnp.clip(lax.div(t_min + 1 - ws - a0, bk), 1, n_steps - nl)
-        carry = (acc, m, l)
-        carry = lax.fori_loop(0, full_list, step("list", False), carry)
-        carry = lax.fori_loop(full_list, nl, step("list", True), carry)
-        carry = lax.fori_loop(nl, nl + 1, step("tail", True), carry)
-        carry = lax.fori_loop(nl + 1, nl + unmasked_end, step("tail", False), carry)
-        acc, m, l = lax.fori_loop(nl + unmasked_end, n_steps, step("tail", True), carry)
-        pl.when(wg == 0)(lambda: take_turn(turn))
+        segments = [(full_list, None), (nl, visible("list")), (nl + 1, visible("tail")),
+                    (nl + unmasked_end, None), (n_steps, visible("tail"))]
+        acc, m, l = consume(wg, ring, qo_smem, n_steps, segments, scale2=scale * LOG2E,
+                            dtype=dtype, overlap=overlap, stash=stash2.at[wg],
+                            interpret=interpret)
 
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         qo_smem[...] = acc.astype(dtype)
@@ -304,6 +294,7 @@ def attend(
     out: Float[Array, "B To Hq D"] | None = None,
     list_rows: Int[Array, "B Hkv NC NG"] | None = None,
     piece: int = 0,
+    overlap: bool = False,
     interpret: bool = False,
 ) -> Float[Array, "B Hkv NC R D"] | Float[Array, "B To Hq D"]:
     """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
@@ -379,12 +370,12 @@ def attend(
         kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
                                    nc=nc, nc_rows=nc_rows, hkv=hkv, s_len=num_keys,
                                    scale=scale, dtype=dtype, tokens=tokens, piece=piece,
-                                   interpret=interpret)
+                                   overlap=overlap, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, block_k, d), dtype),
-             smem((slots, block_k, d), dtype)),
+             smem((slots, block_k, d), dtype), plgpu.SMEM((CONSUMERS, ROWS), jnp.float32)),
             (plgpu.Barrier(num_barriers=slots),
              plgpu.Barrier(num_arrivals=v_copies, num_barriers=slots),
              plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS)),

@@ -178,6 +178,9 @@ class Config:
     (chunks are processed in groups whose gathered keys and values fit in it, one group's lists
     alive at a time), then read with ``mgpu_attend_block_k``-key TMA copies through
     ``mgpu_attend_slots`` slots; "auto": "mosaic_gpu" where it applies on a Hopper GPU.
+    ``mgpu_attend_overlap``: that kernel's consumers pipeline their steps (each block's softmax
+    while the previous block's P V is on the tensor cores; ``kernels/cca/pallas_mgpu.consume``),
+    bit for bit the same output.
 
     ``mgpu_rows``: how the Mosaic GPU kernels of a prefill get their query rows and write their
     output. "in_place" reads q (the scoring) and the rotated q (the attention) as they are, and
@@ -232,6 +235,7 @@ class Config:
     attend_lowering: str = "auto"
     mgpu_attend_block_k: int = 128
     mgpu_attend_slots: int = 2
+    mgpu_attend_overlap: bool = False
     gather_bytes: int = 1 << 30
     mgpu_rows: str = "in_place"
     prefix_keys: str = "whole"
@@ -276,6 +280,9 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name} must be one of {allowed}; got "
                                  f"{getattr(self, name)!r}")
+        if not isinstance(self.mgpu_attend_overlap, bool):
+            raise ValueError(f"Config.mgpu_attend_overlap must be a bool; got "
+                             f"{self.mgpu_attend_overlap!r}")
         if self.mgpu_consumers not in (2, 4):
             raise ValueError(f"Config.mgpu_consumers must be 2 or 4; got {self.mgpu_consumers}")
 

@@ -20,7 +20,7 @@ import pytest
 
 from kernels.cca import pallas, pallas_mgpu
 from kernels.cca import reference as R
-from kernels.cca.pallas_common import Config
+from kernels.cca.pallas_common import Config, pad_to
 from kernels.cca.shapes import CCAShape
 from tests.kernels.conftest import TOL, export_for_cuda, forward_and_vjp, make_qkv, rel_err
 
@@ -57,6 +57,24 @@ def test_interpreted_kernel_equals_triton_lowering_and_reference(monkeypatch):
     assert rel_err(o_m, ref) < TOL[jnp.bfloat16]
 
 
+@needs_interpreter
+def test_interpreted_overlap_gives_the_same_bits():
+    """The software-pipelined schedule (``MgpuConfig.overlap``: each block's softmax against the
+    previous block's P V) runs the same operations in the same order as one block at a time, so
+    the bits agree. The shape of the test above: every loop of the kernel, and step 0 in a
+    masked core block for some rows."""
+    shape = CCAShape(1, 512, 2, 1, 64, 4, 128)
+    q, k, v = make_qkv(shape, jnp.bfloat16, seed=3)
+    kc, vc = k[:, 3::4], v[:, 3::4]  # any (B, T / g, Hkv, D) core tokens
+    outs = [pallas_mgpu.forward(q, k, v, kc, vc, g=4, w=128,
+                                scale=0.125, interpret=True,
+                                config=pallas_mgpu.MgpuConfig(block_k=64, overlap=overlap))
+            for overlap in (False, True)]
+    for a, b in zip(*outs):
+        assert not np.isnan(np.asarray(a, np.float32)).any()
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def _with_config(forward, config):
     def run(*args, **kwargs):
         kwargs.setdefault("config", config)
@@ -85,6 +103,8 @@ def test_lowering_choice_and_errors():
         pallas_mgpu.MgpuConfig(block_k=256)
     with pytest.raises(ValueError, match="slots"):
         pallas_mgpu.MgpuConfig(slots=1)
+    with pytest.raises(ValueError, match="overlap"):
+        pallas_mgpu.MgpuConfig(overlap="yes")
     kc = jnp.zeros((1, 16, 1, 64), jnp.bfloat16)
     k = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="shapes disagree"):
@@ -142,3 +162,22 @@ def test_gpu_mosaic_forward_and_gradients(shape, dtype):
         assert rel_err(got, want) < TOL[jnp.bfloat16], name
     # Against the Triton-lowered forward: the same function to 16-bit rounding of the output.
     assert rel_err(out, outs["triton"][0]) < 4e-3
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [CCAShape(2, 4001, 8, 2, 64, 16, 256),
+                                   CCAShape(1, 2000, 8, 8, 128, 8, 8),
+                                   CCAShape(1, 32768, 32, 8, 128, 16, 1024)], ids=lambda s: s.id)
+def test_gpu_overlap_gives_the_same_bits(shape):
+    """Compiled, the pipelined schedule (``MgpuConfig.overlap``) equals one block at a time bit
+    for bit: same wgmma accumulations, same softmax, only issued earlier."""
+    q, k, v = make_qkv(shape, jnp.bfloat16, seed=5)
+    g, w = shape.group_size, shape.local_window
+    q, k, v = (pad_to(x, 1, pallas_mgpu.TILE) for x in (q, k, v))
+    kc, vc = k[:, g - 1::g], v[:, g - 1::g]  # any (B, T / g, Hkv, D) core tokens
+    run = lambda overlap: jax.jit(lambda *a: pallas_mgpu.forward(
+        *a, g=g, w=w, scale=0.1, config=pallas_mgpu.MgpuConfig(overlap=overlap)))(q, k, v, kc, vc)
+    for a, b in zip(run(False), run(True)):
+        assert np.isfinite(np.asarray(a, np.float32)).all()
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -76,7 +76,7 @@ def _check(case, q_start=None, num_keys=None, rows=None, outputs=None, **changes
 
 def test_config_and_inputs_are_checked():
     for bad in [dict(attend_lowering="cuda"), dict(mgpu_attend_block_k=32),
-                dict(mgpu_attend_slots=1), dict(gather_bytes=0)]:
+                dict(mgpu_attend_slots=1), dict(gather_bytes=0), dict(mgpu_attend_overlap=1)]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             Config(**bad)
     case = Case(1, 200, 2, 1, 64, small(4, 32, 2, 3, 3, 64, 8))
@@ -204,6 +204,21 @@ def test_interpreted_groups_of_chunks():
 
 
 @needs_interpreter
+def test_interpreted_overlap_gives_the_same_bits():
+    """``Config.mgpu_attend_overlap`` (each block's softmax against the previous block's P V)
+    runs the same operations in the same order as one block at a time: the same bits. Four
+    chunks in groups of one: masked last list blocks, tails starting 4 rows before L0."""
+    case = Case(1, 256, 2, 2, 64, small(4, 32, 2, 4, 4, 64, 8))
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=case.length))
+    outs = [_run(q, k, v, case.sel, _config("mosaic_gpu", gather_bytes=1,
+                                            mgpu_attend_overlap=overlap))[0]
+            for overlap in (False, True)]
+    assert np.isfinite(np.asarray(outs[0], np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(outs[0], np.float32),
+                                  np.asarray(outs[1], np.float32))
+
+
+@needs_interpreter
 def test_interpreted_gqa_batch_continuation():
     """G = 4 (rows packed four heads per query), d = 128, a batch of two continuing a cache
     from starts 110 and 90: the tail windows start at keys 87 and 67, not multiples of 8. One kv
@@ -289,6 +304,8 @@ def test_gpu_matches_triton_lowering_and_reference(case):
     ref = runs.reference_fn(case.sel)(f32(q), f32(k), f32(v))[0]
     err_m, err_t = rel_err(out_m, ref), rel_err(out_t, ref)
     assert err_m < TOL[jnp.bfloat16] and err_m < 1.5 * err_t + 1e-3, (err_m, err_t)
+    out_o, *_ = run("mosaic_gpu", mgpu_attend_overlap=True)  # pipelined: the same bits
+    np.testing.assert_array_equal(np.asarray(out_o, np.float32), np.asarray(out_m, np.float32))
     if case.batch == 2:
         per_chunk = 2 * 2 * P.round_up(case.sel.num_gathered(), 128) * 64 * 2 * 2
         out_g, *_ = run("mosaic_gpu", gather_bytes=3 * per_chunk)

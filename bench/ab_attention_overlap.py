@@ -1,0 +1,114 @@
+"""A/B of the Mosaic GPU attention schedule: one block at a time against the software pipeline
+(each block's softmax against the previous block's P V), one GPU process, alternating rounds:
+
+    PYTHONPATH=. python bench/ab_attention_overlap.py --out $OUT/ab_overlap.json  # H100, ~4 min
+
+* CCA: the forward kernel alone (``pallas_mgpu.forward``, ``MgpuConfig.overlap``), g = 16,
+  w = 1024, 32 query heads, d = 128, bf16, at 32K MHA and 128K MHA / GQA; ``tflops`` counts
+  CCA's work (``bench.bench_cca``'s count). ``same_bits``: the two outputs compared exactly.
+* ReAttention: the whole prefill op with block picks (``key_block`` = span = 32, the authors'
+  other values) and ``Config.mgpu_attend_overlap``, against cuDNN at equal attended length (T
+  queries over the keys the last query attends, as ``bench_reattention``), at 32K-128K with 32
+  and 8 kv heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import environment, measure_peaks, time_alternating
+from kernels.cca import pallas_mgpu
+from kernels.cca import reference as cca_reference
+from kernels.cca.pallas_common import pad_to
+from kernels.reattention import pallas as re_pallas
+from kernels.reattention import reference as re_reference
+from kernels.reattention.params import Selection, default_config
+
+
+def _inputs(t: int, hkv: int, seed: int = 0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(ks[0], (1, t, 32, 128), jnp.bfloat16),
+            jax.random.normal(ks[1], (1, t, hkv, 128), jnp.bfloat16),
+            jax.random.normal(ks[2], (1, t, hkv, 128), jnp.bfloat16))
+
+
+def cca_flops(t: int, hq: int, d: int, g: int, w: int) -> float:
+    """4 d per attended (query, key) pair, core tokens and raw keys (``bench_cca``'s count
+    without the pooling, which this kernel does not do)."""
+    core, raw = cca_reference.visible_key_counts(t, g, w)
+    return 4.0 * hq * d * (core + raw)
+
+
+def bench_cca(t: int, hkv: int, rounds: int, g: int = 16, w: int = 1024) -> dict:
+    q, k, v = (pad_to(x, 1, pallas_mgpu.TILE) for x in _inputs(t, hkv))
+    kc, vc = k[:, g - 1::g], v[:, g - 1::g]
+    fns, outs = {}, {}
+    for name, overlap in (("block", False), ("overlap", True)):
+        config = pallas_mgpu.MgpuConfig(overlap=overlap)
+        f = jax.jit(lambda *a, c=config: pallas_mgpu.forward(*a, g=g, w=w, scale=128**-0.5,
+                                                              config=c))
+        outs[name] = f(q, k, v, kc, vc)
+        fns[name] = (f, (q, k, v, kc, vc))
+    ms = time_alternating(fns, calls=20 if t <= 32768 else 4, rounds=rounds)
+    flops = cca_flops(t, 32, 128, g, w)
+    same = all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+               for a, b in zip(outs["block"], outs["overlap"]))
+    return {"op": "cca_forward_kernel", "T": t, "Hkv": hkv, "ms": ms, "same_bits": same,
+            "tflops": {n: flops / (m * 1e9) for n, m in ms.items()}}
+
+
+def bench_reattention(t: int, hkv: int, rounds: int) -> dict:
+    q, k, v = _inputs(t, hkv)
+    sel = Selection(key_block=32, span=32)
+    base = default_config(128, 2, 512 * 32 // hkv)
+    fns, outs = {}, {}
+    for name, overlap in (("block", False), ("overlap", True)):
+        config = dataclasses.replace(base, mgpu_attend_overlap=overlap)
+        f = jax.jit(lambda q, k, v, c=config: re_pallas.reattention(q, k, v, config=c,
+                                                                    key_block=32, span=32))
+        outs[name] = f(q, k, v)
+        fns[name] = (f, (q, k, v))
+    attended = re_reference.attended_keys(t, sel)
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k[:, :attended], v[:, :attended], implementation="cudnn"))
+    fns["cudnn_attended"] = (cudnn, (q, k, v))
+    ms = time_alternating(fns, calls=5 if t <= 32768 else 2, rounds=rounds)
+    same = np.array_equal(np.asarray(outs["block"], np.float32),
+                          np.asarray(outs["overlap"], np.float32))
+    return {"op": "reattention_kb32", "T": t, "Hkv": hkv, "attended": attended, "ms": ms,
+            "same_bits": same,
+            "ratio_vs_cudnn_attended": {n: ms[n] / ms["cudnn_attended"]
+                                        for n in ("block", "overlap")}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cca", default="32768:32,131072:32,131072:8", help="T:Hkv,...")
+    ap.add_argument("--reattention", default="32768:8,65536:8,65536:32,131072:8,131072:32")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    pairs = lambda s: [tuple(map(int, p.split(":"))) for p in s.split(",") if p]
+    rows = []
+    for t, hkv in pairs(args.cca):
+        rows.append(bench_cca(t, hkv, args.rounds))
+        print(json.dumps(rows[-1]), flush=True)
+    for t, hkv in pairs(args.reattention):
+        rows.append(bench_reattention(t, hkv, args.rounds))
+        print(json.dumps(rows[-1]), flush=True)
+    payload = {"env": environment(), "peaks": measure_peaks(), "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
