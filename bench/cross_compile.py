@@ -186,9 +186,53 @@ def find_ptxas(given: str | None) -> str:
     raise SystemExit("no ptxas found: pass --ptxas, put CUDA's on PATH, or install triton")
 
 
+def wgmma_overlap(sass: str) -> list[dict]:
+    """Per window from a wait that leaves one wgmma group in flight (``WARPGROUP.DEPBAR.LE
+    gsb0, 0x1``) to the next wait for all (``0x0``): the exponentials and spill accesses in it.
+    In the pipelined attention step the window is the softmax that runs under ``P V``: ptxas
+    may hoist the second wait to the first and leave it empty."""
+    out, cur = [], None
+    for line in sass.splitlines():
+        if "DEPBAR.LE gsb0, 0x1" in line:
+            cur = {"exp2": 0, "spills": 0}
+        elif cur is not None:
+            if "MUFU.EX2" in line:
+                cur["exp2"] += 1
+            elif re.search(r"\b(LDL|STL)\b", line):
+                cur["spills"] += 1
+            elif "DEPBAR.LE gsb0, 0x0" in line:
+                out.append(cur)
+                cur = None
+    return out
+
+
+def find_nvdisasm(ptxas: str) -> str | None:
+    """Next to ptxas, on PATH, or the one Triton's wheel carries (it reads sm_90a cubins that
+    a newer ptxas wrote)."""
+    cands = [Path(ptxas).with_name("nvdisasm"), shutil.which("nvdisasm")]
+    try:
+        import triton
+
+        cands.append(Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm")
+    except ImportError:
+        pass
+    return next((str(c) for c in cands if c and Path(c).is_file()), None)
+
+
+def sass_of(ptx: Path, ptxas: str, nvdisasm: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        subprocess.run([ptxas, "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True,
+                       capture_output=True)
+        return subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True).stdout
+
+
 def kernel_resources(dump: Path, ptxas: str) -> list[dict]:
-    """Registers, spills and shared memory of every kernel in the dumped PTX (sm_90a)."""
+    """Registers, spills and shared memory of every kernel in the dumped PTX (sm_90a); for
+    Mosaic GPU kernels with wgmma waits, where an ``nvdisasm`` is found (next to ptxas, or on
+    PATH), also :func:`wgmma_overlap` of their SASS."""
     out = []
+    nvdisasm = find_nvdisasm(ptxas)
     files = sorted((dump / "xla").glob("*.ptx")) + sorted((dump / "mosaic").glob("*.ptx"))
     for ptx in files:
         if not ptx.stat().st_size:  # a module without kernels
@@ -202,6 +246,8 @@ def kernel_resources(dump: Path, ptxas: str) -> list[dict]:
             rec["file"] = ptx.name
             if ptx.parent.name == "mosaic":
                 rec["source"] = mosaic_source(ptx.with_suffix(".mlir-passes.log"))
+                if nvdisasm and "wgmma.wait_group.sync.aligned 1" in ptx.read_text():
+                    rec["wgmma_overlap"] = wgmma_overlap(sass_of(ptx, ptxas, nvdisasm))
             out.append(rec)
     return out
 
@@ -349,6 +395,9 @@ def print_report(rep: dict) -> None:
         print(f"  {k['function'][:40]:40s}{src:28s} regs {k.get('registers', '?'):>3}  "
               f"spill st/ld {k.get('spill_stores', 0)}/{k.get('spill_loads', 0)}"
               f"{'  <-- SPILLS' if spill else ''}")
+        if "wgmma_overlap" in k:
+            print("    exp2 (spills) under the in-flight wgmma, per window: "
+                  + ", ".join(f"{w['exp2']} ({w['spills']})" for w in k["wgmma_overlap"]))
 
 
 def main(argv=None) -> int:

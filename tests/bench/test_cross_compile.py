@@ -45,6 +45,24 @@ def test_ptxas_output_is_read_per_kernel():
     assert b["registers"] == 168 and (b["spill_stores"], b["spill_loads"]) == (40, 100)
 
 
+SASS = """\
+        /*8330*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*8340*/                   MUFU.EX2 R25, R25 ;
+        /*8350*/                   STL [R1+0x8], R7 ;
+        /*8360*/                   MUFU.EX2 R26, R26 ;
+        /*8370*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*8380*/                   MUFU.EX2 R27, R27 ;
+        /*8390*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*83a0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*83b0*/                   MUFU.EX2 R28, R28 ;
+"""
+
+
+def test_exponentials_under_the_in_flight_wgmma_are_counted():
+    # the second window is what a hoisted wait leaves: nothing runs under P V
+    assert cc.wgmma_overlap(SASS) == [{"exp2": 2, "spills": 1}, {"exp2": 0, "spills": 0}]
+
+
 def test_launches_are_named_by_their_jax_operation():
     seq = cc.launches(THUNKS, cc.op_names(HLO), cc.custom_calls(HLO))
     assert [r["kind"] for r in seq] == ["kCustomKernel", "kCustomCall", "kCopy", "kCustomKernel"]
