@@ -68,7 +68,7 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
             interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    (qo_smem2, k_smem, v_smem, stash2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
+    (qo_smem2, k_smem, v_smem, *stash2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
     _, iota = layout_helpers(interpret)
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
@@ -143,7 +143,8 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
         segments = [(full_list, None), (nl, visible("list")), (nl + 1, visible("tail")),
                     (nl + unmasked_end, None), (n_steps, visible("tail"))]
         acc, m, l = consume(wg, ring, qo_smem, n_steps, segments, scale2=scale * LOG2E,
-                            dtype=dtype, overlap=overlap, stash=stash2.at[wg],
+                            dtype=dtype, overlap=overlap,
+                            stash=stash2[0].at[wg] if overlap else None,
                             interpret=interpret)
 
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
@@ -375,7 +376,9 @@ def attend(
             lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, block_k, d), dtype),
-             smem((slots, block_k, d), dtype), plgpu.SMEM((CONSUMERS, ROWS), jnp.float32)),
+             smem((slots, block_k, d), dtype),
+             # the pipelined step's row sums (1 KiB: only with overlap, for the deepest rings)
+             *([plgpu.SMEM((CONSUMERS, ROWS), jnp.float32)] if overlap else [])),
             (plgpu.Barrier(num_barriers=slots),
              plgpu.Barrier(num_arrivals=v_copies, num_barriers=slots),
              plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS)),
