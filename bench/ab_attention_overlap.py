@@ -3,7 +3,8 @@
 
     PYTHONPATH=. python bench/ab_attention_overlap.py --out $OUT/ab_overlap.json  # H100, ~4 min
 
-* CCA: the forward kernel alone (``pallas_mgpu.forward``, ``MgpuConfig.overlap``), g = 16,
+* CCA: the forward kernel alone (``pallas_mgpu.forward``, ``MgpuConfig.overlap``; and
+  ``overlap_free``: pipelined without the consumers' turns, ``MgpuConfig.pingpong``), g = 16,
   w = 1024, 32 query heads, d = 128, bf16, at 32K MHA and 128K MHA / GQA; ``tflops`` counts
   CCA's work (``bench.bench_cca``'s count). ``same_bits``: the two outputs compared exactly.
 * ReAttention: the whole prefill op with block picks (``key_block`` = span = 32, the authors'
@@ -51,16 +52,18 @@ def bench_cca(t: int, hkv: int, rounds: int, g: int = 16, w: int = 1024) -> dict
     q, k, v = (pad_to(x, 1, pallas_mgpu.TILE) for x in _inputs(t, hkv))
     kc, vc = k[:, g - 1::g], v[:, g - 1::g]
     fns, outs = {}, {}
-    for name, overlap in (("block", False), ("overlap", True)):
-        config = pallas_mgpu.MgpuConfig(overlap=overlap)
+    variants = {"block": pallas_mgpu.MgpuConfig(),
+                "overlap": pallas_mgpu.MgpuConfig(overlap=True),
+                "overlap_free": pallas_mgpu.MgpuConfig(overlap=True, pingpong=False)}
+    for name, config in variants.items():
         f = jax.jit(lambda *a, c=config: pallas_mgpu.forward(*a, g=g, w=w, scale=128**-0.5,
                                                               config=c))
         outs[name] = f(q, k, v, kc, vc)
         fns[name] = (f, (q, k, v, kc, vc))
     ms = time_alternating(fns, calls=20 if t <= 32768 else 4, rounds=rounds)
     flops = cca_flops(t, 32, 128, g, w)
-    same = all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-               for a, b in zip(outs["block"], outs["overlap"]))
+    same = {n: all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+                   for a, b in zip(outs["block"], outs[n])) for n in variants if n != "block"}
     return {"op": "cca_forward_kernel", "T": t, "Hkv": hkv, "ms": ms, "same_bits": same,
             "tflops": {n: flops / (m * 1e9) for n, m in ms.items()}}
 

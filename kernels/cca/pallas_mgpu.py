@@ -59,6 +59,7 @@ class MgpuConfig:
     block_k: int = 128
     slots: int = 2
     overlap: bool = False
+    pingpong: bool = True
 
     def __post_init__(self):
         if self.block_k not in (64, 128):
@@ -156,10 +157,23 @@ class Ring(NamedTuple):
 
 
 def take_turn(turn) -> None:
+    """Arrive on the consumers' barrier and wait for its phase (None: no turns taken)."""
+    _turn_arrive(turn)
+    _turn_wait(turn)
+
+
+def _turn_arrive(turn) -> None:
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    plgpu.barrier_arrive(turn)
-    plgpu.barrier_wait(turn)
+    if turn is not None:
+        plgpu.barrier_arrive(turn)
+
+
+def _turn_wait(turn) -> None:
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if turn is not None:
+        plgpu.barrier_wait(turn)
 
 
 def _weights(scores, m, mask, scale2: float):
@@ -245,7 +259,7 @@ def _issue_step(s, carry, *, q_smem, ring: Ring, scale2: float, dtype, mask, sta
     bk = ring.k.shape[1]
     plgpu.barrier_wait(ring.v_full.at[prev])
     plgpu.barrier_wait(ring.k_full.at[slot])
-    plgpu.barrier_wait(ring.turn)  # the other consumer has issued its step
+    _turn_wait(ring.turn)  # the other consumer has issued its step
 
     def weights(scores, m):  # float32 weights: their 16-bit copy is made after the wait
         p, m_new, alpha = _weights(scores, m, None if mask is None else mask(), scale2)
@@ -290,12 +304,12 @@ def _issue_step(s, carry, *, q_smem, ring: Ring, scale2: float, dtype, mask, sta
 
         acc, m, l, p16 = pl.run_state(step)((plgpu.ACC.init(acc), m, l, p_prev))
     acc, m, l, p16 = lax.optimization_barrier((acc, m, l, p16))
-    plgpu.barrier_arrive(ring.turn)  # softmax done
+    _turn_arrive(ring.turn)  # softmax done
     return acc, m, l, p16
 
 
 def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, overlap: bool,
-            stash, interpret: bool):
+            stash, interpret: bool, pingpong: bool = True):
     """A consumer warpgroup's whole stream, steps ``0 .. n_steps - 1`` (n_steps >= 1): returns
     ``(acc, m, l)``, the unnormalised output, base-2 running maxima and sums of its 64 rows.
     ``segments``: ``(stop, mask)`` pairs splitting the steps in order (the first starts at 0),
@@ -307,6 +321,8 @@ def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, 
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     cast, iota = layout_helpers(interpret)
+    if overlap and not pingpong:  # the consumers run free, synchronised by the ring alone
+        ring = ring._replace(turn=None)
     bk = ring.k.shape[1]
     d = q_smem.shape[-1]
     m = cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -344,7 +360,7 @@ def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, 
         p, m, _ = _weights(scores, m, mask0, scale2)
         l, p16 = p.sum(axis=1), p.astype(dtype)
         acc, m, l, p16 = lax.optimization_barrier((acc, m, l, p16))
-        plgpu.barrier_arrive(ring.turn)  # softmax done
+        _turn_arrive(ring.turn)  # softmax done
         carry = (acc, m, l, p16)
         for start, (stop, mask) in zip(starts, segments):
             body = lambda s, c, mask=mask: _issue_step(
@@ -354,7 +370,7 @@ def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, 
         acc, m, l, p16 = carry
         last = lax.rem(n_steps - 1, ring.slots)
         plgpu.barrier_wait(ring.v_full.at[last])
-        plgpu.barrier_wait(ring.turn)
+        _turn_wait(ring.turn)
         if interpret:
             acc = acc + jnp.dot(p16, ring.v[last], preferred_element_type=jnp.float32)
             take_turn(ring.turn)
@@ -399,7 +415,7 @@ def produce(slots: int, n_steps, *streams) -> None:
 
 
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
-            grp, scale, dtype, n_tiles, overlap, interpret):
+            grp, scale, dtype, n_tiles, overlap, pingpong, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -455,7 +471,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
                     (nc + d0 - a0, None), (n_steps, visible("raw"))]
         acc, m, l = consume(wg, ring, qo_smem, n_steps, segments, scale2=scale * LOG2E,
                             dtype=dtype, overlap=overlap, stash=lse_smem2.at[wg],
-                            interpret=interpret)
+                            interpret=interpret, pingpong=pingpong)
 
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         qo_smem[...] = acc.astype(dtype)
@@ -526,7 +542,8 @@ def forward(
     def entry(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref):
         kernel = functools.partial(_kernel, g=g, w=w, bk=bk, slots=slots, grp=hq // hkv,
                                    scale=scale, dtype=dtype, n_tiles=t // TILE,
-                                   overlap=config.overlap, interpret=interpret)
+                                   overlap=config.overlap, pingpong=config.pingpong,
+                                   interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, bk, d), dtype),
