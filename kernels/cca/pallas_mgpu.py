@@ -54,7 +54,9 @@ class MgpuConfig:
     H200, 128K, d = 128, kernel alone (bench/results/ab_forward_mgpu_h200.json): 128-key blocks
     with 2 slots 19.5 ms; 64-key blocks with 3 or 4 slots 22.5-22.9 ms. 128 keys with 3 slots do
     not fit in shared memory at d = 128. ``overlap``: the software-pipelined consumer step
-    (:func:`consume`)."""
+    (:func:`consume`), the same bits; H100 (``bench/results/ab_overlap_h100.json``): slower,
+    20.5 against 19.3 ms at 128K and 2.42 against 2.16 at 32K, so off. ``pingpong``: with
+    ``overlap``, False lets the consumers run without taking turns (not yet timed)."""
 
     block_k: int = 128
     slots: int = 2
@@ -66,8 +68,10 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig.block_k must be 64 or 128; got {self.block_k}")
         if self.slots < 2:
             raise ValueError(f"MgpuConfig.slots must be >= 2; got {self.slots}")
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"MgpuConfig.overlap must be a bool; got {self.overlap!r}")
+        for name in ("overlap", "pingpong"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MgpuConfig.{name} must be a bool; got "
+                                 f"{getattr(self, name)!r}")
 
 
 def wgmma_inputs(dtype, head_dim: int) -> bool:
