@@ -321,7 +321,8 @@ def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, 
     keys must have landed. ``overlap`` pipelines each block's softmax against the previous
     block's ``P V`` (:func:`_issue_step`; ``stash``: a (64,) float32 shared-memory scratch
     of the warpgroup's own); otherwise one block at a time (:func:`attend_block`). Consumer 0
-    goes first; the two take turns on the tensor cores."""
+    goes first; the two take turns on the tensor cores (with ``overlap``, ``pingpong=False``
+    drops the turns: the ring alone keeps them in step)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     cast, iota = layout_helpers(interpret)
