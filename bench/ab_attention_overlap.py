@@ -54,7 +54,8 @@ def bench_cca(t: int, hkv: int, rounds: int, g: int = 16, w: int = 1024) -> dict
     fns, outs = {}, {}
     variants = {"block": pallas_mgpu.MgpuConfig(),
                 "overlap": pallas_mgpu.MgpuConfig(overlap=True),
-                "overlap_free": pallas_mgpu.MgpuConfig(overlap=True, pingpong=False)}
+                "overlap_free": pallas_mgpu.MgpuConfig(overlap=True, pingpong=False),
+                "block_pinned": pallas_mgpu.MgpuConfig(pin=True)}
     for name, config in variants.items():
         f = jax.jit(lambda *a, c=config: pallas_mgpu.forward(*a, g=g, w=w, scale=128**-0.5,
                                                               config=c))
