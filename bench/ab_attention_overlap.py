@@ -4,7 +4,8 @@
     PYTHONPATH=. python bench/ab_attention_overlap.py --out $OUT/ab_overlap.json  # H100, ~4 min
 
 * CCA: the forward kernel alone (``pallas_mgpu.forward``, ``MgpuConfig.overlap``; and
-  ``overlap_free``: pipelined without the consumers' turns, ``MgpuConfig.pingpong``), g = 16,
+  ``overlap_free``: pipelined without the consumers' turns, ``MgpuConfig.pingpong``;
+  ``block_pinned``: the shipped schedule with "softmax done" pinned, ``MgpuConfig.pin``), g = 16,
   w = 1024, 32 query heads, d = 128, bf16, at 32K MHA and 128K MHA / GQA; ``tflops`` counts
   CCA's work (``bench.bench_cca``'s count). ``same_bits``: the two outputs compared exactly.
 * ReAttention: the whole prefill op with block picks (``key_block`` = span = 32, the authors'
