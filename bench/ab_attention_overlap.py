@@ -7,7 +7,8 @@
   ``overlap_free``: pipelined without the consumers' turns, ``MgpuConfig.pingpong``;
   ``block_pinned``: the shipped schedule with "softmax done" pinned, ``MgpuConfig.pin``), g = 16,
   w = 1024, 32 query heads, d = 128, bf16, at 32K MHA and 128K MHA / GQA; ``tflops`` counts
-  CCA's work (``bench.bench_cca``'s count). ``same_bits``: the two outputs compared exactly.
+  CCA's work (``bench.bench_cca``'s count). ``same_bits``: each variant's outputs against
+  ``block``'s, exactly.
 * ReAttention: the whole prefill op with block picks (``key_block`` = span = 32, the authors'
   other values) and ``Config.mgpu_attend_overlap``, against cuDNN at equal attended length (T
   queries over the keys the last query attends, as ``bench_reattention``), at 32K-128K with 32
