@@ -219,14 +219,6 @@ def find_nvdisasm(ptxas: str) -> str | None:
     return next((str(c) for c in cands if c and Path(c).is_file()), None)
 
 
-def sass_of(ptx: Path, ptxas: str, nvdisasm: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        subprocess.run([ptxas, "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True,
-                       capture_output=True)
-        return subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True).stdout
-
-
 def kernel_resources(dump: Path, ptxas: str) -> list[dict]:
     """Registers, spills and shared memory of every kernel in the dumped PTX (sm_90a); for
     Mosaic GPU kernels with wgmma waits, where an ``nvdisasm`` is found (next to ptxas, or on
@@ -234,21 +226,28 @@ def kernel_resources(dump: Path, ptxas: str) -> list[dict]:
     out = []
     nvdisasm = find_nvdisasm(ptxas)
     files = sorted((dump / "xla").glob("*.ptx")) + sorted((dump / "mosaic").glob("*.ptx"))
-    for ptx in files:
-        if not ptx.stat().st_size:  # a module without kernels
-            continue
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                             capture_output=True, text=True)
-        if res.returncode:
-            out.append({"file": ptx.name, "error": res.stderr.strip()[-800:]})
-            continue
-        for rec in parse_ptxas(res.stdout + res.stderr):
-            rec["file"] = ptx.name
-            if ptx.parent.name == "mosaic":
-                rec["source"] = mosaic_source(ptx.with_suffix(".mlir-passes.log"))
-                if nvdisasm and "wgmma.wait_group.sync.aligned 1" in ptx.read_text():
-                    rec["wgmma_overlap"] = wgmma_overlap(sass_of(ptx, ptxas, nvdisasm))
-            out.append(rec)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"  # each file's, read by nvdisasm before the next
+        for ptx in files:
+            if not ptx.stat().st_size:  # a module without kernels
+                continue
+            res = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                                 capture_output=True, text=True)
+            if res.returncode:
+                out.append({"file": ptx.name, "error": res.stderr.strip()[-800:]})
+                continue
+            overlap = None
+            if (ptx.parent.name == "mosaic" and nvdisasm
+                    and "wgmma.wait_group.sync.aligned 1" in ptx.read_text()):
+                sass = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True)
+                overlap = wgmma_overlap(sass.stdout)
+            for rec in parse_ptxas(res.stdout + res.stderr):
+                rec["file"] = ptx.name
+                if ptx.parent.name == "mosaic":
+                    rec["source"] = mosaic_source(ptx.with_suffix(".mlir-passes.log"))
+                    if overlap is not None:
+                        rec["wgmma_overlap"] = overlap
+                out.append(rec)
     return out
 
 

@@ -199,6 +199,30 @@ def _rows(x, like):
     return lax.broadcast_in_dim(x, like.shape, [0])
 
 
+def _dot_kt(q_smem, k):
+    """Q K^T as a plain dot (the interpreter has no transposed wgmma operands)."""
+    return lax.dot_general(q_smem[...], k, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def _scores(q_smem, ring: Ring, slot, interpret: bool):
+    """``S = Q K^T`` of the key block in ring slot ``slot``: issued, the tensor cores handed to
+    the other consumer (:func:`take_turn`), then waited for."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if interpret:
+        scores = _dot_kt(q_smem, ring.k[slot])
+        take_turn(ring.turn)
+        return scores
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(ring.k.at[slot], (1, 0)))
+        take_turn(ring.turn)
+        return acc_ref[...]
+
+    return pl.run_scoped(qk, plgpu.ACC((ROWS, ring.k.shape[1]), jnp.float32))
+
+
 def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype, mask,
                  interpret: bool, stash=None):
     """Step ``s`` of a consumer warpgroup, one block at a time: the key block in ring slot
@@ -212,19 +236,7 @@ def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype,
 
     acc, m, l = carry
     slot = lax.rem(s, ring.slots)
-    bk = ring.k.shape[1]
-
-    def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(ring.k.at[slot], (1, 0)))
-        take_turn(ring.turn)
-        return acc_ref[...]
-
-    if interpret:  # the interpreter has no transposed wgmma operands: plain dots
-        scores = lax.dot_general(q_smem[...], ring.k[slot], (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        take_turn(ring.turn)
-    else:
-        scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+    scores = _scores(q_smem, ring, slot, interpret)
     plgpu.barrier_arrive(ring.k_free.at[slot])
     p, m_new, alpha = _weights(scores, m, None if mask is None else mask(), scale2)
     acc = acc * _rows(alpha, acc)
@@ -276,8 +288,7 @@ def _issue_step(s, carry, *, q_smem, ring: Ring, scale2: float, dtype, mask, sta
         return p, m_new, alpha, p.sum(axis=1)
 
     if interpret:  # plain dots (no transposed operands, no run_state)
-        scores = lax.dot_general(q_smem[...], ring.k[slot], (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+        scores = _dot_kt(q_smem, ring.k[slot])
         acc = acc + jnp.dot(p_prev, ring.v[prev], preferred_element_type=jnp.float32)
         take_turn(ring.turn)
         plgpu.barrier_arrive(ring.k_free.at[slot])
@@ -296,7 +307,7 @@ def _issue_step(s, carry, *, q_smem, ring: Ring, scale2: float, dtype, mask, sta
 
             scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
             plgpu.barrier_arrive(ring.k_free.at[slot])
-            p, m_new, alpha, psum = weights(scores, m_ref[...])
+            p, m_new, alpha, psum = weights(scores, m)
             # The row sums go to shared memory before the wait: ptxas keeps the wait after
             # that store, so the softmax stays between the two waits (without it ptxas hoisted
             # the wait above the softmax, and nothing overlapped; seen in the SASS).
@@ -308,7 +319,7 @@ def _issue_step(s, carry, *, q_smem, ring: Ring, scale2: float, dtype, mask, sta
             o, _, p = lax.optimization_barrier((o_ref[...], p_prev, p))
             plgpu.barrier_arrive(ring.v_free.at[prev])
             o_ref[...] = o * _rows(alpha, o)
-            l_ref[...] = l_ref[...] * alpha + psum
+            l_ref[...] = l * alpha + psum
             m_ref[...] = m_new
             p_ref[...] = p.astype(dtype)
 
@@ -358,17 +369,7 @@ def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, 
         for stop, mask in reversed(segments):
             here = mask(0) if mask is not None else zero == 0
             mask0 = here if mask0 is None else jnp.where(zero + stop > 0, here, mask0)
-        if interpret:
-            scores = lax.dot_general(q_smem[...], ring.k[0], (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-            take_turn(ring.turn)
-        else:
-            def qk(s_ref):
-                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(ring.k.at[0], (1, 0)))
-                take_turn(ring.turn)
-                return s_ref[...]
-
-            scores = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+        scores = _scores(q_smem, ring, 0, interpret)
         plgpu.barrier_arrive(ring.k_free.at[0])
         p, m, _ = _weights(scores, m, mask0, scale2)
         l, p16 = p.sum(axis=1), p.astype(dtype)
