@@ -10,7 +10,8 @@
   CCA's work (``bench.bench_cca``'s count). ``same_bits``: each variant's outputs against
   ``block``'s, exactly.
 * ReAttention: the whole prefill op with block picks (``key_block`` = span = 32, the authors'
-  other values) and ``Config.mgpu_attend_overlap``, against cuDNN at equal attended length (T
+  other values), ``Config.mgpu_attend_overlap`` and ``block_pinned`` (``Config.mgpu_attend_pin``),
+  ``same_bits`` against ``block``'s, and against cuDNN at equal attended length (T
   queries over the keys the last query attends, as ``bench_reattention``), at 32K-128K with 32
   and 8 kv heads.
 """
@@ -76,8 +77,10 @@ def bench_reattention(t: int, hkv: int, rounds: int) -> dict:
     sel = Selection(key_block=32, span=32)
     base = default_config(128, 2, 512 * 32 // hkv)
     fns, outs = {}, {}
-    for name, overlap in (("block", False), ("overlap", True)):
-        config = dataclasses.replace(base, mgpu_attend_overlap=overlap)
+    variants = {"block": {}, "overlap": dict(mgpu_attend_overlap=True),
+                "block_pinned": dict(mgpu_attend_pin=True)}
+    for name, changes in variants.items():
+        config = dataclasses.replace(base, **changes)
         f = jax.jit(lambda q, k, v, c=config: re_pallas.reattention(q, k, v, config=c,
                                                                     key_block=32, span=32))
         outs[name] = f(q, k, v)
@@ -87,12 +90,11 @@ def bench_reattention(t: int, hkv: int, rounds: int) -> dict:
         q, k[:, :attended], v[:, :attended], implementation="cudnn"))
     fns["cudnn_attended"] = (cudnn, (q, k, v))
     ms = time_alternating(fns, calls=5 if t <= 32768 else 2, rounds=rounds)
-    same = np.array_equal(np.asarray(outs["block"], np.float32),
-                          np.asarray(outs["overlap"], np.float32))
+    same = {n: np.array_equal(np.asarray(outs["block"], np.float32),
+                              np.asarray(outs[n], np.float32)) for n in variants if n != "block"}
     return {"op": "reattention_kb32", "T": t, "Hkv": hkv, "attended": attended, "ms": ms,
             "same_bits": same,
-            "ratio_vs_cudnn_attended": {n: ms[n] / ms["cudnn_attended"]
-                                        for n in ("block", "overlap")}}
+            "ratio_vs_cudnn_attended": {n: ms[n] / ms["cudnn_attended"] for n in variants}}
 
 
 def main(argv=None) -> int:

@@ -490,7 +490,8 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
-                                             "tokens", "piece", "overlap", "interpret"),
+                                             "tokens", "piece", "overlap", "pin",
+                                             "interpret"),
                    donate_argnames=("out",))
 def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, out=None, list_rows=None, **kwargs):
     """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers;
@@ -547,7 +548,8 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
         o = _mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, into, rows, groups=geo.groups,
                          num_keys=geo.num_keys, scale=scale, block_k=bk,
                          slots=config.mgpu_attend_slots, tokens=tokens, piece=piece,
-                         overlap=config.mgpu_attend_overlap, interpret=interpret)
+                         overlap=config.mgpu_attend_overlap, pin=config.mgpu_attend_pin,
+                         interpret=interpret)
         if interpret and not isinstance(o, jax.core.Tracer):
             # Op by op, jax 0.10's Mosaic GPU interpreter can deadlock when the next kernel is
             # dispatched while the threads of the previous one still run: one at a time.

@@ -182,7 +182,10 @@ class Config:
     while the previous block's P V is on the tensor cores; ``kernels/cca/pallas_mgpu.consume``),
     bit for bit the same output. Measured on an H100 with blocks of 32
     (``bench/results/ab_overlap_h100.json``): 0.6-0.9% slower with 8 kv heads, 4.5-4.8% with
-    32, so off.
+    32, so off. ``mgpu_attend_pin``: one block at a time, with each step's "softmax done"
+    arrive pinned after its softmax by a store of the row sums (``MgpuConfig.pin``); both
+    options take a 1 KiB shared-memory scratch, which the 3-slot ring of 128 keys at head
+    dim 128 has no room for.
 
     ``mgpu_rows``: how the Mosaic GPU kernels of a prefill get their query rows and write their
     output. "in_place" reads q (the scoring) and the rotated q (the attention) as they are, and
@@ -238,6 +241,7 @@ class Config:
     mgpu_attend_block_k: int = 128
     mgpu_attend_slots: int = 2
     mgpu_attend_overlap: bool = False
+    mgpu_attend_pin: bool = False
     gather_bytes: int = 1 << 30
     mgpu_rows: str = "in_place"
     prefix_keys: str = "whole"
@@ -282,9 +286,9 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name} must be one of {allowed}; got "
                                  f"{getattr(self, name)!r}")
-        if not isinstance(self.mgpu_attend_overlap, bool):
-            raise ValueError(f"Config.mgpu_attend_overlap must be a bool; got "
-                             f"{self.mgpu_attend_overlap!r}")
+        for name in ("mgpu_attend_overlap", "mgpu_attend_pin"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Config.{name} must be a bool; got {getattr(self, name)!r}")
         if self.mgpu_consumers not in (2, 4):
             raise ValueError(f"Config.mgpu_consumers must be 2 or 4; got {self.mgpu_consumers}")
 
