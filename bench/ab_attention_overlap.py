@@ -10,7 +10,9 @@
   CCA's work (``bench.bench_cca``'s count). ``same_bits``: each variant's outputs against
   ``block``'s, exactly.
 * ReAttention: the whole prefill op with block picks (``key_block`` = span = 32, the authors'
-  other values), ``Config.mgpu_attend_overlap`` and ``block_pinned`` (``Config.mgpu_attend_pin``),
+  other values) as ``RE_VARIANTS`` (``--re-variants``): ``Config.mgpu_attend_overlap``,
+  ``block_pinned`` (``Config.mgpu_attend_pin``), ``block_kernel`` (the kept blocks by the
+  threshold kernel, ``Config.block_select="kernel"``) and ``kernel_pinned`` (both),
   ``same_bits`` against ``block``'s, and against cuDNN at equal attended length (T
   queries over the keys the last query attends, as ``bench_reattention``), at 32K-128K with 32
   and 8 kv heads.
@@ -72,13 +74,21 @@ def bench_cca(t: int, hkv: int, rounds: int, g: int = 16, w: int = 1024) -> dict
             "tflops": {n: flops / (m * 1e9) for n, m in ms.items()}}
 
 
-def bench_reattention(t: int, hkv: int, rounds: int) -> dict:
+RE_VARIANTS = {"block": {}, "overlap": dict(mgpu_attend_overlap=True),
+               "block_pinned": dict(mgpu_attend_pin=True),
+               "block_kernel": dict(block_select="kernel"),
+               "kernel_pinned": dict(block_select="kernel", mgpu_attend_pin=True)}
+
+
+def bench_reattention(t: int, hkv: int, rounds: int, names=tuple(RE_VARIANTS)) -> dict:
     q, k, v = _inputs(t, hkv)
     sel = Selection(key_block=32, span=32)
     base = default_config(128, 2, 512 * 32 // hkv)
     fns, outs = {}, {}
-    variants = {"block": {}, "overlap": dict(mgpu_attend_overlap=True),
-                "block_pinned": dict(mgpu_attend_pin=True)}
+    unknown = set(names) - set(RE_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown ReAttention variants {sorted(unknown)}: {list(RE_VARIANTS)}")
+    variants = {n: RE_VARIANTS[n] for n in ("block", *names)}
     for name, changes in variants.items():
         config = dataclasses.replace(base, **changes)
         f = jax.jit(lambda q, k, v, c=config: re_pallas.reattention(q, k, v, config=c,
@@ -102,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cca", default="32768:32,131072:32,131072:8", help="T:Hkv,...")
     ap.add_argument("--reattention", default="32768:8,65536:8,65536:32,131072:8,131072:32")
+    ap.add_argument("--re-variants", default=",".join(RE_VARIANTS),
+                    help="ReAttention variants (block always runs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     pairs = lambda s: [tuple(map(int, p.split(":"))) for p in s.split(",") if p]
@@ -110,7 +122,7 @@ def main(argv=None) -> int:
         rows.append(bench_cca(t, hkv, args.rounds))
         print(json.dumps(rows[-1]), flush=True)
     for t, hkv in pairs(args.reattention):
-        rows.append(bench_reattention(t, hkv, args.rounds))
+        rows.append(bench_reattention(t, hkv, args.rounds, args.re_variants.split(",")))
         print(json.dumps(rows[-1]), flush=True)
     payload = {"env": environment(), "peaks": measure_peaks(), "rows": rows}
     if args.out:

@@ -286,7 +286,9 @@ def reattention_program(args, sharding):
     config = dataclasses.replace(config, **parse_sets(args.set))
     q = bf16((args.batch, args.length, args.heads, d), sharding)
     k = bf16((args.batch, args.length, args.kv_heads, d), sharding)
-    return (lambda q, k, v: pallas.reattention(q, k, v, config=config, interpret=False)), (q, k, k)
+    picks = dict(key_block=args.key_block, span=args.key_block) if args.key_block > 1 else {}
+    return (lambda q, k, v: pallas.reattention(q, k, v, config=config, interpret=False,
+                                               **picks)), (q, k, k)
 
 
 def reattention_decode_program(args, sharding):
@@ -409,6 +411,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128, help="ReAttention and cca programs")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--key-block", type=int, default=1,
+                    help="reattention: block picks of this many keys (span the same); 1: tokens")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a ReAttention Config field (e.g. mgpu_merge=rows)")
     ap.add_argument("--attention", default="cca",

@@ -61,9 +61,9 @@ from kernels.cca import pallas_mgpu
 from kernels.cca.pallas_common import (LOG2E, NEG, call, cdiv, dot,  # noqa: F401
                                        exp2_for, online_softmax_update, pad_to, poison_outputs,
                                        resolve_interpret)
-from kernels.reattention import (key_blocks, mgpu_tokens, pallas_combine, pallas_gather,
-                                 pallas_mgpu_attend, pallas_mgpu_score, pallas_select,
-                                 pallas_summaries, params, reference)
+from kernels.reattention import (key_blocks, mgpu_tokens, pallas_block_select, pallas_combine,
+                                 pallas_gather, pallas_mgpu_attend, pallas_mgpu_score,
+                                 pallas_select, pallas_summaries, params, reference)
 from kernels.reattention.params import (Config, Geometry, Selection, attend_splits,
                                         default_config, geometry, next_power_of_2, round_up,
                                         score_splits)
@@ -702,8 +702,14 @@ def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int,
     idx, vals = idx.reshape(n, -1), vals.reshape(n, -1)
     if pallas_select.applies(idx.shape[1]):
         return pallas_select.select_from_picks(idx, vals, c0, l0, sel, interpret=interpret)
-    if blocks_of is not None and (block_select == "scatter" or (
-            block_select == "auto" and key_blocks.num_blocks(blocks_of, sel) <= idx.shape[1])):
+    nb = None if blocks_of is None else key_blocks.num_blocks(blocks_of, sel)
+    if nb is not None and block_select == "kernel" and pallas_block_select.applies(nb):
+        votes, best = reference.block_votes(idx, vals, sel, blocks_of)
+        centres = pallas_block_select.kept_centres(votes, best, sel, idx.shape[1],
+                                                   interpret=interpret)
+        return reference.lists_from_centres(centres, c0, l0, sel)
+    if nb is not None and (block_select == "scatter" or (
+            block_select == "auto" and nb <= idx.shape[1])):
         return reference.select_from_block_picks(idx, vals, c0, l0, sel, blocks_of)
     return reference.select_from_picks(idx, vals, c0, l0, sel)
 

@@ -214,7 +214,8 @@ class Config:
     sorts elsewhere. Measured on an H100 with blocks of 32 (``bench/results/ab_block_scatter_
     h100.json``): with 8 kv heads (P = 8192) scatter saved 2.6 ms at 128K (NB = 4096) and 0.44
     ms at 32K (NB = 1024); with 32 (P = 2048) it cost 2.9 ms at 128K (NB = 4096) and tied at
-    32K (NB = 1024).
+    32K (NB = 1024). "kernel": the scatter-add, then the kept blocks found by thresholds in a
+    kernel instead of the sort (``pallas_block_select.py``; same lists).
     ``mgpu_signed_rows``: where block picks' signed rows [q+, q-] are made for the Mosaic GPU
     scoring. "in_kernel": each tile of q's rows in shared memory (``pallas_mgpu_score.score(
     signed=True)``); "xla": a 2D-wide copy of q that the kernel reads (the Triton lowering
@@ -281,7 +282,7 @@ class Config:
         for name, allowed in (("mgpu_rows", ("in_place", "packed")),
                               ("prefix_keys", ("whole", "sliced")),
                               ("mgpu_list_values", ("auto", "in_place", "gathered")),
-                              ("block_select", ("auto", "sort", "scatter")),
+                              ("block_select", ("auto", "sort", "scatter", "kernel")),
                               ("mgpu_signed_rows", ("in_kernel", "xla"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name} must be one of {allowed}; got "

@@ -244,6 +244,22 @@ def select_from_block_picks(
     scores, then one sort of NB entries per row instead of two sorts of the P picks. Same lists
     for finite scores (the ranking's keys are the same: votes, best score, position; a NaN
     score, which only NaN inputs give, may rank differently)."""
+    votes, best = block_votes(idx, val, sel, num_keys)
+    n, nb = votes.shape
+    picked = votes > 0
+    k1 = jnp.where(picked, -votes, 1)
+    k2 = jnp.where(picked, -best, 0.0)
+    sink, b = sel.sink_tokens, sel.key_block
+    centres = jnp.broadcast_to(sink + jnp.arange(nb, dtype=jnp.int32) * b + b // 2, (n, nb))
+    k1, _, k3 = jax.lax.sort((k1, k2, centres), dimension=1, num_keys=3)
+    return _lists_from_ranks(k1, jnp.where(k1 < 0, k3, INT_MAX), c0, l0, sel)
+
+
+def block_votes(idx: Int[Array, "N P"], val: Float[Array, "N P"], sel: Selection,
+                num_keys: int) -> tuple[Int[Array, "N NB"], Float[Array, "N NB"]]:
+    """Each block's votes (picks of its centre) and best score (-inf where it has none), from
+    block picks (:func:`select_from_block_picks`): a scatter-add and a scatter-max into NB =
+    ``key_blocks.num_blocks(num_keys)`` counters per row."""
     n, _ = idx.shape
     b, sink = sel.key_block, sel.sink_tokens
     nb = key_blocks.num_blocks(num_keys, sel)
@@ -252,12 +268,7 @@ def select_from_block_picks(
     votes = jnp.zeros((n, nb), jnp.int32).at[rows, block].add(1, mode="drop")
     best = jnp.full((n, nb), -jnp.inf, jnp.float32).at[rows, block].max(
         val.astype(jnp.float32), mode="drop")
-    picked = votes > 0
-    k1 = jnp.where(picked, -votes, 1)
-    k2 = jnp.where(picked, -best, 0.0)
-    centres = jnp.broadcast_to(sink + jnp.arange(nb, dtype=jnp.int32) * b + b // 2, (n, nb))
-    k1, _, k3 = jax.lax.sort((k1, k2, centres), dimension=1, num_keys=3)
-    return _lists_from_ranks(k1, jnp.where(k1 < 0, k3, INT_MAX), c0, l0, sel)
+    return votes, best
 
 
 def _lists_from_ranks(k1, k3, c0, l0, sel: Selection):
@@ -270,7 +281,16 @@ def _lists_from_ranks(k1, k3, c0, l0, sel: Selection):
         k1 = jnp.pad(k1, ((0, 0), (0, cap - p)), constant_values=1)
         k3 = jnp.pad(k3, ((0, 0), (0, cap - p)), constant_values=INT_MAX)
     kept = k1[:, :cap] < 0
-    centers = jnp.sort(jnp.where(kept, k3[:, :cap], INT_MAX), axis=1)
+    return lists_from_centres(jnp.sort(jnp.where(kept, k3[:, :cap], INT_MAX), axis=1), c0, l0,
+                              sel)
+
+
+def lists_from_centres(centers: Int[Array, "N K"], c0: Int[Array, "N"], l0: Int[Array, "N"],
+                       sel: Selection) -> tuple[Int[Array, "N NG"], Int[Array, "N"]]:
+    """The lists from the kept keys' positions ``centers``, ascending (INT_MAX: none; K <=
+    ``max_selected``), as :func:`select_from_picks` returns them."""
+    n = centers.shape[0]
+    ng = sel.num_gathered()
     kept = centers != INT_MAX
     c = jnp.where(kept, centers, 0)
     # Spans [c - left, c + right] clipped to the middle; with sorted centers and equal widths the
