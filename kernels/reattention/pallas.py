@@ -696,18 +696,27 @@ def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int,
     if c > sel.top_k and pallas_select.merges(rows, c, sel.top_k):
         return pallas_select.select_from_candidates(idx, vals, c0, l0, sel, rows=rows,
                                                     interpret=interpret, wide=True)
+    nb = None if blocks_of is None else key_blocks.num_blocks(blocks_of, sel)
+    by_kernel = nb is not None and block_select == "kernel" and pallas_block_select.applies(nb)
+
+    def kept_blocks(idx, vals):  # the votes per block, the kept blocks by thresholds
+        votes, best = reference.block_votes(idx, vals, sel, blocks_of)
+        centres = pallas_block_select.kept_centres(votes, best, sel, idx.shape[1],
+                                                   interpret=interpret)
+        return reference.lists_from_centres(centres, c0, l0, sel)
+
+    if by_kernel and c == sel.top_k and not pallas_select.applies(rows * c):
+        # Votes are counts and maxima, which do not depend on the picks' order: the
+        # candidate-major picks as they are, without the transposes to rows.
+        return kept_blocks(*(x[:, :, :rows].reshape(n, -1) for x in (idx, vals)))
     idx, vals = (x[:, :, :rows].transpose(0, 2, 1) for x in (idx, vals))  # (N, R, C)
     if c > sel.top_k:
         vals, idx = _merge_splits(vals, idx, sel.top_k)
     idx, vals = idx.reshape(n, -1), vals.reshape(n, -1)
     if pallas_select.applies(idx.shape[1]):
         return pallas_select.select_from_picks(idx, vals, c0, l0, sel, interpret=interpret)
-    nb = None if blocks_of is None else key_blocks.num_blocks(blocks_of, sel)
-    if nb is not None and block_select == "kernel" and pallas_block_select.applies(nb):
-        votes, best = reference.block_votes(idx, vals, sel, blocks_of)
-        centres = pallas_block_select.kept_centres(votes, best, sel, idx.shape[1],
-                                                   interpret=interpret)
-        return reference.lists_from_centres(centres, c0, l0, sel)
+    if by_kernel:
+        return kept_blocks(idx, vals)
     if nb is not None and (block_select == "scatter" or (
             block_select == "auto" and nb <= idx.shape[1])):
         return reference.select_from_block_picks(idx, vals, c0, l0, sel, blocks_of)

@@ -98,24 +98,31 @@ def test_bad_inputs_are_refused():
 
 
 @pytest.mark.parametrize("cap,nb", [(5, 80), (40, 30)])
-def test_the_selection_equals_the_sorts(cap, nb):
+@pytest.mark.parametrize("c", [1, 2, 6])
+def test_the_selection_equals_the_sorts(cap, nb, c, monkeypatch):
     """``pallas._select`` with ``block_select="kernel"`` (the scatter-add, the kernel, the lists
     from its centres) against the sorts of the picks (``reference.select_from_picks``): equal
-    lists and lengths, picks crowded on few blocks (votes) with tied scores."""
+    lists and lengths, picks crowded on few blocks (votes) with tied scores. Candidates (N, C,
+    R') with C = top_k (the picks as they are), C < top_k and C > top_k (splits, merged first);
+    rows past R are padding, not read (R x top_k = 140 picks: past the small-selection
+    kernel's 64)."""
     sel = Selection(8, 8, 2, cap, 32, 8, 32, key_block=32)
-    p = 80
+    rows, pad = 70, 3
     s_keys = sel.sink_tokens + nb * sel.key_block
-    rng = np.random.default_rng(nb)
-    idx = (sel.sink_tokens + rng.integers(0, nb, (4, p)) * 32 + 16).astype(np.int32)
-    idx[rng.random((4, p)) < 0.2] = -1
-    val = (rng.integers(-2, 3, (4, p)) * 0.5).astype(np.float32)
+    rng = np.random.default_rng(nb * 10 + c)
+    idx = (sel.sink_tokens + rng.integers(0, nb, (4, c, rows + pad)) * 32 + 16).astype(np.int32)
+    idx[rng.random(idx.shape) < 0.2] = -1
+    val = (rng.integers(-2, 3, idx.shape) * 0.5).astype(np.float32)
     c0 = jnp.full((4,), s_keys, jnp.int32)
     l0 = jnp.asarray([s_keys, s_keys - 100, s_keys - 64, sel.sink_tokens + 40], jnp.int32)
-    want = R.select_from_picks(jnp.asarray(idx), jnp.asarray(val), c0, l0, sel)
-    got = P._select(jnp.asarray(idx)[:, None], jnp.asarray(val)[:, None], c0, l0, sel, True, p,
-                    s_keys, "kernel")  # candidates (N, C = 1, R' = P)
+    want = P._select(jnp.asarray(idx), jnp.asarray(val), c0, l0, sel, True, rows, s_keys, "sort")
+    calls = []
+    kernel = BS.kept_centres
+    monkeypatch.setattr(BS, "kept_centres", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    got = P._select(jnp.asarray(idx), jnp.asarray(val), c0, l0, sel, True, rows, s_keys, "kernel")
+    assert calls  # the kernel selected
     for x, y in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(x)[..., :y.shape[-1]], np.asarray(y))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_lowers_for_cuda():
