@@ -4,16 +4,15 @@
     PYTHONPATH=. python bench/ab_attention_overlap.py --out $OUT/ab_overlap.json  # H100, ~4 min
 
 * CCA: the forward kernel alone (``pallas_mgpu.forward``, ``MgpuConfig.overlap``; and
-  ``overlap_free``: pipelined without the consumers' turns, ``MgpuConfig.pingpong``;
-  ``block_pinned``: the shipped schedule with "softmax done" pinned, ``MgpuConfig.pin``), g = 16,
+  ``overlap_free``: pipelined without the consumers' turns, ``MgpuConfig.pingpong``), g = 16,
   w = 1024, 32 query heads, d = 128, bf16, at 32K MHA and 128K MHA / GQA; ``tflops`` counts
   CCA's work (``bench.bench_cca``'s count). ``same_bits``: each variant's outputs against
   ``block``'s, exactly.
 * ReAttention: the whole prefill op with block picks (``key_block`` = span = 32, the authors'
-  other values) as ``RE_VARIANTS`` (``--re-variants``): ``Config.mgpu_attend_overlap``,
-  ``block_pinned`` (``Config.mgpu_attend_pin``), ``block_kernel`` (the kept blocks by the
-  threshold kernel, ``Config.block_select="kernel"``) and ``kernel_pinned`` (both),
-  ``same_bits`` against ``block``'s, and against cuDNN at equal attended length (T
+  other values) as ``RE_VARIANTS`` (``--re-variants``): ``Config.mgpu_attend_overlap``, and
+  the selection's former paths (``select_scatter``, ``select_sort``: ``Config.block_select``;
+  the default keeps the blocks by the threshold kernel), ``same_bits`` against ``block``'s,
+  and against cuDNN at equal attended length (T
   queries over the keys the last query attends, as ``bench_reattention``), at 32K-128K with 32
   and 8 kv heads.
 """
@@ -59,8 +58,7 @@ def bench_cca(t: int, hkv: int, rounds: int, g: int = 16, w: int = 1024) -> dict
     fns, outs = {}, {}
     variants = {"block": pallas_mgpu.MgpuConfig(),
                 "overlap": pallas_mgpu.MgpuConfig(overlap=True),
-                "overlap_free": pallas_mgpu.MgpuConfig(overlap=True, pingpong=False),
-                "block_pinned": pallas_mgpu.MgpuConfig(pin=True)}
+                "overlap_free": pallas_mgpu.MgpuConfig(overlap=True, pingpong=False)}
     for name, config in variants.items():
         f = jax.jit(lambda *a, c=config: pallas_mgpu.forward(*a, g=g, w=w, scale=128**-0.5,
                                                               config=c))
@@ -75,9 +73,8 @@ def bench_cca(t: int, hkv: int, rounds: int, g: int = 16, w: int = 1024) -> dict
 
 
 RE_VARIANTS = {"block": {}, "overlap": dict(mgpu_attend_overlap=True),
-               "block_pinned": dict(mgpu_attend_pin=True),
-               "block_kernel": dict(block_select="kernel"),
-               "kernel_pinned": dict(block_select="kernel", mgpu_attend_pin=True)}
+               "select_scatter": dict(block_select="scatter"),
+               "select_sort": dict(block_select="sort")}
 
 
 def bench_reattention(t: int, hkv: int, rounds: int, names=tuple(RE_VARIANTS)) -> dict:

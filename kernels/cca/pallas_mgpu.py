@@ -56,21 +56,21 @@ class MgpuConfig:
     not fit in shared memory at d = 128. ``overlap``: the software-pipelined consumer step
     (:func:`consume`), the same bits; H100 (``bench/results/ab_overlap_h100.json``): slower,
     20.5 against 19.3 ms at 128K and 2.42 against 2.16 at 32K, so off. ``pingpong``: with
-    ``overlap``, False lets the consumers run without taking turns (not yet timed). ``pin``:
-    one block at a time, with each step's "softmax done" pinned after its softmax."""
+    ``overlap``, False lets the consumers run without taking turns; H100
+    (``bench/results/ab_overlap_free_pin_cca_h100.json``): 19.06 against 19.24 ms at 128K with
+    8 kv heads, 2.24 against 2.15 at 32K, so off too."""
 
     block_k: int = 128
     slots: int = 2
     overlap: bool = False
     pingpong: bool = True
-    pin: bool = False
 
     def __post_init__(self):
         if self.block_k not in (64, 128):
             raise ValueError(f"MgpuConfig.block_k must be 64 or 128; got {self.block_k}")
         if self.slots < 2:
             raise ValueError(f"MgpuConfig.slots must be >= 2; got {self.slots}")
-        for name in ("overlap", "pingpong", "pin"):
+        for name in ("overlap", "pingpong"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MgpuConfig.{name} must be a bool; got "
                                  f"{getattr(self, name)!r}")
@@ -224,14 +224,14 @@ def _scores(q_smem, ring: Ring, slot, interpret: bool):
 
 
 def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype, mask,
-                 interpret: bool, stash=None):
+                 interpret: bool):
     """Step ``s`` of a consumer warpgroup, one block at a time: the key block in ring slot
     ``s % slots`` through the base-2 online softmax ``carry = (acc, m, l)`` of the 64 rows in
     ``q_smem`` (``mask``: None, every key visible, or a function giving the (64, block) mask).
     The consumers take turns on the tensor cores (``S = Q K^T``, then ``O += P V``) so that one's
-    softmax overlaps the other's matmuls. ``stash``: None, or a (64,) float32 shared-memory
-    scratch that gets the row sums before the "softmax done" arrive, so that ptxas cannot
-    move the arrive ahead of the softmax (it does otherwise: seen in the SASS)."""
+    softmax overlaps the other's matmuls. (ptxas moves the "softmax done" arrive ahead of the
+    softmax, seen in the SASS; pinning it after the softmax with a store of the row sums to
+    shared memory was 3-5% slower: ``docs/perf-notes.md``, nineteenth session.)"""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     acc, m, l = carry
@@ -243,8 +243,6 @@ def attend_block(s, carry, *, q_smem, ring: Ring, n_steps, scale2: float, dtype,
     l = l * alpha + p.sum(axis=1)
     p16 = p.astype(dtype)
     acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-    if stash is not None and not interpret:
-        stash[...] = l
     plgpu.barrier_arrive(ring.turn)  # softmax done
     plgpu.barrier_wait(ring.v_full.at[slot])
     plgpu.barrier_wait(ring.turn)  # the tensor cores are ours
@@ -330,7 +328,7 @@ def _issue_step(s, carry, *, q_smem, ring: Ring, scale2: float, dtype, mask, sta
 
 
 def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, overlap: bool,
-            stash, interpret: bool, pingpong: bool = True, pin: bool = False):
+            stash, interpret: bool, pingpong: bool = True):
     """A consumer warpgroup's whole stream, steps ``0 .. n_steps - 1`` (n_steps >= 1): returns
     ``(acc, m, l)``, the unnormalised output, base-2 running maxima and sums of its 64 rows.
     ``segments``: ``(stop, mask)`` pairs splitting the steps in order (the first starts at 0),
@@ -339,8 +337,7 @@ def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, 
     block's ``P V`` (:func:`_issue_step`; ``stash``: a (64,) float32 shared-memory scratch
     of the warpgroup's own); otherwise one block at a time (:func:`attend_block`). Consumer 0
     goes first; the two take turns on the tensor cores (with ``overlap``, ``pingpong=False``
-    drops the turns: the ring alone keeps them in step; without it, ``pin`` makes each step's
-    "softmax done" wait for the softmax, through ``stash``)."""
+    drops the turns: the ring alone keeps them in step)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     cast, iota = layout_helpers(interpret)
@@ -358,8 +355,7 @@ def consume(wg, ring: Ring, q_smem, n_steps, segments, *, scale2: float, dtype, 
         carry = (acc, m, l)
         for start, (stop, mask) in zip(starts, segments):
             body = lambda s, c, mask=mask: attend_block(
-                s, c, n_steps=n_steps, mask=None if mask is None else lambda: mask(s),
-                stash=stash if pin else None, **kwargs)
+                s, c, n_steps=n_steps, mask=None if mask is None else lambda: mask(s), **kwargs)
             carry = lax.fori_loop(start, stop, body, carry)
     else:
         # Step 0: S = Q K_0^T alone, its softmax with the mask of the segment that holds it.
@@ -429,7 +425,7 @@ def produce(slots: int, n_steps, *streams) -> None:
 
 
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
-            grp, scale, dtype, n_tiles, overlap, pingpong, pin, interpret):
+            grp, scale, dtype, n_tiles, overlap, pingpong, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -485,7 +481,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
                     (nc + d0 - a0, None), (n_steps, visible("raw"))]
         acc, m, l = consume(wg, ring, qo_smem, n_steps, segments, scale2=scale * LOG2E,
                             dtype=dtype, overlap=overlap, stash=lse_smem2.at[wg],
-                            interpret=interpret, pingpong=pingpong, pin=pin)
+                            interpret=interpret, pingpong=pingpong)
 
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
         qo_smem[...] = acc.astype(dtype)
@@ -557,7 +553,7 @@ def forward(
         kernel = functools.partial(_kernel, g=g, w=w, bk=bk, slots=slots, grp=hq // hkv,
                                    scale=scale, dtype=dtype, n_tiles=t // TILE,
                                    overlap=config.overlap, pingpong=config.pingpong,
-                                   pin=config.pin, interpret=interpret)
+                                   interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, bk, d), dtype),

@@ -490,8 +490,7 @@ def _uses_mgpu_attend(q, geo: Geometry, config: Config, rotated: bool, interpret
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "num_keys", "scale", "block_k", "slots",
-                                             "tokens", "piece", "overlap", "pin",
-                                             "interpret"),
+                                             "tokens", "piece", "overlap", "interpret"),
                    donate_argnames=("out",))
 def _mgpu_attend(qo_rows, kg, vg, k_window, v, meta, out=None, list_rows=None, **kwargs):
     """``pallas_mgpu_attend.attend`` as one jitted function (one lowered kernel for all layers;
@@ -548,8 +547,7 @@ def _attend_mgpu(qo_rows, k, v, glist, meta, window, inv_freq, scale, geo: Geome
         o = _mgpu_attend(qo_rows, kg, vg, k_window, v_rows, mt, into, rows, groups=geo.groups,
                          num_keys=geo.num_keys, scale=scale, block_k=bk,
                          slots=config.mgpu_attend_slots, tokens=tokens, piece=piece,
-                         overlap=config.mgpu_attend_overlap, pin=config.mgpu_attend_pin,
-                         interpret=interpret)
+                         overlap=config.mgpu_attend_overlap, interpret=interpret)
         if interpret and not isinstance(o, jax.core.Tracer):
             # Op by op, jax 0.10's Mosaic GPU interpreter can deadlock when the next kernel is
             # dispatched while the threads of the previous one still run: one at a time.
@@ -690,14 +688,17 @@ def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int,
     and selects (``pallas_select``); otherwise XLA sorts the candidates (``_merge_splits``) and,
     for many picks, selects with its sorts. The lists may be wider than NG (the kernel's own
     width, ``select_from_candidates(wide=True)``); their slots from n_g on hold 0.
-    ``blocks_of``: the cache length S of block picks, which count their votes per block
-    (``reference.select_from_block_picks``) as ``block_select`` says (``Config.block_select``)."""
+    ``blocks_of``: the cache length S of block picks, which count their votes per block and
+    keep the best by the block-selection kernel (``pallas_block_select``) or by XLA's sorts
+    (``reference.select_from_block_picks``), as ``block_select`` says
+    (``Config.block_select``)."""
     n, c, _ = idx.shape
     if c > sel.top_k and pallas_select.merges(rows, c, sel.top_k):
         return pallas_select.select_from_candidates(idx, vals, c0, l0, sel, rows=rows,
                                                     interpret=interpret, wide=True)
     nb = None if blocks_of is None else key_blocks.num_blocks(blocks_of, sel)
-    by_kernel = nb is not None and block_select == "kernel" and pallas_block_select.applies(nb)
+    by_kernel = (nb is not None and block_select in ("kernel", "auto")
+                 and pallas_block_select.applies(nb))
 
     def kept_blocks(idx, vals):  # the votes per block, the kept blocks by thresholds
         votes, best = reference.block_votes(idx, vals, sel, blocks_of)
@@ -717,7 +718,7 @@ def _select(idx, vals, c0, l0, sel: Selection, interpret: bool, rows: int,
         return pallas_select.select_from_picks(idx, vals, c0, l0, sel, interpret=interpret)
     if by_kernel:
         return kept_blocks(idx, vals)
-    if nb is not None and (block_select == "scatter" or (
+    if nb is not None and (block_select in ("scatter", "kernel") or (
             block_select == "auto" and nb <= idx.shape[1])):
         return reference.select_from_block_picks(idx, vals, c0, l0, sel, blocks_of)
     return reference.select_from_picks(idx, vals, c0, l0, sel)

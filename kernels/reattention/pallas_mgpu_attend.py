@@ -65,7 +65,7 @@ def supports(dtype, head_dim: int) -> bool:
 
 def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, groups, bk,
             slots, tiles, nc, nc_rows, hkv, s_len, scale, dtype, tokens, piece, overlap,
-            pin, interpret):
+            interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem, *stash2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -143,8 +143,8 @@ def _kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref, scoped, *, gr
         segments = [(full_list, None), (nl, visible("list")), (nl + 1, visible("tail")),
                     (nl + unmasked_end, None), (n_steps, visible("tail"))]
         acc, m, l = consume(wg, ring, qo_smem, n_steps, segments, scale2=scale * LOG2E,
-                            dtype=dtype, overlap=overlap, pin=pin,
-                            stash=stash2[0].at[wg] if overlap or pin else None,
+                            dtype=dtype, overlap=overlap,
+                            stash=stash2[0].at[wg] if overlap else None,
                             interpret=interpret)
 
         acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
@@ -296,7 +296,6 @@ def attend(
     list_rows: Int[Array, "B Hkv NC NG"] | None = None,
     piece: int = 0,
     overlap: bool = False,
-    pin: bool = False,
     interpret: bool = False,
 ) -> Float[Array, "B Hkv NC R D"] | Float[Array, "B To Hq D"]:
     """Gathered attention of the packed rows ``qo_rows`` (rotated at their original positions)
@@ -372,15 +371,14 @@ def attend(
         kernel = functools.partial(_kernel, groups=groups, bk=block_k, slots=slots, tiles=tiles,
                                    nc=nc, nc_rows=nc_rows, hkv=hkv, s_len=num_keys,
                                    scale=scale, dtype=dtype, tokens=tokens, piece=piece,
-                                   overlap=overlap, pin=pin, interpret=interpret)
+                                   overlap=overlap, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(meta_ref, q_ref, kg_ref, vg_ref, kw_ref, v_ref, o_ref,
                                    scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, block_k, d), dtype),
              smem((slots, block_k, d), dtype),
-             # the row sums' scratch of overlap and pin (1 KiB: only with them, for the
-             # deepest rings)
-             *([plgpu.SMEM((CONSUMERS, ROWS), jnp.float32)] if overlap or pin else [])),
+             # the pipelined step's row sums (1 KiB: only with overlap, for the deepest rings)
+             *([plgpu.SMEM((CONSUMERS, ROWS), jnp.float32)] if overlap else [])),
             (plgpu.Barrier(num_barriers=slots),
              plgpu.Barrier(num_arrivals=v_copies, num_barriers=slots),
              plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS)),

@@ -182,10 +182,8 @@ class Config:
     while the previous block's P V is on the tensor cores; ``kernels/cca/pallas_mgpu.consume``),
     bit for bit the same output. Measured on an H100 with blocks of 32
     (``bench/results/ab_overlap_h100.json``): 0.6-0.9% slower with 8 kv heads, 4.5-4.8% with
-    32, so off. ``mgpu_attend_pin``: one block at a time, with each step's "softmax done"
-    arrive pinned after its softmax by a store of the row sums (``MgpuConfig.pin``); both
-    options take a 1 KiB shared-memory scratch, which the 3-slot ring of 128 keys at head
-    dim 128 has no room for.
+    32, so off. It takes a 1 KiB shared-memory scratch, which the 3-slot ring of 128 keys at
+    head dim 128 has no room for.
 
     ``mgpu_rows``: how the Mosaic GPU kernels of a prefill get their query rows and write their
     output. "in_place" reads q (the scoring) and the rotated q (the attention) as they are, and
@@ -207,15 +205,18 @@ class Config:
     place saves 0.5-0.8 ms at 32K and 2.3 ms at 128K with 32 kv heads; with 8 kv heads (G = 4,
     every list read by four times the CTAs, each with four copies per value block) it cost
     0.4-0.7 ms at 32K and saved 1.2 ms at 128K.
-    ``block_select``: how a prefill with block picks counts the votes of a chunk's many picks.
-    "sort" sorts the P = R x top_k picks twice (as token picks do, ``reference.select_from_picks``);
-    "scatter" counts them per block with a scatter-add and sorts the NB blocks once
-    (``reference.select_from_block_picks``; same lists). "auto": scatter where NB <= P, the
-    sorts elsewhere. Measured on an H100 with blocks of 32 (``bench/results/ab_block_scatter_
-    h100.json``): with 8 kv heads (P = 8192) scatter saved 2.6 ms at 128K (NB = 4096) and 0.44
-    ms at 32K (NB = 1024); with 32 (P = 2048) it cost 2.9 ms at 128K (NB = 4096) and tied at
-    32K (NB = 1024). "kernel": the scatter-add, then the kept blocks found by thresholds in a
-    kernel instead of the sort (``pallas_block_select.py``; same lists).
+    ``block_select``: how a prefill with block picks counts the votes of a chunk's many picks
+    and keeps the best blocks. "sort" sorts the P = R x top_k picks twice (as token picks do,
+    ``reference.select_from_picks``); "scatter" counts them per block with a scatter-add and
+    sorts the NB blocks once (``reference.select_from_block_picks``); "kernel" counts them the
+    same way, then finds the kept blocks by thresholds in a Pallas kernel, without a sort
+    (``pallas_block_select.py``; past its NB <= 32768, the scatter). All three give the same
+    lists. "auto": the kernel where it applies, else the scatter where NB <= P, else the sorts. Measured on an H100
+    with blocks of 32 against the former "auto" (``bench/results/ab_block_select_pin_h100.json``,
+    ``ab_block_select_32k_h100.json``): the kernel saved 0.98 ms at 128K with 8 kv heads
+    (scatter before), 1.90 ms at 128K with 32 (sorts before), 0.86 and 0.07 ms at 64K, 0.16 and
+    0.23 ms at 32K. Before it, the scatter had saved 2.6 ms against the sorts at 128K with 8 kv
+    heads and cost 2.9 ms with 32 (``ab_block_scatter_h100.json``).
     ``mgpu_signed_rows``: where block picks' signed rows [q+, q-] are made for the Mosaic GPU
     scoring. "in_kernel": each tile of q's rows in shared memory (``pallas_mgpu_score.score(
     signed=True)``); "xla": a 2D-wide copy of q that the kernel reads (the Triton lowering
@@ -242,7 +243,6 @@ class Config:
     mgpu_attend_block_k: int = 128
     mgpu_attend_slots: int = 2
     mgpu_attend_overlap: bool = False
-    mgpu_attend_pin: bool = False
     gather_bytes: int = 1 << 30
     mgpu_rows: str = "in_place"
     prefix_keys: str = "whole"
@@ -287,9 +287,9 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name} must be one of {allowed}; got "
                                  f"{getattr(self, name)!r}")
-        for name in ("mgpu_attend_overlap", "mgpu_attend_pin"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Config.{name} must be a bool; got {getattr(self, name)!r}")
+        if not isinstance(self.mgpu_attend_overlap, bool):
+            raise ValueError(f"Config.mgpu_attend_overlap must be a bool; got "
+                             f"{self.mgpu_attend_overlap!r}")
         if self.mgpu_consumers not in (2, 4):
             raise ValueError(f"Config.mgpu_consumers must be 2 or 4; got {self.mgpu_consumers}")
 

@@ -109,8 +109,8 @@ def test_lowering_choice_and_errors():
         pallas_mgpu.MgpuConfig(slots=1)
     with pytest.raises(ValueError, match="overlap"):
         pallas_mgpu.MgpuConfig(overlap="yes")
-    with pytest.raises(ValueError, match="pin"):
-        pallas_mgpu.MgpuConfig(pin=1)
+    with pytest.raises(ValueError, match="pingpong"):
+        pallas_mgpu.MgpuConfig(pingpong=1)
     kc = jnp.zeros((1, 16, 1, 64), jnp.bfloat16)
     k = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="shapes disagree"):
@@ -175,12 +175,11 @@ def test_gpu_mosaic_forward_and_gradients(shape, dtype):
 @pytest.mark.parametrize("shape", [CCAShape(2, 4001, 8, 2, 64, 16, 256),
                                    CCAShape(1, 2000, 8, 8, 128, 8, 8),
                                    CCAShape(1, 32768, 32, 8, 128, 16, 1024)], ids=lambda s: s.id)
-@pytest.mark.parametrize("schedule", [dict(overlap=True), dict(overlap=True, pingpong=False),
-                                      dict(pin=True)], ids=["overlap", "overlap_free", "pin"])
+@pytest.mark.parametrize("schedule", [dict(overlap=True), dict(overlap=True, pingpong=False)],
+                         ids=["overlap", "overlap_free"])
 def test_gpu_overlap_gives_the_same_bits(shape, schedule):
     """Compiled, the pipelined schedule (``MgpuConfig.overlap``, with and without the
-    consumers' turns) and the pinned "softmax done" (``pin``) equal the shipped schedule bit
-    for bit: same wgmma accumulations, same softmax, only issued at other times."""
+    consumers' turns) equals the shipped schedule bit for bit: same wgmma accumulations, same softmax, only issued at other times."""
     q, k, v = make_qkv(shape, jnp.bfloat16, seed=5)
     g, w = shape.group_size, shape.local_window
     q, k, v = (pad_to(x, 1, pallas_mgpu.TILE) for x in (q, k, v))

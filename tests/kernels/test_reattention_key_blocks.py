@@ -17,6 +17,7 @@ import torch
 
 from kernels.reattention import key_blocks
 from kernels.reattention import pallas as P
+from kernels.reattention import pallas_block_select as BS
 from kernels.reattention import pallas_mgpu_score as M
 from kernels.reattention import pallas_summaries
 from kernels.reattention import reference as R
@@ -180,18 +181,25 @@ def test_pallas_scatter_votes_match_the_sorts(monkeypatch):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_auto_counts_votes_per_block_only_where_the_blocks_are_fewer_than_the_picks(monkeypatch):
-    """``block_select="auto"`` takes the scatter where NB <= P (the chunk's picks, here 80: past
-    the selection kernel's 64, so XLA selects) and the sorts elsewhere, with the same lists."""
+def test_auto_takes_the_kernel_else_the_scatter_where_the_blocks_are_fewer(monkeypatch):
+    """``block_select="auto"`` keeps the blocks by the block-selection kernel; where the kernel
+    does not apply (NB past its bound, lowered here to 60), by the scatter where NB <= P (the
+    chunk's picks, here 80: past the small-selection kernel's 64) and the sorts elsewhere.
+    "kernel" past the bound takes the scatter. The same lists every time."""
     sel = Selection(8, 8, 2, 5, 32, 8, 32, key_block=32)
     p = 80
     calls = []
-    scatter = R.select_from_block_picks
-    monkeypatch.setattr(R, "select_from_block_picks",
-                        lambda *args: calls.append(args[-1]) or scatter(*args))
+    for module, name in ((R, "select_from_block_picks"), (BS, "kept_centres")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _f=original, _n=name, **kw:
+                            calls.append(_n) or _f(*args, **kw))
     rng = np.random.default_rng(1)
-    for nb, mode, scattered in [(p, "auto", True), (p + 1, "auto", False),
-                                (p + 1, "scatter", True), (p // 2, "sort", False)]:
+    kernel, scatter, unbounded = ["kept_centres"], ["select_from_block_picks"], BS.MAX_BLOCKS
+    for bound, nb, mode, path in [(None, p, "auto", kernel), (None, p + 1, "auto", kernel),
+                                  (60, p, "auto", scatter), (60, p + 1, "auto", []),
+                                  (60, p + 1, "kernel", scatter), (None, p + 1, "scatter", scatter),
+                                  (None, p // 2, "sort", [])]:
+        monkeypatch.setattr(BS, "MAX_BLOCKS", bound or unbounded)
         s_keys = sel.sink_tokens + nb * sel.key_block
         assert key_blocks.num_blocks(s_keys, sel) == nb
         idx = (sel.sink_tokens + rng.integers(0, nb, (3, p)) * sel.key_block
@@ -202,7 +210,7 @@ def test_auto_counts_votes_per_block_only_where_the_blocks_are_fewer_than_the_pi
         calls.clear()
         got = P._select(jnp.asarray(idx)[:, None], jnp.asarray(val)[:, None], c0, l0, sel,
                         True, p, s_keys, mode)  # candidates (N, C = 1, R' = P)
-        assert (calls == [s_keys]) == scattered, (nb, mode)
+        assert calls == path, (bound, nb, mode, calls)
         for x, y in zip(got, want):
             np.testing.assert_array_equal(np.asarray(x)[..., :y.shape[-1]], np.asarray(y))
 
