@@ -211,9 +211,10 @@ class Config:
     sorts the NB blocks once (``reference.select_from_block_picks``); "kernel" counts them the
     same way, then finds the kept blocks by thresholds in a Pallas kernel, without a sort
     (``pallas_block_select.py``; past its NB <= 32768, the scatter). All three give the same
-    lists. "auto": the kernel where it applies, else the scatter where NB <= P, else the sorts. Measured on an H100
-    with blocks of 32 against the former "auto" (``bench/results/ab_block_select_pin_h100.json``,
-    ``ab_block_select_32k_h100.json``): the kernel saved 0.98 ms at 128K with 8 kv heads
+    lists. "auto": the kernel where it applies, else the scatter where NB <= P, else the
+    sorts. Measured on an H100 with blocks of 32 against the former "auto"
+    (``bench/results/ab_block_select_pin_h100.json``, ``ab_block_select_32k_h100.json``):
+    the kernel saved 0.98 ms at 128K with 8 kv heads
     (scatter before), 1.90 ms at 128K with 32 (sorts before), 0.86 and 0.07 ms at 64K, 0.16 and
     0.23 ms at 32K. Before it, the scatter had saved 2.6 ms against the sorts at 128K with 8 kv
     heads and cost 2.9 ms with 32 (``ab_block_scatter_h100.json``).

@@ -179,7 +179,8 @@ def test_gpu_mosaic_forward_and_gradients(shape, dtype):
                          ids=["overlap", "overlap_free"])
 def test_gpu_overlap_gives_the_same_bits(shape, schedule):
     """Compiled, the pipelined schedule (``MgpuConfig.overlap``, with and without the
-    consumers' turns) equals the shipped schedule bit for bit: same wgmma accumulations, same softmax, only issued at other times."""
+    consumers' turns) equals the shipped schedule bit for bit: same wgmma accumulations, same
+    softmax, only issued at other times."""
     q, k, v = make_qkv(shape, jnp.bfloat16, seed=5)
     g, w = shape.group_size, shape.local_window
     q, k, v = (pad_to(x, 1, pallas_mgpu.TILE) for x in (q, k, v))
