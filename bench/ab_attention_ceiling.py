@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import environment, measure_peaks, time_alternating
+from bench.common import time_alternating, write_rows
 from kernels.cca import pallas_mgpu
 
 
@@ -96,9 +95,7 @@ def main(argv=None) -> int:
         t, hkv = map(int, p.split(":"))
         rows.append(bench(t, hkv, args.rounds))
         print(json.dumps(rows[-1]), flush=True)
-    payload = {"env": environment(), "peaks": measure_peaks(), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(payload, indent=1))
+    write_rows(rows, __doc__.splitlines()[0], args.out, peaks=True)
     return 0
 
 

@@ -23,13 +23,12 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import environment, measure_peaks, time_alternating
+from bench.common import time_alternating, write_rows
 from kernels.cca import pallas_mgpu
 from kernels.cca import reference as cca_reference
 from kernels.cca.pallas_common import pad_to
@@ -121,9 +120,7 @@ def main(argv=None) -> int:
     for t, hkv in pairs(args.reattention):
         rows.append(bench_reattention(t, hkv, args.rounds, args.re_variants.split(",")))
         print(json.dumps(rows[-1]), flush=True)
-    payload = {"env": environment(), "peaks": measure_peaks(), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(payload, indent=1))
+    write_rows(rows, __doc__.splitlines()[0], args.out, peaks=True)
     return 0
 
 

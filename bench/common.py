@@ -125,8 +125,10 @@ def save_results(name: str, payload: dict) -> Path:
     return path
 
 
-def write_rows(rows: list, note: str, out: str | None) -> None:
-    """An A/B script's result file (when ``out`` is given): the environment, a note, the rows."""
+def write_rows(rows: list, note: str, out: str | None, peaks: bool = False) -> None:
+    """An A/B script's result file (when ``out`` is given): the environment, a note, the rows,
+    and with ``peaks`` this device's measured ceilings (:func:`measure_peaks`)."""
     if out:
-        Path(out).write_text(json.dumps({"env": environment(), "note": note, "rows": rows},
-                                        indent=1))
+        extra = {"peaks": measure_peaks()} if peaks else {}
+        Path(out).write_text(json.dumps({"env": environment(), "note": note, **extra,
+                                         "rows": rows}, indent=1))
