@@ -214,9 +214,8 @@ class Config:
     lists. "auto": the kernel where it applies, else the scatter where NB <= P, else the
     sorts. Measured on an H100 with blocks of 32 against the former "auto"
     (``bench/results/ab_block_select_pin_h100.json``, ``ab_block_select_32k_h100.json``):
-    the kernel saved 0.98 ms at 128K with 8 kv heads
-    (scatter before), 1.90 ms at 128K with 32 (sorts before), 0.86 and 0.07 ms at 64K, 0.16 and
-    0.23 ms at 32K. Before it, the scatter had saved 2.6 ms against the sorts at 128K with 8 kv
+    the kernel saved 0.98 ms at 128K with 8 kv heads (scatter before), 1.90 ms at 128K with
+    32 (sorts before), 0.86 and 0.07 ms at 64K, 0.16 and 0.23 ms at 32K. Before it, the scatter had saved 2.6 ms against the sorts at 128K with 8 kv
     heads and cost 2.9 ms with 32 (``ab_block_scatter_h100.json``).
     ``mgpu_signed_rows``: where block picks' signed rows [q+, q-] are made for the Mosaic GPU
     scoring. "in_kernel": each tile of q's rows in shared memory (``pallas_mgpu_score.score(
