@@ -49,10 +49,13 @@ def _i32(bits: int) -> int:
 
 
 def order_keys(x: Float[Array, "*N"]) -> Int[Array, "*N"]:
-    """int32 keys ordered as the float32 values (total order, -0 and +0 one key, NaNs at the
-    ends by sign)."""
+    """int32 keys ordered as the float32 scores rank in XLA's sort of -score: -0 and +0 one key,
+    every NaN the lowest key, below -inf (XLA's comparator makes NaNs positive and sorts them
+    last, so they rank worst). Zeros are found by a float compare, as the sort's comparator
+    compares: where the device treats denormals as zero (XLA's CPU does), so do the keys."""
     bits = lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), jnp.int32)
-    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jnp.where(x != x, jnp.int32(_i32(1 << 31)), key)
 
 
 def _largest_at_least(count, bits: int, need):
@@ -99,8 +102,9 @@ def _kernel(votes_ref, best_ref, out_ref, *, sel: Selection, vote_bits: int):
 def kept_centres(votes: Int[Array, "N NB"], best: Float[Array, "N NB"], sel: Selection,
                  picks: int, interpret: bool = False) -> Int[Array, "N K"]:
     """The centres of the ``max_selected`` best blocks of each row (``reference.block_votes``:
-    votes and best scores of NB blocks; ``picks``: the picks they were counted from, which bound
-    the votes), ascending, INT_MAX past the last; K = max_selected."""
+    votes and best scores of NB blocks), ascending, INT_MAX past the last; K = max_selected.
+    ``picks``: the picks the votes were counted from. It bounds them (each pick counts once),
+    and the vote threshold is searched over its bits only: votes above it are not allowed."""
     n, nb = votes.shape
     if not applies(nb) or best.shape != (n, nb) or votes.dtype != jnp.int32:
         raise ValueError(f"the block-selection kernel takes (N, NB) int32 votes and float "

@@ -43,11 +43,14 @@ def _by_sort(votes, best, sel: Selection):
 
 
 def _votes(rng, n: int, nb: int, kind: str):
-    """(votes, best): "ties" few vote counts and five score values with -0.0 and +0.0 (ties at
-    every cut); "spread" many counts, normal scores; "sparse" most blocks without a vote."""
+    """(votes, best): "ties" few vote counts and a few score values with -0.0 and +0.0, two
+    denormals (zeros to XLA's CPU, not to the GPU: the kernel follows the device's compare, as
+    the sort does) and the infinities (ties at every cut); "spread" many counts, normal
+    scores; "sparse" most blocks without a vote."""
     if kind == "ties":
         votes = rng.integers(0, 4, (n, nb))
-        best = rng.choice(np.array([-1.5, -0.0, 0.0, 0.25, 2.0], np.float32), (n, nb))
+        best = rng.choice(np.array([-np.inf, -1.5, -1e-45, -0.0, 0.0, 1e-45, 0.25, 2.0, np.inf],
+                                   np.float32), (n, nb))
     elif kind == "spread":
         votes = rng.integers(0, 60, (n, nb))
         best = rng.standard_normal((n, nb)).astype(np.float32)
@@ -80,10 +83,24 @@ def test_the_cut_keeps_the_most_voted_then_the_best_then_the_lowest():
 
 
 def test_order_keys_follow_the_floats():
-    x = jnp.asarray([-jnp.inf, -3e38, -2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 1.0, 2.0, 3e38,
-                     jnp.inf], jnp.float32)
+    """Ascending floats, -0 and +0 one key; NaNs of either sign below everything (XLA's sort
+    of -score puts them last)."""
+    x = jnp.asarray([-jnp.nan, jnp.nan, -jnp.inf, -3e38, -2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30,
+                     1.0, 2.0, 3e38, jnp.inf], jnp.float32)
     keys = np.asarray(BS.order_keys(x)).astype(np.int64)
-    assert (np.diff(keys) > 0).sum() == len(x) - 2 and keys[5] == keys[6]  # -0 == +0
+    assert keys[0] == keys[1] and keys[7] == keys[8]  # NaNs alike, -0 == +0
+    assert (np.diff(keys) > 0).sum() == len(x) - 3
+
+
+def test_nan_scores_rank_last_as_in_the_sort():
+    """A NaN best score (only NaN inputs give one) ranks below every number, as XLA's sort
+    ranks it; among NaNs the lower block stays."""
+    sel = Selection(max_selected=2, key_block=32, span=32)
+    nan = np.float32(np.nan)
+    best = jnp.asarray([[nan, 1.0, -nan, -jnp.inf], [nan, -nan, nan, 0.5]], jnp.float32)
+    votes = jnp.ones((2, 4), jnp.int32)
+    got = BS.kept_centres(votes, best, sel, picks=4, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_by_sort(votes, best, sel)))
 
 
 def test_bad_inputs_are_refused():
