@@ -9,8 +9,8 @@ alternating rounds:
   ``visible_key_counts`` gives 0 of them). Its schedule options (``MgpuConfig``) as variants.
 * ``jax_mgpu``: ``jax.experimental.pallas.ops.gpu.attention_mgpu`` (the ping-pong design ours
   follows), 64-row query blocks, 128- or 64-key blocks, 2 slots, causal, on float16 copies of
-  the inputs (it takes no bfloat16 in jax 0.11.2; the values are the same, bf16's 8-bit
-  mantissas fit in float16's); left out where that version refuses it.
+  the inputs (it takes no bfloat16 in jax 0.11.2) with q scaled by 1/sqrt(d) first (it applies
+  no softmax scale); left out where that version refuses it.
 * ``cudnn``: ``jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")``.
 
 Each row gives ms and TFLOP/s counting the causal half (4 d per visible pair): whether our
@@ -63,7 +63,7 @@ def bench(t: int, hkv: int, rounds: int, g: int = 16) -> dict:
     fns["cudnn"] = (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")), (q, k, v))
     skipped = {}
-    half = tuple(x.astype(jnp.float16) for x in (q, k, v))
+    half = ((q * scale).astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16))
     for bkv in (128, 64):
         f = _jax_mgpu(bkv)
         if f is None:
