@@ -6,7 +6,8 @@ alternating rounds:
 
 * ``ours``: the CCA forward kernel (``kernels/cca/pallas_mgpu.forward``) with its local window
   as long as the sequence (w = T), where CCA is causal attention (no core token is visible:
-  ``visible_key_counts`` gives 0 of them). Its schedule options (``MgpuConfig``) as variants.
+  ``visible_key_counts`` gives 0 of them). Its schedule options (``MgpuConfig``) as variants,
+  and ``ours_f16`` on float16 copies (as JAX's kernel runs).
 * ``jax_mgpu``: ``jax.experimental.pallas.ops.gpu.attention_mgpu`` (the ping-pong design ours
   follows), 64-row query blocks, 128- or 64-key blocks, 2 slots, causal, on float16 copies of
   the inputs (it takes no bfloat16 in jax 0.11.2) with q scaled by 1/sqrt(d) first (it applies
@@ -60,6 +61,8 @@ def bench(t: int, hkv: int, rounds: int, g: int = 16) -> dict:
         f = jax.jit(lambda q, k, v, kc, vc, c=config: pallas_mgpu.forward(
             q, k, v, kc, vc, g=g, w=t, scale=scale, config=c)[0])
         fns[name] = (f, (q, k, v, kc, vc))
+    # ours on float16 copies too: JAX's kernel takes float16 only, so this separates the dtype
+    fns["ours_f16"] = (fns["ours"][0], tuple(x.astype(jnp.float16) for x in (q, k, v, kc, vc)))
     fns["cudnn"] = (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")), (q, k, v))
     skipped = {}
