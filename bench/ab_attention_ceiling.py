@@ -7,7 +7,8 @@ alternating rounds:
 * ``ours``: the CCA forward kernel (``kernels/cca/pallas_mgpu.forward``) with its local window
   as long as the sequence (w = T), where CCA is causal attention (no core token is visible:
   ``visible_key_counts`` gives 0 of them). Its schedule options (``MgpuConfig``) as variants,
-  and ``ours_f16`` on float16 copies (as JAX's kernel runs).
+  ``ours_in_order`` with the query tiles in order (as JAX's kernel runs them; ours runs the
+  heavy ones first), and ``ours_f16`` on float16 copies (as JAX's kernel takes them).
 * ``jax_mgpu``: ``jax.experimental.pallas.ops.gpu.attention_mgpu`` (the ping-pong design ours
   follows), 64-row query blocks, 128- or 64-key blocks, 2 slots, causal, on float16 copies of
   the inputs (it takes no bfloat16 in jax 0.11.2) with q scaled by 1/sqrt(d) first (it applies
@@ -57,7 +58,8 @@ def bench(t: int, hkv: int, rounds: int, g: int = 16) -> dict:
     scale = 128**-0.5
     fns = {}
     for name, config in {"ours": pallas_mgpu.MgpuConfig(),
-                         "ours_overlap": pallas_mgpu.MgpuConfig(overlap=True)}.items():
+                         "ours_overlap": pallas_mgpu.MgpuConfig(overlap=True),
+                         "ours_in_order": pallas_mgpu.MgpuConfig(heavy_first=False)}.items():
         f = jax.jit(lambda q, k, v, kc, vc, c=config: pallas_mgpu.forward(
             q, k, v, kc, vc, g=g, w=t, scale=scale, config=c)[0])
         fns[name] = (f, (q, k, v, kc, vc))

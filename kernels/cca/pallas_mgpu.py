@@ -58,19 +58,23 @@ class MgpuConfig:
     20.5 against 19.3 ms at 128K and 2.42 against 2.16 at 32K, so off. ``pingpong``: with
     ``overlap``, False lets the consumers run without taking turns; H100
     (``bench/results/ab_overlap_free_pin_cca_h100.json``): 19.06 against 19.24 ms at 128K with
-    8 kv heads, 2.24 against 2.15 at 32K, so off too."""
+    8 kv heads, 2.24 against 2.15 at 32K, so off too. ``heavy_first``: the query tiles with
+    the most keys (the late ones) run first; False runs them in order, as JAX's own
+    ``attention_mgpu`` does (it was 4% faster than this kernel on causal attention,
+    ``bench/results/attention_ceiling_jax_h100.json``; not yet timed here)."""
 
     block_k: int = 128
     slots: int = 2
     overlap: bool = False
     pingpong: bool = True
+    heavy_first: bool = True
 
     def __post_init__(self):
         if self.block_k not in (64, 128):
             raise ValueError(f"MgpuConfig.block_k must be 64 or 128; got {self.block_k}")
         if self.slots < 2:
             raise ValueError(f"MgpuConfig.slots must be >= 2; got {self.slots}")
-        for name in ("overlap", "pingpong"):
+        for name in ("overlap", "pingpong", "heavy_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MgpuConfig.{name} must be a bool; got "
                                  f"{getattr(self, name)!r}")
@@ -425,7 +429,7 @@ def produce(slots: int, n_steps, *streams) -> None:
 
 
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w, bk, slots,
-            grp, scale, dtype, n_tiles, overlap, pingpong, interpret):
+            grp, scale, dtype, n_tiles, overlap, pingpong, heavy_first, interpret):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -433,7 +437,8 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped, *, g, w
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     wg = lax.axis_index("wg")
-    tile = n_tiles - 1 - lax.axis_index("q_seq")  # heavy (late) tiles first
+    q_seq = lax.axis_index("q_seq")
+    tile = n_tiles - 1 - q_seq if heavy_first else q_seq  # heavy (late) tiles first, or in order
     t0 = tile * TILE
 
     # The tile's stream: steps [0, nc) are core blocks 0..nc-1, steps [nc, n_steps) raw blocks
@@ -553,7 +558,7 @@ def forward(
         kernel = functools.partial(_kernel, g=g, w=w, bk=bk, slots=slots, grp=hq // hkv,
                                    scale=scale, dtype=dtype, n_tiles=t // TILE,
                                    overlap=config.overlap, pingpong=config.pingpong,
-                                   interpret=interpret)
+                                   heavy_first=config.heavy_first, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref, lse_ref, scoped),
             (smem((CONSUMERS, ROWS, d), dtype), smem((slots, bk, d), dtype),

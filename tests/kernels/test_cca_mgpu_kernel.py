@@ -61,7 +61,7 @@ def test_interpreted_kernel_equals_triton_lowering_and_reference(monkeypatch):
 def test_interpreted_overlap_gives_the_same_bits():
     """The software-pipelined schedule (``MgpuConfig.overlap``: each block's softmax against the
     previous block's P V) runs the same operations in the same order as one block at a time, so
-    the bits agree. The shape of the test above: every loop of the kernel, and step 0 in a
+    the bits agree; so do the query tiles in order (``heavy_first=False``). The shape of the test above: every loop of the kernel, and step 0 in a
     masked core block for some rows."""
     shape = CCAShape(1, 512, 2, 1, 64, 4, 128)
     q, k, v = make_qkv(shape, jnp.bfloat16, seed=3)
@@ -70,13 +70,14 @@ def test_interpreted_overlap_gives_the_same_bits():
                                 scale=0.125, interpret=True,
                                 config=pallas_mgpu.MgpuConfig(block_k=64, overlap=overlap))
             for overlap in (False, True)]
-    outs.append(pallas_mgpu.forward(q, k, v, kc, vc, g=4, w=128, scale=0.125, interpret=True,
-                                    config=pallas_mgpu.MgpuConfig(block_k=64, overlap=True,
-                                                                  pingpong=False)))
-    for a, b, c in zip(*outs):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+    for changes in (dict(overlap=True, pingpong=False), dict(heavy_first=False)):
+        outs.append(pallas_mgpu.forward(q, k, v, kc, vc, g=4, w=128, scale=0.125,
+                                        interpret=True,
+                                        config=pallas_mgpu.MgpuConfig(block_k=64, **changes)))
+    for a, *others in zip(*outs):
         assert not np.isnan(np.asarray(a, np.float32)).any()
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        for b in others:
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def _with_config(forward, config):
@@ -111,6 +112,8 @@ def test_lowering_choice_and_errors():
         pallas_mgpu.MgpuConfig(overlap="yes")
     with pytest.raises(ValueError, match="pingpong"):
         pallas_mgpu.MgpuConfig(pingpong=1)
+    with pytest.raises(ValueError, match="heavy_first"):
+        pallas_mgpu.MgpuConfig(heavy_first=None)
     kc = jnp.zeros((1, 16, 1, 64), jnp.bfloat16)
     k = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="shapes disagree"):
