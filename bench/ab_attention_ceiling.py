@@ -30,15 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.ab_reattention_attend import inputs
 from bench.common import time_alternating, write_rows
 from kernels.cca import pallas_mgpu
-
-
-def _inputs(t: int, hkv: int):
-    ks = jax.random.split(jax.random.PRNGKey(0), 3)
-    return (jax.random.normal(ks[0], (1, t, 32, 128), jnp.bfloat16),
-            jax.random.normal(ks[1], (1, t, hkv, 128), jnp.bfloat16),
-            jax.random.normal(ks[2], (1, t, hkv, 128), jnp.bfloat16))
 
 
 def _jax_mgpu(block_kv: int):
@@ -53,7 +47,7 @@ def _jax_mgpu(block_kv: int):
 
 
 def bench(t: int, hkv: int, rounds: int, g: int = 16) -> dict:
-    q, k, v = _inputs(t, hkv)
+    q, k, v = inputs(t, hkv)
     kc, vc = k[:, g - 1::g], v[:, g - 1::g]
     scale = 128**-0.5
     fns = {}

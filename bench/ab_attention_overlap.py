@@ -25,9 +25,9 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from bench.ab_reattention_attend import inputs
 from bench.common import time_alternating, write_rows
 from kernels.cca import pallas_mgpu
 from kernels.cca import reference as cca_reference
@@ -35,13 +35,6 @@ from kernels.cca.pallas_common import pad_to
 from kernels.reattention import pallas as re_pallas
 from kernels.reattention import reference as re_reference
 from kernels.reattention.params import Selection, default_config
-
-
-def _inputs(t: int, hkv: int, seed: int = 0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return (jax.random.normal(ks[0], (1, t, 32, 128), jnp.bfloat16),
-            jax.random.normal(ks[1], (1, t, hkv, 128), jnp.bfloat16),
-            jax.random.normal(ks[2], (1, t, hkv, 128), jnp.bfloat16))
 
 
 def cca_flops(t: int, hq: int, d: int, g: int, w: int) -> float:
@@ -52,7 +45,7 @@ def cca_flops(t: int, hq: int, d: int, g: int, w: int) -> float:
 
 
 def bench_cca(t: int, hkv: int, rounds: int, g: int = 16, w: int = 1024) -> dict:
-    q, k, v = (pad_to(x, 1, pallas_mgpu.TILE) for x in _inputs(t, hkv))
+    q, k, v = (pad_to(x, 1, pallas_mgpu.TILE) for x in inputs(t, hkv))
     kc, vc = k[:, g - 1::g], v[:, g - 1::g]
     fns, outs = {}, {}
     variants = {"block": pallas_mgpu.MgpuConfig(),
@@ -77,7 +70,7 @@ RE_VARIANTS = {"block": {}, "overlap": dict(mgpu_attend_overlap=True),
 
 
 def bench_reattention(t: int, hkv: int, rounds: int, names=tuple(RE_VARIANTS)) -> dict:
-    q, k, v = _inputs(t, hkv)
+    q, k, v = inputs(t, hkv)
     sel = Selection(key_block=32, span=32)
     base = default_config(128, 2, 512 * 32 // hkv)
     fns, outs = {}, {}
