@@ -245,6 +245,15 @@ def select_from_block_picks(
     for finite scores (the ranking's keys are the same: votes, best score, position; a NaN
     score, which only NaN inputs give, may rank differently)."""
     votes, best = block_votes(idx, val, sel, num_keys)
+    return lists_from_centres(kept_centres_by_sort(votes, best, sel), c0, l0, sel)
+
+
+def kept_centres_by_sort(votes: Int[Array, "N NB"], best: Float[Array, "N NB"],
+                         sel: Selection) -> Int[Array, "N K"]:
+    """The centres of each row's ``max_selected`` best blocks (:func:`block_votes`: most
+    votes, then the best score, then the lower block), ascending, INT_MAX past the last; K =
+    max_selected. One 3-key sort of the NB blocks (``pallas_block_select`` finds the same cut
+    without it)."""
     n, nb = votes.shape
     picked = votes > 0
     k1 = jnp.where(picked, -votes, 1)
@@ -252,7 +261,7 @@ def select_from_block_picks(
     sink, b = sel.sink_tokens, sel.key_block
     centres = jnp.broadcast_to(sink + jnp.arange(nb, dtype=jnp.int32) * b + b // 2, (n, nb))
     k1, _, k3 = jax.lax.sort((k1, k2, centres), dimension=1, num_keys=3)
-    return _lists_from_ranks(k1, jnp.where(k1 < 0, k3, INT_MAX), c0, l0, sel)
+    return _kept_from_ranks(k1, jnp.where(k1 < 0, k3, INT_MAX), sel)
 
 
 def block_votes(idx: Int[Array, "N P"], val: Float[Array, "N P"], sel: Selection,
@@ -271,18 +280,23 @@ def block_votes(idx: Int[Array, "N P"], val: Float[Array, "N P"], sel: Selection
     return votes, best
 
 
-def _lists_from_ranks(k1, k3, c0, l0, sel: Selection):
-    """The lists from the ranked distinct keys: ``k1`` minus their votes (>= 0: not a key),
-    ``k3`` their positions, best first (:func:`select_from_picks`)."""
-    n, p = k1.shape
-    ng = sel.num_gathered()
+def _kept_from_ranks(k1, k3, sel: Selection):
+    """The first ``max_selected`` of the ranked distinct keys (``k1`` minus their votes, >= 0:
+    not a key; ``k3`` their positions; best first), their positions ascending, INT_MAX past
+    the last: (N, max_selected)."""
+    p = k1.shape[1]
     cap = sel.max_selected
     if p < cap:
         k1 = jnp.pad(k1, ((0, 0), (0, cap - p)), constant_values=1)
         k3 = jnp.pad(k3, ((0, 0), (0, cap - p)), constant_values=INT_MAX)
     kept = k1[:, :cap] < 0
-    return lists_from_centres(jnp.sort(jnp.where(kept, k3[:, :cap], INT_MAX), axis=1), c0, l0,
-                              sel)
+    return jnp.sort(jnp.where(kept, k3[:, :cap], INT_MAX), axis=1)
+
+
+def _lists_from_ranks(k1, k3, c0, l0, sel: Selection):
+    """The lists from the ranked distinct keys (:func:`_kept_from_ranks`; :func:`select_from_
+    picks`)."""
+    return lists_from_centres(_kept_from_ranks(k1, k3, sel), c0, l0, sel)
 
 
 def lists_from_centres(centers: Int[Array, "N K"], c0: Int[Array, "N"], l0: Int[Array, "N"],

@@ -27,21 +27,6 @@ ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the device machine)")
 
 
-def _by_sort(votes, best, sel: Selection):
-    """The sort's kept centres, ascending, INT_MAX past the last (``select_from_block_picks``'
-    ranking, then ``_lists_from_ranks``' cut and sort)."""
-    n, nb = votes.shape
-    picked = votes > 0
-    centres = jnp.broadcast_to(sel.sink_tokens + jnp.arange(nb, dtype=jnp.int32) * sel.key_block
-                               + sel.key_block // 2, (n, nb))
-    k1, _, k3 = jax.lax.sort((jnp.where(picked, -votes, 1), jnp.where(picked, -best, 0.0),
-                              centres), dimension=1, num_keys=3)
-    cap = sel.max_selected
-    k1 = jnp.pad(k1, ((0, 0), (0, max(cap - nb, 0))), constant_values=1)[:, :cap]
-    k3 = jnp.pad(k3, ((0, 0), (0, max(cap - nb, 0))), constant_values=R.INT_MAX)[:, :cap]
-    return jnp.sort(jnp.where(k1 < 0, k3, R.INT_MAX), axis=1)
-
-
 def _votes(rng, n: int, nb: int, kind: str):
     """(votes, best): "ties" few vote counts and a few score values with -0.0 and +0.0, two
     denormals (zeros to XLA's CPU, not to the GPU: the kernel follows the device's compare, as
@@ -68,7 +53,8 @@ def test_keeps_the_sorts_blocks_bit_for_bit(cap, nb, kind):
     rng = np.random.default_rng(cap * 1000 + nb)
     votes, best = _votes(rng, 6, nb, kind)
     got = BS.kept_centres(votes, best, sel, picks=60, interpret=True)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(_by_sort(votes, best, sel)))
+    want = R.kept_centres_by_sort(votes, best, sel)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_the_cut_keeps_the_most_voted_then_the_best_then_the_lowest():
@@ -100,7 +86,8 @@ def test_nan_scores_rank_last_as_in_the_sort():
     best = jnp.asarray([[nan, 1.0, -nan, -jnp.inf], [nan, -nan, nan, 0.5]], jnp.float32)
     votes = jnp.ones((2, 4), jnp.int32)
     got = BS.kept_centres(votes, best, sel, picks=4, interpret=True)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(_by_sort(votes, best, sel)))
+    want = R.kept_centres_by_sort(votes, best, sel)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_bad_inputs_are_refused():
@@ -159,4 +146,5 @@ def test_gpu_compiled_kernel_keeps_the_sorts_blocks(kind):
     sel = Selection(key_block=32, span=32)
     votes, best = _votes(np.random.default_rng(5), 1912, 4095, kind)
     got = BS.kept_centres(votes, best, sel, picks=8192)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(_by_sort(votes, best, sel)))
+    want = R.kept_centres_by_sort(votes, best, sel)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
