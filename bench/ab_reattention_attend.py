@@ -38,6 +38,7 @@ VARIANTS = {
     "mgpu_bk64_s4": dict(attend_lowering="mosaic_gpu", mgpu_attend_block_k=64,
                          mgpu_attend_slots=4),
     "mgpu_bk128_s3": dict(attend_lowering="mosaic_gpu", mgpu_attend_slots=3),
+    "mgpu_bk192_s2": dict(attend_lowering="mosaic_gpu", mgpu_attend_block_k=192),
     "mgpu_gather256m": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 28),
     "mgpu_gather4g": dict(attend_lowering="mosaic_gpu", gather_bytes=1 << 32),
     "mgpu_xla_gather": dict(attend_lowering="mosaic_gpu", gather="xla"),

@@ -349,8 +349,9 @@ def attend(
         raise ValueError(f"the Mosaic GPU ReAttention attention needs one 16-bit dtype and head "
                          f"dim 64 or 128; got rows {qo_rows.dtype} with head dim {d}, list "
                          f"{kg.dtype}/{vals.dtype}, window {k_window.dtype}, values {v.dtype}")
-    if block_k not in (64, 128) or slots < 2:
-        raise ValueError(f"block_k must be 64 or 128 and slots >= 2; got {block_k}, {slots}")
+    if block_k not in (64, 128, 192) or slots < 2:
+        raise ValueError(f"block_k must be 64, 128 or 192 and slots >= 2; got {block_k}, "
+                         f"{slots}")
     if (kg.shape != vals.shape or kg.shape[:2] != (b, hkv) or kg.shape[4] != d
             or k_window.shape[::2] != (b, hkv) or v.shape[::2] != (b, hkv)
             or k_window.shape[3] != d or v.shape[3] != d or meta.shape != (b, hkv, nc, 8)):

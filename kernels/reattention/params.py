@@ -178,6 +178,11 @@ class Config:
     (chunks are processed in groups whose gathered keys and values fit in it, one group's lists
     alive at a time), then read with ``mgpu_attend_block_k``-key TMA copies through
     ``mgpu_attend_slots`` slots; "auto": "mosaic_gpu" where it applies on a Hopper GPU.
+    ``mgpu_attend_block_k`` 64, 128 (the default) or 192: larger blocks spend the per-block
+    work (row maxima and sums, the rescale of O, barriers) on more keys, as FlashAttention-3's
+    176 at head dim 128 (which the 128-byte swizzle does not allow here: a ``P V`` wgmma takes
+    K in multiples of 64). 192 keys fit 2 slots at head dim 128 (229,376 bytes of shared
+    memory); not yet timed (``bench/ab_reattention_attend.py``'s ``mgpu_bk192_s2``).
     ``mgpu_attend_overlap``: that kernel's consumers pipeline their steps (each block's softmax
     while the previous block's P V is on the tensor cores; ``kernels/cca/pallas_mgpu.consume``),
     bit for bit the same output. Measured on an H100 with blocks of 32
@@ -268,9 +273,11 @@ class Config:
             if getattr(self, name) not in ("auto", "triton", "mosaic_gpu"):
                 raise ValueError(f"Config.{name} must be 'auto', 'triton' or 'mosaic_gpu'; got "
                                  f"{getattr(self, name)!r}")
-        for name in ("mgpu_block_k", "mgpu_attend_block_k"):
-            if getattr(self, name) not in (64, 128):
-                raise ValueError(f"Config.{name} must be 64 or 128; got {getattr(self, name)}")
+        if self.mgpu_block_k not in (64, 128):
+            raise ValueError(f"Config.mgpu_block_k must be 64 or 128; got {self.mgpu_block_k}")
+        if self.mgpu_attend_block_k not in (64, 128, 192):
+            raise ValueError(f"Config.mgpu_attend_block_k must be 64, 128 or 192; got "
+                             f"{self.mgpu_attend_block_k}")
         for name in ("mgpu_slots", "mgpu_attend_slots"):
             if getattr(self, name) < 2:
                 raise ValueError(f"Config.{name} must be >= 2; got {getattr(self, name)}")

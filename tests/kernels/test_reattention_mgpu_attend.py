@@ -76,6 +76,7 @@ def _check(case, q_start=None, num_keys=None, rows=None, outputs=None, **changes
 
 def test_config_and_inputs_are_checked():
     for bad in [dict(attend_lowering="cuda"), dict(mgpu_attend_block_k=32),
+                dict(mgpu_attend_block_k=256),
                 dict(mgpu_attend_slots=1), dict(gather_bytes=0), dict(mgpu_attend_overlap=1)]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             Config(**bad)
@@ -239,6 +240,31 @@ def test_interpreted_lists_shorter_than_their_slots():
 
 
 @needs_interpreter
+def test_interpreted_192_key_blocks():
+    """``mgpu_attend_block_k=192``: three 64-column groups in each ``P V`` wgmma. Lists of up
+    to 4 + 16 x 16 slots (two 192-slot blocks, the last one masked), tails of a 32-key window
+    and a 64-query chunk inside one or two blocks, starting 4 rows before L0."""
+    case = Case(1, 600, 2, 1, 64, small(4, 32, 2, 16, 16, 64, 8))
+    n_g = np.asarray(_check(case, mgpu_attend_block_k=192))
+    assert n_g.max() > 192  # some lists reach into a second key block
+
+
+def test_192_key_blocks_lower_for_cuda():
+    """192-key blocks at d = 128 with block picks (values read in place, six 32-row copies per
+    block) lower for CUDA on the CPU. With the query tiles, their 2 slots take 229,376 bytes
+    of shared memory, as the 3-slot ring of 128 keys that ran on an H200 (2026-12-04). There is
+    no room for more: the CCA forward's kernel, 512 bytes of lse staging more, was refused with
+    3 slots of 128 keys on an H100 (jax 0.11.2: 232,568 bytes > 232,448)."""
+    b, hkv, d, s = 1, 1, 128, 4096
+    sel = Selection(key_block=32)
+    geo = P.geometry((b, s, hkv, d), (b, s, hkv, d), sel)
+    config = dataclasses.replace(P.default_config(d, 2, geo.rows), mgpu_attend_block_k=192)
+    assert M.values_piece(sel, 192) == 32
+    assert _exported_attention(geo, config, geo.num_chunks, geo.rows).count(
+        "call @_mgpu_attend") >= 1
+
+
+@needs_interpreter
 def test_interpreted_chunk_written_past_the_cache():
     """q_start + T > S: rows inside the cache equal the reference; the rows past it are finite."""
     case = Case(1, 69, 2, 2, 64, small(3, 5, 2, 4, 5, 64, 4))
@@ -310,6 +336,28 @@ def test_gpu_matches_triton_lowering_and_reference(case):
         per_chunk = 2 * 2 * P.round_up(case.sel.num_gathered(), 128) * 64 * 2 * 2
         out_g, *_ = run("mosaic_gpu", gather_bytes=3 * per_chunk)
         np.testing.assert_array_equal(np.asarray(out_g, np.float32), np.asarray(out_m, np.float32))
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_gpu_192_key_blocks():
+    """192-key blocks compiled at 32K with block picks (GQA 32/8, d = 128): they fit in shared
+    memory, select the same keys and give the 128-key blocks' output up to where the online
+    softmax rescales (other block edges), as close to the float32 reference."""
+    case = Case(1, 32768, 32, 8, 128, Selection(key_block=32))
+    q, k, v = (x.astype(jnp.bfloat16) for x in make_qkv(case, seed=12))
+    rows = case.sel.chunk_size * case.q_heads // case.kv_heads
+    outs = {}
+    for bk in (128, 192):
+        config = dataclasses.replace(P.default_config(case.head_dim, 2, rows),
+                                     attend_lowering="mosaic_gpu", mgpu_attend_block_k=bk)
+        outs[bk] = _run(q, k, v, case.sel, config, interpret=False)
+    np.testing.assert_array_equal(np.asarray(outs[128][2]), np.asarray(outs[192][2]))
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = runs.reference_fn(case.sel)(f32(q), f32(k), f32(v))[0]
+    err_128, err_192 = rel_err(outs[128][0], ref), rel_err(outs[192][0], ref)
+    assert err_192 < TOL[jnp.bfloat16] and err_192 < 1.5 * err_128 + 1e-3, (err_192, err_128)
+    assert rel_err(outs[192][0], outs[128][0]) < 1e-2
 
 
 # ----------------------------------------------------------------------------- rows in place
