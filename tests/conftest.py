@@ -27,9 +27,19 @@ def _cpu_only() -> bool:
 # interpreters and subprocesses dominate) 20:39 -> 19:25 min on a 2-core machine. Set before jax
 # starts a backend, and inherited by the subprocesses tests start. GPU machines keep the default
 # (their kernels are what the GPU tests check).
-if _cpu_only() and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+#
+# And no YNNPACK fusions: on a CPU with bfloat16 dot instructions (AMX, AVX512-BF16) they compute
+# a bf16 dot's float32 sums in an order that depends on the dot's surroundings, so two programs
+# that run the same operations in the same order (the bit-for-bit tests of the kernels' schedule
+# options in the Mosaic GPU interpreter) can differ by a bf16 ulp on such a host and agree on
+# another (seen 2026-12-06: one element of 32,768 in the ReAttention attention's pipelined step,
+# the same bits without these fusions). Both flags exist in jaxlib 0.10.2 and 0.11.2.
+_CPU_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_experimental_ynn_fusion_type": ""}
+if _cpu_only():
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", "")]
+        + [f"--{name}={value}" for name, value in _CPU_FLAGS.items()
+           if name not in os.environ.get("XLA_FLAGS", "")]).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

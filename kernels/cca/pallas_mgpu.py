@@ -60,8 +60,9 @@ class MgpuConfig:
     (``bench/results/ab_overlap_free_pin_cca_h100.json``): 19.06 against 19.24 ms at 128K with
     8 kv heads, 2.24 against 2.15 at 32K, so off too. ``heavy_first``: the query tiles with
     the most keys (the late ones) run first; False runs them in order, as JAX's own
-    ``attention_mgpu`` does (it was 4% faster than this kernel on causal attention,
-    ``bench/results/attention_ceiling_jax_h100.json``; not yet timed here)."""
+    ``attention_mgpu`` does: 6.5% slower on causal attention at 32K (15.12 against 14.19 ms on
+    an H100, where JAX's kernel took 14.59 and cuDNN 14.75;
+    ``bench/results/attention_ceiling_order_h100.json``)."""
 
     block_k: int = 128
     slots: int = 2
@@ -189,13 +190,23 @@ def _turn_wait(turn) -> None:
 def _weights(scores, m, mask, scale2: float):
     """One block of the base-2 online softmax: (p, m_new, alpha) for the (64, block) ``scores``
     against the rows' running maxima ``m`` (``mask``: None or the visible keys; masked scores
-    count as the finite "minus infinity" and their weights are 0)."""
+    count as the finite "minus infinity" and their weights are 0).
+
+    A masked score's weight is exp2 of about -3e37 (or of -inf) below a row's running maximum,
+    so 0 already, except in a row that has seen no visible key yet (its maximum the masked
+    value itself). Those rows are zeroed as a whole, by a row vector, so the mask dies at the
+    maximum: a second select by the mask kept its (64, block) tile alive through the
+    exponentials, and with the column indices hoisted out of the loop that spilled
+    (ReAttention's kernel, H100 ptxas: 64/128 bytes of spill stores/loads with 128-key blocks,
+    4/4 without; 796/868 against 444/508 with 192). The same bits (interpreter runs of both
+    kernels, masked first steps included)."""
     if mask is not None:
         scores = jnp.where(mask, scores, NEG)
     m_new = jnp.maximum(m, scores.max(axis=1) * scale2)
     p = jnp.exp2(scores * scale2 - lax.broadcast_in_dim(m_new, scores.shape, [0]))
     if mask is not None:
-        p = jnp.where(mask, p, 0.0)
+        live = (m_new > NEG * scale2).astype(jnp.float32)
+        p = p * lax.broadcast_in_dim(live, scores.shape, [0])
     return p, m_new, jnp.exp2(m - m_new)
 
 
