@@ -182,7 +182,9 @@ class Config:
     work (row maxima and sums, the rescale of O, barriers) on more keys, as FlashAttention-3's
     176 at head dim 128 (which the 128-byte swizzle does not allow here: a ``P V`` wgmma takes
     K in multiples of 64). 192 keys fit 2 slots at head dim 128 (229,376 bytes of shared
-    memory); not yet timed (``bench/ab_reattention_attend.py``'s ``mgpu_bk192_s2``).
+    memory); ptxas spills in its masked steps (the list's last block, the tail's first, the
+    diagonal), none in the others. Not yet timed (``bench/ab_reattention_attend.py``'s
+    ``mgpu_bk192_s2``).
     ``mgpu_attend_overlap``: that kernel's consumers pipeline their steps (each block's softmax
     while the previous block's P V is on the tensor cores; ``kernels/cca/pallas_mgpu.consume``),
     bit for bit the same output. Measured on an H100 with blocks of 32
