@@ -275,11 +275,6 @@ class Config:
             if getattr(self, name) not in ("auto", "triton", "mosaic_gpu"):
                 raise ValueError(f"Config.{name} must be 'auto', 'triton' or 'mosaic_gpu'; got "
                                  f"{getattr(self, name)!r}")
-        if self.mgpu_block_k not in (64, 128):
-            raise ValueError(f"Config.mgpu_block_k must be 64 or 128; got {self.mgpu_block_k}")
-        if self.mgpu_attend_block_k not in (64, 128, 192):
-            raise ValueError(f"Config.mgpu_attend_block_k must be 64, 128 or 192; got "
-                             f"{self.mgpu_attend_block_k}")
         for name in ("mgpu_slots", "mgpu_attend_slots"):
             if getattr(self, name) < 2:
                 raise ValueError(f"Config.{name} must be >= 2; got {getattr(self, name)}")
@@ -288,7 +283,9 @@ class Config:
         if self.mgpu_merge not in ("lanes", "rows"):
             raise ValueError(f"Config.mgpu_merge must be 'lanes' or 'rows'; got "
                              f"{self.mgpu_merge!r}")
-        for name, allowed in (("mgpu_rows", ("in_place", "packed")),
+        for name, allowed in (("mgpu_block_k", (64, 128)),
+                              ("mgpu_attend_block_k", (64, 128, 192)),
+                              ("mgpu_rows", ("in_place", "packed")),
                               ("prefix_keys", ("whole", "sliced")),
                               ("mgpu_list_values", ("auto", "in_place", "gathered")),
                               ("block_select", ("auto", "sort", "scatter", "kernel")),
