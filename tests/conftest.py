@@ -12,6 +12,7 @@ Matmuls run at the highest precision so float32 parity against torch means float
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 from pathlib import Path
@@ -69,6 +70,24 @@ TINY_LLAMA = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module.
+
+    Every executable XLA's CPU backend compiles holds its code in memory mappings of its own
+    (about 7 for a small function), and jax's caches keep every executable a worker compiled
+    alive. A worker of ``pytest -n 2`` went past Linux's limit of 65,530 mappings per process
+    (``vm.max_map_count``) about 95% of the way through the suite: LLVM's ``Unable to allocate
+    section memory!`` ("Cannot allocate memory" with 6 GB resident of 24) aborted the worker in
+    whichever test compiled next (seen 2026-12-06 in CI and three times on this machine;
+    ``tests/test_compiled_programs_released.py`` checks that clearing the caches gives the
+    mappings back). Tests inside one module still share their compiles.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def _rel_err(out, ref) -> float:
