@@ -227,7 +227,7 @@ def select_from_picks(
     k1 = jnp.where(first, -votes, 1)
     k2 = jnp.where(first, s_neg, 0.0)
     k1, _, k3 = jax.lax.sort((k1, k2, s_idx), dimension=1, num_keys=3)
-    return _lists_from_ranks(k1, k3, c0, l0, sel)
+    return lists_from_centres(_kept_from_ranks(k1, k3, sel), c0, l0, sel)
 
 
 def select_from_block_picks(
@@ -291,12 +291,6 @@ def _kept_from_ranks(k1, k3, sel: Selection):
         k3 = jnp.pad(k3, ((0, 0), (0, cap - p)), constant_values=INT_MAX)
     kept = k1[:, :cap] < 0
     return jnp.sort(jnp.where(kept, k3[:, :cap], INT_MAX), axis=1)
-
-
-def _lists_from_ranks(k1, k3, c0, l0, sel: Selection):
-    """The lists from the ranked distinct keys (:func:`_kept_from_ranks`; :func:`select_from_
-    picks`)."""
-    return lists_from_centres(_kept_from_ranks(k1, k3, sel), c0, l0, sel)
 
 
 def lists_from_centres(centers: Int[Array, "N K"], c0: Int[Array, "N"], l0: Int[Array, "N"],
